@@ -116,14 +116,8 @@ impl RegionMap {
     /// carries, since dual-stack sockets report IPv4 peers that way.
     pub fn locate(&self, ip: IpAddr) -> Locate<'_> {
         let index = match ip.to_canonical() {
-            IpAddr::V4(v4) => self
-                .v4
-                .get_lpm(&Ipv4Net::from(v4))
-                .map(|(_, index)| *index),
-            IpAddr::V6(v6) => self
-                .v6
-                .get_lpm(&Ipv6Net::from(v6))
-                .map(|(_, index)| *index),
+            IpAddr::V4(v4) => self.v4.get_lpm(&Ipv4Net::from(v4)).map(|(_, index)| *index),
+            IpAddr::V6(v6) => self.v6.get_lpm(&Ipv6Net::from(v6)).map(|(_, index)| *index),
         };
         match index {
             Some(index) => Locate::Region(&self.names[usize::from(index)]),
@@ -145,7 +139,9 @@ impl RegionMap {
 
     /// The prefixes served by `region`.
     pub fn prefixes_of<'a>(&'a self, region: &'a str) -> impl Iterator<Item = IpNet> + 'a {
-        self.prefixes().filter(move |(_, r)| *r == region).map(|(net, _)| net)
+        self.prefixes()
+            .filter(move |(_, r)| *r == region)
+            .map(|(net, _)| net)
     }
 }
 
@@ -165,9 +161,18 @@ mod tests {
             (net("fd00::/8"), "eu-west"),
         ])
         .unwrap();
-        assert_eq!(map.locate("10.2.3.4".parse().unwrap()), Locate::Region("us-east"));
-        assert_eq!(map.locate("10.1.3.4".parse().unwrap()), Locate::Region("eu-west"));
-        assert_eq!(map.locate("fd00::1".parse().unwrap()), Locate::Region("eu-west"));
+        assert_eq!(
+            map.locate("10.2.3.4".parse().unwrap()),
+            Locate::Region("us-east")
+        );
+        assert_eq!(
+            map.locate("10.1.3.4".parse().unwrap()),
+            Locate::Region("eu-west")
+        );
+        assert_eq!(
+            map.locate("fd00::1".parse().unwrap()),
+            Locate::Region("eu-west")
+        );
         assert_eq!(map.locate("192.0.2.1".parse().unwrap()), Locate::External);
         assert_eq!(map.locate("2001:db8::1".parse().unwrap()), Locate::External);
     }
@@ -190,6 +195,9 @@ mod tests {
             Err(RegionError::DuplicatePrefix { .. })
         ));
         assert_eq!(map.locate("10.0.0.1".parse().unwrap()), Locate::Region("a"));
-        assert!(matches!(map.insert(net("11.0.0.0/8"), ""), Err(RegionError::BadName(_))));
+        assert!(matches!(
+            map.insert(net("11.0.0.0/8"), ""),
+            Err(RegionError::BadName(_))
+        ));
     }
 }

@@ -6,8 +6,9 @@ use std::fmt;
 ///
 /// The cores never read a clock: every operation takes the current time as an argument,
 /// so that the simulator can drive them with simulated, skewed clocks.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 

@@ -1,0 +1,777 @@
+//! The attribution engine: ownership ranges, events, pending flows and their verdicts.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{ConfigError, EngineConfig};
+use crate::events::{EventJudgement, EventTable};
+use crate::ip::IpKey;
+use crate::pending::{Entry, PendingQueue};
+use crate::ranges::{judge, Judgement, Overlap, Owner, RangeTable, Segment};
+use crate::snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
+use crate::time::{UnixMillis, Window};
+use crate::workload::{InternError, Interner, WorkloadId};
+
+/// A heartbeat, or the coverage implied by a flow's local side: workload `workload` has
+/// held `ip` continuously from `since` until at least `until`, by its host's clock.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Claim {
+    pub ip: IpAddr,
+    pub workload: WorkloadId,
+    pub since: UnixMillis,
+    pub until: UnixMillis,
+}
+
+/// An assignment event for a non-workload IP, from an event feed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IpEvent {
+    Assign {
+        ip: IpAddr,
+        owner: WorkloadId,
+        at: UnixMillis,
+    },
+    Unassign {
+        ip: IpAddr,
+        at: UnixMillis,
+    },
+}
+
+/// A flow to attribute: its remote IP, the time it spans by its host's clock, and whatever
+/// the caller needs back with the verdict.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FlowQuery<F> {
+    pub remote: IpAddr,
+    pub window: Window,
+    pub payload: F,
+}
+
+/// Where an attribution came from.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum Source {
+    /// The owner's own heartbeats.
+    Heartbeat,
+    /// The event feed for non-workload IPs.
+    Event,
+    /// The IP is in no region's prefixes.
+    External,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::Heartbeat, Source::Event, Source::External];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Heartbeat => "heartbeat",
+            Source::Event => "event",
+            Source::External => "external",
+        }
+    }
+}
+
+/// Why a flow went out unattributed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum Reason {
+    /// No range covered the flow: a gap, or past the last claim, when the deadline came.
+    NoOwner,
+    /// The flow is within δ of a boundary between two owners.
+    Ambiguous,
+    /// The flow touches a conflict window: two workloads claimed the same time.
+    Conflict,
+    /// The flow reaches before the retained history.
+    Expired,
+    /// A limit was reached (pending flows, ranges, batch sizes).
+    Overload,
+    /// The remote IP's region had no live collector to route to.
+    RegionUnreachable,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::NoOwner,
+        Reason::Ambiguous,
+        Reason::Conflict,
+        Reason::Expired,
+        Reason::Overload,
+        Reason::RegionUnreachable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoOwner => "no_owner",
+            Reason::Ambiguous => "ambiguous",
+            Reason::Conflict => "conflict",
+            Reason::Expired => "expired",
+            Reason::Overload => "overload",
+            Reason::RegionUnreachable => "region_unreachable",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Reason::NoOwner => 0,
+            Reason::Ambiguous => 1,
+            Reason::Conflict => 2,
+            Reason::Expired => 3,
+            Reason::Overload => 4,
+            Reason::RegionUnreachable => 5,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who a flow's remote end was.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Attribution {
+    Heartbeat(Arc<str>),
+    Event(Arc<str>),
+    External,
+}
+
+impl Attribution {
+    pub fn source(&self) -> Source {
+        match self {
+            Attribution::Heartbeat(_) => Source::Heartbeat,
+            Attribution::Event(_) => Source::Event,
+            Attribution::External => Source::External,
+        }
+    }
+
+    /// The workload, or `None` for an external IP.
+    pub fn workload(&self) -> Option<&Arc<str>> {
+        match self {
+            Attribution::Heartbeat(w) | Attribution::Event(w) => Some(w),
+            Attribution::External => None,
+        }
+    }
+}
+
+/// The final word on a flow.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Verdict {
+    Attributed(Attribution),
+    Unattributed(Reason),
+}
+
+/// A flow with its verdict.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Resolved<F> {
+    pub payload: F,
+    pub verdict: Verdict,
+    /// How long the flow waited in the pending queue, by the engine's clock.
+    pub waited_ms: u64,
+}
+
+/// Two workloads claimed overlapping time for one IP: a fact to record, not to resolve.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ConflictFound {
+    pub ip: IpAddr,
+    pub window: Window,
+    pub existing: Arc<str>,
+    pub claimant: Arc<str>,
+}
+
+/// What an engine call produced. Callers drain it after each call.
+#[derive(Debug)]
+pub struct Outputs<F> {
+    pub resolved: Vec<Resolved<F>>,
+    pub conflicts: Vec<ConflictFound>,
+}
+
+impl<F> Default for Outputs<F> {
+    fn default() -> Self {
+        Outputs {
+            resolved: Vec::new(),
+            conflicts: Vec::new(),
+        }
+    }
+}
+
+/// The answer to "who owned this IP during this window", right now.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Lookup {
+    /// One owner covers the window widened by δ. `source` is heartbeat or event.
+    Attributed {
+        workload: WorkloadId,
+        source: Source,
+    },
+    /// Not covered yet; a later claim may cover it. The reason is what it would be now.
+    Pending(Reason),
+    /// Never coverable: a later claim cannot change this answer.
+    Unattributed(Reason),
+}
+
+/// A claim or event the engine refused. The engine's state did not change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClaimError {
+    /// `since` is after `until`.
+    #[error("claim for {ip} has since {since} after until {until}")]
+    Inverted {
+        ip: IpAddr,
+        since: UnixMillis,
+        until: UnixMillis,
+    },
+    /// The claim states a time later than `now + claim_future_max_ms`.
+    #[error("claim for {ip} states time {at}, later than {latest} (now + claim_future_max_ms)")]
+    FromFuture {
+        ip: IpAddr,
+        at: UnixMillis,
+        latest: UnixMillis,
+    },
+    /// The workload id was not issued by this engine, or was freed.
+    #[error("unknown workload id {0:?}")]
+    UnknownWorkload(WorkloadId),
+}
+
+/// What an accepted claim did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ClaimEffect {
+    /// Merged into the IP's history.
+    Applied,
+    /// Entirely before retained history; nothing changed.
+    Expired,
+    /// Merged, and the IP's oldest segments were dropped to respect `ranges_per_ip_max`.
+    Overflowed,
+}
+
+/// Counters the node exports as metrics. Monotonic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub claims_applied: u64,
+    pub claims_expired: u64,
+    pub claims_rejected: u64,
+    pub events_applied: u64,
+    pub conflicts_found: u64,
+    pub range_overflows: u64,
+    pub flows_submitted: u64,
+    pub flows_pending: u64,
+    pub attributed_heartbeat: u64,
+    pub attributed_event: u64,
+    unattributed: [u64; 6],
+}
+
+impl EngineStats {
+    /// Flows emitted unattributed with `reason`.
+    pub fn unattributed(&self, reason: Reason) -> u64 {
+        self.unattributed[reason.index()]
+    }
+}
+
+/// Memory held by the ownership tables.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MemoryReport {
+    pub ips: usize,
+    pub segments: usize,
+    /// Map allocations plus segment storage, in bytes.
+    pub table_bytes: usize,
+    pub event_ips: usize,
+    pub events: usize,
+    pub pending_flows: usize,
+    pub workloads: usize,
+}
+
+impl MemoryReport {
+    /// Table bytes per stored segment, map overhead included.
+    pub fn bytes_per_range(&self) -> f64 {
+        if self.segments == 0 {
+            0.0
+        } else {
+            self.table_bytes as f64 / self.segments as f64
+        }
+    }
+}
+
+/// The attribution engine. `F` is the caller's payload carried by each flow.
+///
+/// Sans-io: every method that depends on time takes `now`, the caller's clock.
+#[derive(Debug)]
+pub struct Engine<F> {
+    config: EngineConfig,
+    interner: Interner,
+    v4: RangeTable<u32>,
+    v6: RangeTable<u128>,
+    events: EventTable<IpKey>,
+    watermark: UnixMillis,
+    pending: PendingQueue<F>,
+    /// History before this instant is gone: `now − retention` at the latest call.
+    horizon: UnixMillis,
+    last_sweep: UnixMillis,
+    overlaps: Vec<Overlap>,
+    stats: EngineStats,
+}
+
+impl<F> Engine<F> {
+    pub fn new(config: EngineConfig) -> Result<Engine<F>, ConfigError> {
+        config.validate()?;
+        Ok(Engine {
+            interner: Interner::new(config.workloads_max.get()),
+            v4: RangeTable::new(),
+            v6: RangeTable::new(),
+            events: EventTable::new(),
+            watermark: UnixMillis(0),
+            pending: PendingQueue::new(config.pending_flows_max.get()),
+            horizon: UnixMillis(0),
+            last_sweep: UnixMillis(0),
+            overlaps: Vec::new(),
+            stats: EngineStats::default(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Interns a workload name. Ids stay valid while a range or event refers to them;
+    /// intern again (cheap) for each batch rather than keeping ids across sweeps.
+    pub fn intern(&mut self, name: &str) -> Result<WorkloadId, InternError> {
+        self.interner.intern(name)
+    }
+
+    pub fn workload_name(&self, id: WorkloadId) -> Option<&Arc<str>> {
+        self.interner.name(id)
+    }
+
+    /// Flows waiting for coverage.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// When the next pending flow is due: the caller should call [`Engine::tick`] then.
+    pub fn next_deadline(&self) -> Option<UnixMillis> {
+        self.pending.next_deadline()
+    }
+
+    pub fn memory(&self) -> MemoryReport {
+        MemoryReport {
+            ips: self.v4.ips() + self.v6.ips(),
+            segments: self.v4.segments() + self.v6.segments(),
+            table_bytes: self.v4.bytes() + self.v6.bytes(),
+            event_ips: self.events.ips(),
+            events: self.events.events(),
+            pending_flows: self.pending.len(),
+            workloads: self.interner.len(),
+        }
+    }
+
+    fn advance(&mut self, now: UnixMillis) {
+        self.horizon = self.horizon.max(now.minus(self.config.retention_ms));
+    }
+
+    /// Merges a claim into its IP's history, then retries the flows waiting on that IP.
+    pub fn apply_claim(
+        &mut self,
+        claim: Claim,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) -> Result<ClaimEffect, ClaimError> {
+        if claim.since > claim.until {
+            self.stats.claims_rejected += 1;
+            return Err(ClaimError::Inverted {
+                ip: claim.ip,
+                since: claim.since,
+                until: claim.until,
+            });
+        }
+        let latest = now.plus(self.config.claim_future_max_ms);
+        if claim.until > latest {
+            self.stats.claims_rejected += 1;
+            return Err(ClaimError::FromFuture {
+                ip: claim.ip,
+                at: claim.until,
+                latest,
+            });
+        }
+        if self.interner.name(claim.workload).is_none() {
+            self.stats.claims_rejected += 1;
+            return Err(ClaimError::UnknownWorkload(claim.workload));
+        }
+        self.advance(now);
+        if claim.until < self.horizon {
+            self.stats.claims_expired += 1;
+            return Ok(ClaimEffect::Expired);
+        }
+        let key = IpKey::new(claim.ip);
+        let since = claim.since.max(self.horizon);
+        let overflowed = self.insert(key, since, claim.until, Owner::Workload(claim.workload));
+        self.report_overlaps(key, out);
+        self.stats.claims_applied += 1;
+        self.retry(key, now, out);
+        Ok(if overflowed {
+            ClaimEffect::Overflowed
+        } else {
+            ClaimEffect::Applied
+        })
+    }
+
+    fn insert(&mut self, key: IpKey, start: UnixMillis, end: UnixMillis, owner: Owner) -> bool {
+        let max = self.config.ranges_per_ip_max.get();
+        let outcome = match key {
+            IpKey::V4(k) => self
+                .v4
+                .insert(k, start, end, owner, max, &mut self.overlaps),
+            IpKey::V6(k) => self
+                .v6
+                .insert(k, start, end, owner, max, &mut self.overlaps),
+        };
+        if outcome.overflowed {
+            self.stats.range_overflows += 1;
+        }
+        outcome.overflowed
+    }
+
+    fn report_overlaps(&mut self, key: IpKey, out: &mut Outputs<F>) {
+        for overlap in self.overlaps.drain(..) {
+            self.stats.conflicts_found += 1;
+            let name = |id| {
+                self.interner
+                    .name(id)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from("(unknown)"))
+            };
+            out.conflicts.push(ConflictFound {
+                ip: key.addr(),
+                window: overlap.window,
+                existing: name(overlap.existing),
+                claimant: name(overlap.claimant),
+            });
+        }
+    }
+
+    /// Records an assignment event for a non-workload IP, then retries its waiting flows.
+    pub fn apply_event(&mut self, event: IpEvent, now: UnixMillis, out: &mut Outputs<F>) {
+        let (ip, at, owner) = match event {
+            IpEvent::Assign { ip, owner, at } => (ip, at, Some(owner)),
+            IpEvent::Unassign { ip, at } => (ip, at, None),
+        };
+        self.advance(now);
+        let key = IpKey::new(ip);
+        self.events
+            .record(key, at, owner, self.config.events_per_ip_max.get());
+        self.stats.events_applied += 1;
+        self.retry(key, now, out);
+    }
+
+    /// The event feed states that every event at or before `watermark` has been delivered.
+    pub fn advance_event_watermark(
+        &mut self,
+        watermark: UnixMillis,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) {
+        if watermark <= self.watermark {
+            return;
+        }
+        self.watermark = watermark;
+        // Retry only IPs that both have events and have waiting flows; walk the smaller set.
+        let keys: Vec<IpKey> = if self.events.ips() <= self.pending.ip_count() {
+            let pending = &self.pending;
+            self.events
+                .keys()
+                .filter(|k| pending.has_ip(k))
+                .copied()
+                .collect()
+        } else {
+            let events = &self.events;
+            self.pending
+                .ips()
+                .filter(|k| events.has(k))
+                .copied()
+                .collect()
+        };
+        for key in keys {
+            self.retry(key, now, out);
+        }
+    }
+
+    /// Attributes `flow` now if its remote IP's history covers it, or queues it.
+    pub fn submit(&mut self, flow: FlowQuery<F>, now: UnixMillis, out: &mut Outputs<F>) {
+        self.advance(now);
+        self.stats.flows_submitted += 1;
+        let key = IpKey::new(flow.remote);
+        let window = flow.window.widened(self.config.skew_margin_ms);
+        match self.decide(key, window) {
+            Lookup::Attributed { workload, source } => {
+                self.emit_attributed(flow.payload, workload, source, 0, out);
+            }
+            Lookup::Unattributed(reason) => self.emit_unattributed(flow.payload, reason, 0, out),
+            Lookup::Pending(_) => {
+                let entry = Entry {
+                    ip: key,
+                    window,
+                    submitted: now,
+                    deadline: now.plus(self.config.pending_deadline_ms),
+                    payload: flow.payload,
+                };
+                match self.pending.push(entry) {
+                    Ok(()) => self.stats.flows_pending += 1,
+                    Err(entry) => {
+                        self.emit_unattributed(entry.payload, Reason::Overload, 0, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Who owned `ip` during `window` (widened by δ here), by what is known now.
+    pub fn lookup(&self, ip: IpAddr, window: Window) -> Lookup {
+        self.decide(IpKey::new(ip), window.widened(self.config.skew_margin_ms))
+    }
+
+    fn segments(&self, key: IpKey) -> (&[Segment], Option<UnixMillis>) {
+        match key {
+            IpKey::V4(k) => (self.v4.get(&k), self.v4.floor(&k)),
+            IpKey::V6(k) => (self.v6.get(&k), self.v6.floor(&k)),
+        }
+    }
+
+    /// The rules of DESIGN.md, on a window already widened by δ.
+    fn decide(&self, key: IpKey, window: Window) -> Lookup {
+        let (segments, floor) = self.segments(key);
+        let expired = window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0)));
+        let not_covered = |reason| {
+            if expired {
+                Lookup::Unattributed(Reason::Expired)
+            } else {
+                Lookup::Pending(reason)
+            }
+        };
+        match judge(segments, window) {
+            Judgement::Covered(workload) => Lookup::Attributed {
+                workload,
+                source: Source::Heartbeat,
+            },
+            Judgement::Conflict => Lookup::Unattributed(Reason::Conflict),
+            Judgement::Ambiguous => Lookup::Unattributed(Reason::Ambiguous),
+            Judgement::Gap => not_covered(Reason::NoOwner),
+            // Events speak only where heartbeats say nothing: they never override them.
+            Judgement::Empty => match self.events.judge(&key, window, self.watermark) {
+                EventJudgement::Covered(workload) => Lookup::Attributed {
+                    workload,
+                    source: Source::Event,
+                },
+                EventJudgement::NotCovered => not_covered(Reason::NoOwner),
+            },
+        }
+    }
+
+    fn retry(&mut self, key: IpKey, now: UnixMillis, out: &mut Outputs<F>) {
+        if !self.pending.has_ip(&key) {
+            return;
+        }
+        for slot in self.pending.slots_for(&key) {
+            let Some(entry) = self.pending.get(slot) else {
+                continue;
+            };
+            let decision = self.decide(key, entry.window);
+            if matches!(decision, Lookup::Pending(_)) {
+                continue;
+            }
+            let Some(entry) = self.pending.remove(slot) else {
+                continue;
+            };
+            self.resolve(entry, decision, now, out);
+        }
+    }
+
+    fn resolve(
+        &mut self,
+        entry: Entry<F>,
+        decision: Lookup,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) {
+        let waited_ms = now.since(entry.submitted);
+        match decision {
+            Lookup::Attributed { workload, source } => {
+                self.emit_attributed(entry.payload, workload, source, waited_ms, out);
+            }
+            Lookup::Pending(reason) | Lookup::Unattributed(reason) => {
+                self.emit_unattributed(entry.payload, reason, waited_ms, out);
+            }
+        }
+    }
+
+    fn emit_attributed(
+        &mut self,
+        payload: F,
+        workload: WorkloadId,
+        source: Source,
+        waited_ms: u64,
+        out: &mut Outputs<F>,
+    ) {
+        let Some(name) = self.interner.name(workload).cloned() else {
+            // A segment refers to a freed id: the sweep's marking is broken.
+            debug_assert!(false, "segment refers to freed workload id {workload:?}");
+            self.emit_unattributed(payload, Reason::NoOwner, waited_ms, out);
+            return;
+        };
+        let attribution = match source {
+            Source::Heartbeat => {
+                self.stats.attributed_heartbeat += 1;
+                Attribution::Heartbeat(name)
+            }
+            Source::Event => {
+                self.stats.attributed_event += 1;
+                Attribution::Event(name)
+            }
+            Source::External => Attribution::External,
+        };
+        out.resolved.push(Resolved {
+            payload,
+            verdict: Verdict::Attributed(attribution),
+            waited_ms,
+        });
+    }
+
+    fn emit_unattributed(
+        &mut self,
+        payload: F,
+        reason: Reason,
+        waited_ms: u64,
+        out: &mut Outputs<F>,
+    ) {
+        self.stats.unattributed[reason.index()] += 1;
+        out.resolved.push(Resolved {
+            payload,
+            verdict: Verdict::Unattributed(reason),
+            waited_ms,
+        });
+    }
+
+    /// Emits flows whose deadline has come, unattributed with the reason their IP's history
+    /// gives now, and applies retention when a sweep is due.
+    pub fn tick(&mut self, now: UnixMillis, out: &mut Outputs<F>) {
+        self.advance(now);
+        while let Some(slot) = self.pending.next_due(now) {
+            let Some(entry) = self.pending.remove(slot) else {
+                break;
+            };
+            let decision = self.decide(entry.ip, entry.window);
+            self.resolve(entry, decision, now, out);
+        }
+        if now.since(self.last_sweep) >= self.config.sweep_interval_ms {
+            self.sweep(now);
+        }
+    }
+
+    /// Drops history before the horizon and frees workload names no range refers to.
+    fn sweep(&mut self, now: UnixMillis) {
+        self.last_sweep = now;
+        self.v4.expire(self.horizon);
+        self.v6.expire(self.horizon);
+        self.events.expire(self.horizon);
+        let mut live = vec![false; self.interner.capacity_ids()];
+        let mut mark = |id: WorkloadId| {
+            if let Some(slot) = live.get_mut(id.0 as usize) {
+                *slot = true;
+            }
+        };
+        let owners_v4 = self
+            .v4
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(Segment::owner));
+        let owners_v6 = self
+            .v6
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(Segment::owner));
+        for owner in owners_v4.chain(owners_v6) {
+            if let Owner::Workload(id) = owner {
+                mark(id);
+            }
+        }
+        for id in self.events.owners() {
+            mark(id);
+        }
+        self.interner.retain(&live);
+    }
+
+    /// The retained history of `ip`, for the HTTP API and for handoff.
+    pub fn history(&self, ip: IpAddr) -> IpRanges {
+        let key = IpKey::new(ip);
+        let (segments, floor) = self.segments(key);
+        self.snapshot(key, segments, floor)
+    }
+
+    fn snapshot(&self, key: IpKey, segments: &[Segment], floor: Option<UnixMillis>) -> IpRanges {
+        IpRanges {
+            ip: key.addr(),
+            floor,
+            segments: segments
+                .iter()
+                .map(|s| SegmentSnapshot {
+                    owner: match s.owner() {
+                        Owner::Workload(id) => SegmentOwner::Workload(
+                            self.interner
+                                .name(id)
+                                .map(|n| n.to_string())
+                                .unwrap_or_default(),
+                        ),
+                        Owner::Conflict => SegmentOwner::Conflict,
+                    },
+                    start: s.start(),
+                    end: s.end(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The histories of every IP for which `wanted` is true (handoff of a ring span).
+    pub fn export(&self, mut wanted: impl FnMut(IpAddr) -> bool) -> Vec<IpRanges> {
+        let mut all = Vec::new();
+        for (k, segments) in self.v4.iter() {
+            let key = IpKey::V4(*k);
+            if wanted(key.addr()) {
+                all.push(self.snapshot(key, segments, self.v4.floor(k)));
+            }
+        }
+        for (k, segments) in self.v6.iter() {
+            let key = IpKey::V6(*k);
+            if wanted(key.addr()) {
+                all.push(self.snapshot(key, segments, self.v6.floor(k)));
+            }
+        }
+        // Hash-map order must not reach the wire: sort by IP.
+        all.sort_by_key(|r| IpKey::new(r.ip));
+        all
+    }
+
+    /// Merges a history received in a handoff, by the same rules as claims: it adds
+    /// coverage where nothing was known, and conflicts wherever it disagrees.
+    pub fn import(
+        &mut self,
+        ranges: &IpRanges,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) -> Result<(), InternError> {
+        self.advance(now);
+        let key = IpKey::new(ranges.ip);
+        for segment in &ranges.segments {
+            if segment.end < self.horizon || segment.start > segment.end {
+                continue;
+            }
+            let start = segment.start.max(self.horizon);
+            let end = segment.end.min(now.plus(self.config.claim_future_max_ms));
+            if start > end {
+                continue;
+            }
+            let owner = match &segment.owner {
+                SegmentOwner::Workload(name) => Owner::Workload(self.interner.intern(name)?),
+                SegmentOwner::Conflict => Owner::Conflict,
+            };
+            self.insert(key, start, end, owner);
+            self.report_overlaps(key, out);
+        }
+        self.retry(key, now, out);
+        Ok(())
+    }
+}

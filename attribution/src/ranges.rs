@@ -1,0 +1,516 @@
+//! Per-IP ownership history: sorted, non-overlapping segments, and the merge of claims.
+//!
+//! Invariants, checked by `debug_assert!` after every change and by property tests:
+//! - segments of one IP are sorted by start and never overlap;
+//! - two neighbouring segments with the same owner never touch (they are coalesced);
+//! - a conflict segment only ever grows: no claim turns conflict back into ownership.
+//!
+//! Times are integer milliseconds and segments are closed intervals, so `[0, 9]` and
+//! `[10, 19]` touch.
+
+use std::hash::Hash;
+
+use crate::ip::{new_map, Map};
+use crate::time::{UnixMillis, Window};
+use crate::workload::WorkloadId;
+
+/// The owner code of a conflict segment.
+const CONFLICT: u32 = u32::MAX;
+
+/// One segment of an IP's history, 16 bytes: the start, the length and the owner.
+///
+/// The length is bounded by retention plus the largest future skew accepted (see
+/// `EngineConfig::validate`), far below `u32::MAX` milliseconds (49 days).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Segment {
+    start: u64,
+    len: u32,
+    owner: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Segment>() == 16);
+
+/// What a segment says.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Owner {
+    Workload(WorkloadId),
+    Conflict,
+}
+
+impl Owner {
+    fn code(self) -> u32 {
+        match self {
+            Owner::Workload(id) => id.0,
+            Owner::Conflict => CONFLICT,
+        }
+    }
+
+    fn from_code(code: u32) -> Owner {
+        if code == CONFLICT {
+            Owner::Conflict
+        } else {
+            Owner::Workload(WorkloadId(code))
+        }
+    }
+}
+
+impl Segment {
+    fn new(start: u64, end: u64, owner: u32) -> Segment {
+        debug_assert!(start <= end, "segment start {start} after end {end}");
+        let len = u32::try_from(end - start).unwrap_or(u32::MAX);
+        // A segment longer than u32::MAX ms cannot arise from validated claims; if one did,
+        // keep its end and drop its oldest part: losing coverage is safe, inventing it is not.
+        let start = end - u64::from(len);
+        Segment { start, len, owner }
+    }
+
+    pub(crate) fn start(&self) -> UnixMillis {
+        UnixMillis(self.start)
+    }
+
+    pub(crate) fn end(&self) -> UnixMillis {
+        UnixMillis(self.end_raw())
+    }
+
+    fn end_raw(&self) -> u64 {
+        self.start + u64::from(self.len)
+    }
+
+    pub(crate) fn owner(&self) -> Owner {
+        Owner::from_code(self.owner)
+    }
+}
+
+/// A workload that claimed time another workload had already claimed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Overlap {
+    pub(crate) existing: WorkloadId,
+    pub(crate) claimant: WorkloadId,
+    pub(crate) window: Window,
+}
+
+/// What the segments say about a window.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Judgement {
+    /// One workload's segment covers the whole window.
+    Covered(WorkloadId),
+    /// A conflict segment intersects the window. Final: conflicts never shrink.
+    Conflict,
+    /// Two or more owners intersect the window. Final: no single segment can ever cover it.
+    Ambiguous,
+    /// One owner intersects part of the window and the rest is a gap that a later claim
+    /// may still fill.
+    Gap,
+    /// Nothing intersects the window.
+    Empty,
+}
+
+/// Judges `window` against sorted, non-overlapping segments.
+pub(crate) fn judge(segments: &[Segment], window: Window) -> Judgement {
+    let first = segments.partition_point(|s| s.end_raw() < window.start.0);
+    let Some(segment) = segments.get(first) else {
+        return Judgement::Empty;
+    };
+    if segment.start > window.end.0 {
+        return Judgement::Empty;
+    }
+    if segment.start <= window.start.0 && segment.end_raw() >= window.end.0 {
+        return match segment.owner() {
+            Owner::Workload(id) => Judgement::Covered(id),
+            Owner::Conflict => Judgement::Conflict,
+        };
+    }
+    let mut owners = segments[first..]
+        .iter()
+        .take_while(|s| s.start <= window.end.0)
+        .map(|s| s.owner);
+    let one = owners.next().unwrap_or(CONFLICT);
+    let mut judgement = if one == CONFLICT {
+        Judgement::Conflict
+    } else {
+        Judgement::Gap
+    };
+    for other in owners {
+        if other == CONFLICT {
+            return Judgement::Conflict;
+        }
+        if other != one {
+            judgement = Judgement::Ambiguous;
+        }
+    }
+    judgement
+}
+
+/// Merges the claim `[start, end]` by `owner` into `segments`, writing the result to
+/// `out` and overlaps with other workloads to `overlaps`.
+///
+/// Time nobody claimed becomes `owner`'s; time `owner` already held stays so; time another
+/// workload held becomes a conflict; conflicts stay conflicts. A conflict claim (from a
+/// handoff snapshot) turns everything it spans into conflict.
+fn merge_into(
+    segments: &[Segment],
+    start: u64,
+    end: u64,
+    owner: Owner,
+    out: &mut Vec<Segment>,
+    overlaps: &mut Vec<Overlap>,
+) {
+    out.clear();
+    let new = owner.code();
+    let mut cursor = Some(start); // the next instant of the claim not yet written
+    for s in segments {
+        let (s_start, s_end) = (s.start, s.end_raw());
+        if s_end < start || s_start > end {
+            if s_start > end {
+                if let Some(c) = cursor.take() {
+                    push(out, c, end, new);
+                }
+            }
+            push(out, s_start, s_end, s.owner);
+            continue;
+        }
+        if s_start < start {
+            push(out, s_start, start - 1, s.owner);
+        }
+        let (is, ie) = (s_start.max(start), s_end.min(end));
+        if let Some(c) = cursor {
+            if c < is {
+                push(out, c, is - 1, new);
+            }
+        }
+        let combined = if s.owner == new {
+            new
+        } else {
+            if let (Owner::Workload(existing), Owner::Workload(claimant)) = (s.owner(), owner) {
+                overlaps.push(Overlap {
+                    existing,
+                    claimant,
+                    window: Window {
+                        start: UnixMillis(is),
+                        end: UnixMillis(ie),
+                    },
+                });
+            }
+            CONFLICT
+        };
+        push(out, is, ie, combined);
+        cursor = ie.checked_add(1).filter(|&c| c <= end);
+        if s_end > end {
+            push(out, end + 1, s_end, s.owner);
+        }
+    }
+    if let Some(c) = cursor {
+        push(out, c, end, new);
+    }
+}
+
+/// Appends `[start, end]` to `out`, coalescing with the last segment when both have the
+/// same owner and touch.
+fn push(out: &mut Vec<Segment>, start: u64, end: u64, owner: u32) {
+    if let Some(last) = out.last_mut() {
+        debug_assert!(last.end_raw() < start, "segments written out of order");
+        if last.owner == owner && last.end_raw() + 1 >= start {
+            *last = Segment::new(last.start, end, owner);
+            return;
+        }
+    }
+    out.push(Segment::new(start, end, owner));
+}
+
+pub(crate) fn is_well_formed(segments: &[Segment]) -> bool {
+    segments.windows(2).all(|pair| {
+        let (a, b) = (pair[0], pair[1]);
+        a.end_raw() < b.start && !(a.owner == b.owner && a.end_raw() + 1 == b.start)
+    })
+}
+
+/// How a claim changed an IP's history.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(crate) struct InsertOutcome {
+    /// The oldest segments were dropped to stay within the per-IP limit.
+    pub(crate) overflowed: bool,
+    /// The claim was for time before the IP's floor and changed nothing.
+    pub(crate) below_floor: bool,
+}
+
+/// The ownership history of every IP of one address family.
+#[derive(Debug)]
+pub(crate) struct RangeTable<K> {
+    map: Map<K, Box<[Segment]>>,
+    /// Per-IP floors, set when the oldest segments were dropped to respect
+    /// `ranges_per_ip_max`: history before the floor is gone for that IP. Rare.
+    floors: Map<K, UnixMillis>,
+    segments: usize,
+    scratch: Vec<Segment>,
+}
+
+impl<K: Copy + Eq + Hash> RangeTable<K> {
+    pub(crate) fn new() -> RangeTable<K> {
+        RangeTable {
+            map: new_map(),
+            floors: new_map(),
+            segments: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub(crate) fn get(&self, key: &K) -> &[Segment] {
+        self.map.get(key).map(|s| &s[..]).unwrap_or(&[])
+    }
+
+    pub(crate) fn floor(&self, key: &K) -> Option<UnixMillis> {
+        self.floors.get(key).copied()
+    }
+
+    /// Merges the claim `[start, end]` (already clipped to retention) into `key`'s history.
+    pub(crate) fn insert(
+        &mut self,
+        key: K,
+        start: UnixMillis,
+        end: UnixMillis,
+        owner: Owner,
+        ranges_per_ip_max: usize,
+        overlaps: &mut Vec<Overlap>,
+    ) -> InsertOutcome {
+        debug_assert!(start <= end);
+        let mut outcome = InsertOutcome::default();
+        let start = match self.floors.get(&key) {
+            Some(floor) if end < *floor => {
+                outcome.below_floor = true;
+                return outcome;
+            }
+            Some(floor) => start.max(*floor),
+            None => start,
+        };
+        let (start, end) = (start.0, end.0);
+        let code = owner.code();
+        let entry = self.map.entry(key).or_insert_with(|| Box::new([]));
+        // The common case by far: a heartbeat that extends the owner's latest segment.
+        if let Some(last) = entry.last_mut() {
+            if last.owner == code && start >= last.start && start <= last.end_raw() + 1 {
+                if end > last.end_raw() {
+                    *last = Segment::new(last.start, end, code);
+                }
+                return outcome;
+            }
+            if start > last.end_raw() + 1 || (start > last.end_raw() && last.owner != code) {
+                let mut grown = Vec::with_capacity(entry.len() + 1);
+                grown.extend_from_slice(entry);
+                grown.push(Segment::new(start, end, code));
+                self.segments += 1;
+                *entry = grown.into_boxed_slice();
+                outcome.overflowed = self.enforce_limit(key, ranges_per_ip_max);
+                return outcome;
+            }
+        } else {
+            *entry = Box::new([Segment::new(start, end, code)]);
+            self.segments += 1;
+            return outcome;
+        }
+        merge_into(entry, start, end, owner, &mut self.scratch, overlaps);
+        debug_assert!(
+            is_well_formed(&self.scratch),
+            "merge broke ordering: {:?}",
+            self.scratch
+        );
+        self.segments = self.segments - entry.len() + self.scratch.len();
+        if self.scratch[..] != entry[..] {
+            *entry = self.scratch.as_slice().into();
+        }
+        outcome.overflowed = self.enforce_limit(key, ranges_per_ip_max);
+        outcome
+    }
+
+    /// Drops the oldest segments of `key` beyond `max`, raising its floor past them.
+    fn enforce_limit(&mut self, key: K, max: usize) -> bool {
+        let Some(entry) = self.map.get_mut(&key) else {
+            return false;
+        };
+        if entry.len() <= max {
+            return false;
+        }
+        let excess = entry.len() - max;
+        let floor = UnixMillis(entry[excess - 1].end_raw() + 1);
+        *entry = entry[excess..].into();
+        self.segments -= excess;
+        let slot = self.floors.entry(key).or_insert(floor);
+        *slot = (*slot).max(floor);
+        true
+    }
+
+    /// Drops history that ended before `horizon`.
+    pub(crate) fn expire(&mut self, horizon: UnixMillis) {
+        let mut removed = 0;
+        self.map.retain(|_, segments| {
+            let keep_from = segments.partition_point(|s| s.end_raw() < horizon.0);
+            if keep_from > 0 {
+                removed += keep_from;
+                *segments = segments[keep_from..].into();
+            }
+            !segments.is_empty()
+        });
+        self.segments -= removed;
+        self.floors.retain(|_, floor| *floor >= horizon);
+    }
+
+    pub(crate) fn ips(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn segments(&self) -> usize {
+        self.segments
+    }
+
+    /// Bytes held: the map's own allocation plus every IP's segments.
+    pub(crate) fn bytes(&self) -> usize {
+        self.map.allocation_size()
+            + self.floors.allocation_size()
+            + self.segments * std::mem::size_of::<Segment>()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &[Segment])> {
+        self.map.iter().map(|(k, v)| (k, &v[..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(id: u32) -> Owner {
+        Owner::Workload(WorkloadId(id))
+    }
+
+    fn claim(t: &mut RangeTable<u32>, s: u64, e: u64, o: Owner) -> Vec<Overlap> {
+        let mut overlaps = Vec::new();
+        t.insert(1, UnixMillis(s), UnixMillis(e), o, 64, &mut overlaps);
+        assert!(is_well_formed(t.get(&1)));
+        overlaps
+    }
+
+    fn shape(t: &RangeTable<u32>) -> Vec<(u64, u64, Owner)> {
+        t.get(&1)
+            .iter()
+            .map(|s| (s.start, s.end_raw(), s.owner()))
+            .collect()
+    }
+
+    fn win(s: u64, e: u64) -> Window {
+        Window::new(UnixMillis(s), UnixMillis(e)).unwrap()
+    }
+
+    #[test]
+    fn repeated_heartbeats_extend_one_segment() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 110, w(1));
+        claim(&mut t, 100, 120, w(1));
+        claim(&mut t, 100, 115, w(1)); // a late, older heartbeat changes nothing
+        assert_eq!(shape(&t), vec![(100, 120, w(1))]);
+        assert_eq!(t.segments(), 1);
+    }
+
+    #[test]
+    fn a_new_since_leaves_the_gap_uncovered() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 120, w(1));
+        claim(&mut t, 200, 210, w(1));
+        assert_eq!(shape(&t), vec![(100, 120, w(1)), (200, 210, w(1))]);
+        assert_eq!(judge(t.get(&1), win(150, 160)), Judgement::Empty);
+        assert_eq!(judge(t.get(&1), win(110, 205)), Judgement::Gap);
+    }
+
+    #[test]
+    fn a_lost_heartbeat_leaves_no_hole_because_since_is_restated() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 110, w(1));
+        // the heartbeat for 110..120 was lost; the next restates since=100
+        claim(&mut t, 100, 130, w(1));
+        assert_eq!(shape(&t), vec![(100, 130, w(1))]);
+    }
+
+    #[test]
+    fn overlapping_claims_of_two_workloads_become_a_conflict_window() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 200, w(1));
+        let overlaps = claim(&mut t, 150, 300, w(2));
+        assert_eq!(
+            shape(&t),
+            vec![
+                (100, 149, w(1)),
+                (150, 200, Owner::Conflict),
+                (201, 300, w(2))
+            ]
+        );
+        assert_eq!(overlaps.len(), 1);
+        assert_eq!(overlaps[0].window, win(150, 200));
+        // Nothing inside the window is attributed, whatever is claimed later.
+        claim(&mut t, 100, 250, w(1));
+        assert_eq!(judge(t.get(&1), win(160, 170)), Judgement::Conflict);
+        assert_eq!(
+            judge(t.get(&1), win(120, 130)),
+            Judgement::Covered(WorkloadId(1))
+        );
+    }
+
+    #[test]
+    fn handoff_conflict_overrides_everything() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 200, w(1));
+        claim(&mut t, 150, 160, Owner::Conflict);
+        assert_eq!(
+            shape(&t),
+            vec![
+                (100, 149, w(1)),
+                (150, 160, Owner::Conflict),
+                (161, 200, w(1))
+            ]
+        );
+    }
+
+    #[test]
+    fn claims_filling_a_gap_between_two_owners() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 200, w(1));
+        claim(&mut t, 300, 400, w(2));
+        claim(&mut t, 201, 299, w(3));
+        assert_eq!(
+            shape(&t),
+            vec![(100, 200, w(1)), (201, 299, w(3)), (300, 400, w(2))]
+        );
+        assert_eq!(judge(t.get(&1), win(190, 210)), Judgement::Ambiguous);
+        assert_eq!(judge(t.get(&1), win(50, 150)), Judgement::Gap);
+    }
+
+    #[test]
+    fn the_limit_drops_the_oldest_and_raises_the_floor() {
+        let mut t = RangeTable::new();
+        let mut overlaps = Vec::new();
+        for i in 0..5u64 {
+            t.insert(
+                1,
+                UnixMillis(i * 100),
+                UnixMillis(i * 100 + 10),
+                w(1),
+                3,
+                &mut overlaps,
+            );
+        }
+        assert_eq!(t.get(&1).len(), 3);
+        assert_eq!(t.floor(&1), Some(UnixMillis(111)));
+        let out = t.insert(1, UnixMillis(0), UnixMillis(50), w(2), 3, &mut overlaps);
+        assert!(out.below_floor);
+        assert_eq!(t.segments(), 3);
+    }
+
+    #[test]
+    fn expire_drops_old_segments_and_empty_ips() {
+        let mut t = RangeTable::new();
+        claim(&mut t, 100, 200, w(1));
+        claim(&mut t, 300, 400, w(2));
+        t.expire(UnixMillis(250));
+        assert_eq!(shape(&t), vec![(300, 400, w(2))]);
+        t.expire(UnixMillis(401));
+        assert_eq!(t.ips(), 0);
+        assert_eq!(t.segments(), 0);
+    }
+}
