@@ -1,0 +1,59 @@
+//! The flow records the capture hands to the exporter.
+
+use std::net::SocketAddr;
+
+/// Which end opened the connection, as seen from this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// This host connected out (`CLOSE→SYN_SENT`).
+    Outbound,
+    /// A peer connected in and this host accepted (`LISTEN→SYN_RECV`).
+    Inbound,
+    /// Capture did not see the socket being born and found no listener on its local
+    /// port; the exporter may still infer the direction from its own knowledge.
+    Unknown,
+}
+
+/// One TCP flow as captured on this host: either closed (`ongoing == false`, counters
+/// final) or a snapshot of a live socket (`ongoing == true`, counters cumulative so far).
+///
+/// Times are wall-clock Unix milliseconds converted from the kernel's monotonic clock
+/// with the offset measured when the record was read, so they share the host clock's
+/// skew with every other timestamp the exporter produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CapturedFlow {
+    /// This host's end. IPv4 (including IPv4-mapped IPv6) is reported as IPv4.
+    pub local: SocketAddr,
+    /// The peer's end.
+    pub remote: SocketAddr,
+    /// Which side opened the connection.
+    pub direction: Direction,
+    /// When the socket was born, or, when `start_exact` is false, when capture first saw
+    /// it: later than the real start, never earlier, so the flow never claims time it
+    /// cannot prove.
+    pub start_unix_ms: u64,
+    /// When the socket closed, or when the snapshot was taken for an ongoing flow.
+    pub end_unix_ms: u64,
+    /// Bytes this host sent that the peer acknowledged (`tcp_sock.bytes_acked`). Counted
+    /// in sequence space as the kernel does (RFC 4898): an acknowledged SYN of an active
+    /// open and an acknowledged FIN add one byte each to the payload.
+    pub bytes_sent: u64,
+    /// Bytes this host received (`tcp_sock.bytes_received`), in sequence space: a
+    /// received FIN adds one byte to the payload.
+    pub bytes_received: u64,
+    /// Segments received.
+    pub segs_in: u32,
+    /// Segments sent.
+    pub segs_out: u32,
+    /// Total retransmitted segments.
+    pub retransmits: u32,
+    /// Smoothed round-trip time in microseconds.
+    pub srtt_us: u32,
+    /// The local workload from the workload maps at the time of the record; 0 = unknown.
+    pub workload_id: u32,
+    /// True for a snapshot of a socket that is still open.
+    pub ongoing: bool,
+    /// False when capture saw the socket only after its birth (it predates the capture,
+    /// or its per-socket state was evicted); see `start_unix_ms`.
+    pub start_exact: bool,
+}
