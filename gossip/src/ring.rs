@@ -1,1 +1,533 @@
-//! (being written)
+//! Consistent hashing of IPs onto the live members of one region.
+//!
+//! **Choice: virtual nodes on a ring of `u64` points**, not rendezvous hashing. Both move
+//! only about 1/N of the keys when one of N nodes comes or goes; virtual nodes also cut the
+//! keyspace into contiguous *spans* (the arc between two consecutive tokens), and a span is
+//! what handoff names when a new owner pulls history from a previous one. With rendezvous
+//! hashing every IP would be its own span.
+//!
+//! **The hash is fixed**: SipHash-2-4 under the constant key [`RING_HASH_KEY`], over a
+//! domain byte and the bytes of the value. Every node, every build and every platform
+//! computes the same points, which is what makes the owners of an IP agree cluster-wide.
+//! Changing the key or the input layout is a protocol change (bump the `v1` in the key).
+//!
+//! The point of an IP is the hash of its canonical bytes (4 for IPv4, and IPv4-mapped
+//! IPv6 is treated as IPv4, as the region map does); the owners of a point are the first
+//! R distinct nodes met walking clockwise from it (the first token `>=` the point,
+//! wrapping past `u64::MAX` to the smallest token).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+
+use crate::identity::NodeIdentity;
+
+/// The SipHash key of the ring: ASCII `tenure-ring-v1\0\0`. Fixed forever for a given
+/// protocol version; never random.
+pub const RING_HASH_KEY: [u8; 16] = *b"tenure-ring-v1\0\0";
+
+/// Virtual nodes per member by default. With 128 tokens per node the share of a node
+/// deviates from 1/N by roughly 1/sqrt(128) ≈ 9% (relative), and a 50-node region holds
+/// 6400 tokens, a few hundred KiB at most for spans.
+pub const VNODES_PER_NODE_DEFAULT: NonZeroUsize = NonZeroUsize::new(128).expect("128 > 0");
+
+/// The replication factor by default: every claim is held by two owners, so one node
+/// lost loses no history.
+pub const REPLICATION_DEFAULT: NonZeroUsize = NonZeroUsize::new(2).expect("2 > 0");
+
+/// The most virtual nodes per member accepted; bounds the size of a ring.
+pub const VNODES_PER_NODE_MAX: usize = 1024;
+
+/// Domain bytes, so that an IP and a token can never hash the same input.
+const DOMAIN_IPV4: u8 = 4;
+const DOMAIN_IPV6: u8 = 6;
+const DOMAIN_TOKEN: u8 = b't';
+
+/// How a ring is built. Every node of a cluster must use the same values.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RingConfig {
+    /// Tokens per member (at most [`VNODES_PER_NODE_MAX`]; larger values are clamped).
+    pub vnodes_per_node: NonZeroUsize,
+    /// How many distinct owners each point has (fewer when the region has fewer nodes).
+    pub replication: NonZeroUsize,
+}
+
+impl Default for RingConfig {
+    fn default() -> RingConfig {
+        RingConfig {
+            vnodes_per_node: VNODES_PER_NODE_DEFAULT,
+            replication: REPLICATION_DEFAULT,
+        }
+    }
+}
+
+/// A closed range of ring points `[start, end]`, never wrapping (`start <= end`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Span {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Span {
+    /// The whole keyspace.
+    pub const FULL: Span = Span {
+        start: 0,
+        end: u64::MAX,
+    };
+
+    /// The span `[start, end]`, or `None` when `end < start`.
+    pub fn new(start: u64, end: u64) -> Option<Span> {
+        (start <= end).then_some(Span { start, end })
+    }
+
+    /// Whether `point` lies in the span.
+    pub fn contains(&self, point: u64) -> bool {
+        self.start <= point && point <= self.end
+    }
+
+    /// Whether `other` lies entirely in this span.
+    pub fn covers(&self, other: &Span) -> bool {
+        self.start <= other.start && other.end <= self.end
+    }
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:#018x}, {:#018x}]", self.start, self.end)
+    }
+}
+
+/// The ring point of an IP. Every node computes the same value (see the module docs).
+pub fn point_of(ip: IpAddr) -> u64 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            sip_hash_2_4(&RING_HASH_KEY, &[&[DOMAIN_IPV4], &o])
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            sip_hash_2_4(&RING_HASH_KEY, &[&[DOMAIN_IPV6], &o])
+        }
+    }
+}
+
+/// The ring point of virtual node `index` of `node_id`.
+fn token_of(node_id: &str, index: u32) -> u64 {
+    sip_hash_2_4(
+        &RING_HASH_KEY,
+        &[
+            &[DOMAIN_TOKEN],
+            node_id.as_bytes(),
+            &[0],
+            &index.to_le_bytes(),
+        ],
+    )
+}
+
+/// The consistent-hash ring of one region.
+///
+/// Built from a set of members (duplicates by node id are collapsed, keeping the highest
+/// incarnation); immutable afterwards: a membership change builds a new ring, and
+/// handoff compares the two.
+#[derive(Clone)]
+pub struct Ring {
+    /// Members sorted by node id.
+    members: Vec<NodeIdentity>,
+    /// `(token, index into members)`, sorted by token then node id.
+    tokens: Vec<(u64, usize)>,
+    config: RingConfig,
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("members", &self.members)
+            .field("tokens", &self.tokens.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Ring {
+    /// A ring over `members`.
+    pub fn new<'a>(
+        members: impl IntoIterator<Item = &'a NodeIdentity>,
+        config: RingConfig,
+    ) -> Ring {
+        let mut sorted: Vec<NodeIdentity> = members.into_iter().cloned().collect();
+        // Highest incarnation first within a node id, so dedup keeps the newest.
+        sorted.sort_by(|a, b| {
+            a.node_id()
+                .cmp(b.node_id())
+                .then(b.incarnation().cmp(&a.incarnation()))
+        });
+        sorted.dedup_by(|later, first| later.node_id() == first.node_id());
+        let vnodes = config.vnodes_per_node.get().min(VNODES_PER_NODE_MAX);
+        let mut tokens = Vec::with_capacity(sorted.len() * vnodes);
+        for (index, member) in sorted.iter().enumerate() {
+            for vnode in 0..vnodes {
+                let vnode = u32::try_from(vnode).unwrap_or(u32::MAX);
+                tokens.push((token_of(member.node_id(), vnode), index));
+            }
+        }
+        // Members are sorted by node id, so ties between equal tokens break by node id.
+        tokens.sort_unstable();
+        Ring {
+            members: sorted,
+            tokens,
+            config,
+        }
+    }
+
+    /// An empty ring (no members): every lookup finds no owner.
+    pub fn empty(config: RingConfig) -> Ring {
+        Ring::new([], config)
+    }
+
+    /// The members, sorted by node id.
+    pub fn members(&self) -> &[NodeIdentity] {
+        &self.members
+    }
+
+    /// Whether a member with this node id is on the ring.
+    pub fn contains(&self, node_id: &str) -> bool {
+        self.members
+            .binary_search_by(|m| m.node_id().cmp(node_id))
+            .is_ok()
+    }
+
+    /// How the ring was built.
+    pub fn config(&self) -> RingConfig {
+        self.config
+    }
+
+    /// The owners of `ip`, primary first: `min(R, members)` distinct nodes.
+    pub fn owners(&self, ip: IpAddr) -> Vec<&NodeIdentity> {
+        self.owners_of_point(point_of(ip))
+    }
+
+    /// The primary owner of `ip`, or `None` on an empty ring.
+    pub fn primary(&self, ip: IpAddr) -> Option<&NodeIdentity> {
+        self.primary_of_point(point_of(ip))
+    }
+
+    /// The primary owner of a ring point.
+    pub fn primary_of_point(&self, point: u64) -> Option<&NodeIdentity> {
+        let start = self.successor(point)?;
+        self.tokens
+            .get(start)
+            .and_then(|(_, index)| self.members.get(*index))
+    }
+
+    /// The owners of a ring point, primary first.
+    pub fn owners_of_point(&self, point: u64) -> Vec<&NodeIdentity> {
+        let wanted = self.config.replication.get().min(self.members.len());
+        let mut owners: Vec<&NodeIdentity> = Vec::with_capacity(wanted);
+        let Some(start) = self.successor(point) else {
+            return owners;
+        };
+        // Bounded walk: at most once around the ring.
+        for step in 0..self.tokens.len() {
+            if owners.len() == wanted {
+                break;
+            }
+            let (_, index) = self.tokens[(start + step) % self.tokens.len()];
+            let member = &self.members[index];
+            if !owners.iter().any(|o| o.node_id() == member.node_id()) {
+                owners.push(member);
+            }
+        }
+        owners
+    }
+
+    /// The index of the first token at or after `point`, wrapping; `None` when empty.
+    fn successor(&self, point: u64) -> Option<usize> {
+        if self.tokens.is_empty() {
+            return None;
+        }
+        let index = self.tokens.partition_point(|(token, _)| *token < point);
+        Some(if index == self.tokens.len() { 0 } else { index })
+    }
+
+    /// The points where ownership may change: the last point of every span (each token),
+    /// sorted, deduplicated. Every point in `(previous boundary, boundary]` has the same
+    /// owners as the boundary itself; the points above the last token belong with the
+    /// first one (the ring wraps).
+    pub fn boundaries(&self) -> Vec<u64> {
+        let mut points: Vec<u64> = self.tokens.iter().map(|(token, _)| *token).collect();
+        points.dedup();
+        points
+    }
+
+    /// Every span of the ring with its owners, covering `[0, u64::MAX]` in order. The arc
+    /// that wraps past `u64::MAX` is given as two spans (its tail and its head).
+    pub fn spans(&self) -> Vec<(Span, Vec<&NodeIdentity>)> {
+        split_keyspace(&self.boundaries())
+            .into_iter()
+            .map(|span| (span, self.owners_of_point(span.end)))
+            .collect()
+    }
+}
+
+/// Cuts `[0, u64::MAX]` into spans that end at each of `boundaries` (sorted, unique), plus
+/// a last span up to `u64::MAX` when the last boundary is below it. Within one span, every
+/// ring whose tokens are all among `boundaries` has the same owners at every point.
+pub fn split_keyspace(boundaries: &[u64]) -> Vec<Span> {
+    debug_assert!(
+        boundaries.windows(2).all(|w| w[0] < w[1]),
+        "boundaries must be sorted and unique"
+    );
+    let mut spans = Vec::with_capacity(boundaries.len() + 1);
+    let mut start = 0u64;
+    for &end in boundaries {
+        spans.push(Span { start, end });
+        match end.checked_add(1) {
+            Some(next) => start = next,
+            None => return spans,
+        }
+    }
+    spans.push(Span {
+        start,
+        end: u64::MAX,
+    });
+    spans
+}
+
+/// SipHash-2-4 of the concatenation of `parts` under `key` (Aumasson and Bernstein's
+/// reference algorithm, checked against its test vectors below).
+pub fn sip_hash_2_4(key: &[u8; 16], parts: &[&[u8]]) -> u64 {
+    let k0 = u64::from_le_bytes([
+        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+    ]);
+    let k1 = u64::from_le_bytes([
+        key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
+    ]);
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    let mut total_len: u64 = 0;
+    let mut tail = [0u8; 8];
+    let mut tail_len = 0usize;
+    for part in parts {
+        for &byte in *part {
+            tail[tail_len] = byte;
+            tail_len += 1;
+            total_len = total_len.wrapping_add(1);
+            if tail_len == 8 {
+                let m = u64::from_le_bytes(tail);
+                v[3] ^= m;
+                sip_round(&mut v);
+                sip_round(&mut v);
+                v[0] ^= m;
+                tail = [0u8; 8];
+                tail_len = 0;
+            }
+        }
+    }
+    tail[7] = (total_len & 0xff) as u8;
+    let b = u64::from_le_bytes(tail);
+    v[3] ^= b;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^= b;
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        sip_round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn node(name: &str) -> NodeIdentity {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        NodeIdentity::new(name, "r", addr, addr, 1).unwrap()
+    }
+
+    fn nodes(n: usize) -> Vec<NodeIdentity> {
+        (0..n).map(|i| node(&format!("node-{i:02}"))).collect()
+    }
+
+    fn ips(n: u32) -> impl Iterator<Item = IpAddr> {
+        (0..n).map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7)))
+    }
+
+    fn owner_ids(ring: &Ring, ip: IpAddr) -> Vec<String> {
+        ring.owners(ip)
+            .iter()
+            .map(|m| m.node_id().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vectors() {
+        let key: [u8; 16] = core::array::from_fn(|i| i as u8);
+        assert_eq!(sip_hash_2_4(&key, &[]), 0x726f_db47_dd0e_0e31);
+        let msg: Vec<u8> = (0u8..15).collect();
+        assert_eq!(sip_hash_2_4(&key, &[&msg]), 0xa129_ca61_49be_45e5);
+        // Splitting the input into parts does not change the hash.
+        assert_eq!(
+            sip_hash_2_4(&key, &[&msg[..3], &msg[3..11], &msg[11..]]),
+            0xa129_ca61_49be_45e5
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_has_the_ipv4_point() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(point_of(v4), point_of(mapped));
+    }
+
+    #[test]
+    fn owners_are_distinct_and_independent_of_member_order() {
+        let members = nodes(5);
+        let a = Ring::new(&members, RingConfig::default());
+        let mut reversed = members.clone();
+        reversed.reverse();
+        let b = Ring::new(&reversed, RingConfig::default());
+        for ip in ips(2000) {
+            let owners = owner_ids(&a, ip);
+            assert_eq!(owners.len(), 2);
+            assert_ne!(owners[0], owners[1]);
+            assert_eq!(owners, owner_ids(&b, ip));
+            assert_eq!(
+                a.primary(ip).map(NodeIdentity::node_id),
+                Some(owners[0].as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn small_and_empty_rings() {
+        let config = RingConfig::default();
+        let empty = Ring::empty(config);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(empty.owners(ip).is_empty());
+        assert!(empty.primary(ip).is_none());
+        let one = Ring::new(&nodes(1), config);
+        assert_eq!(owner_ids(&one, ip), vec!["node-00".to_owned()]);
+    }
+
+    #[test]
+    fn spans_cover_the_keyspace_and_agree_with_lookups() {
+        let ring = Ring::new(&nodes(4), RingConfig::default());
+        let spans = ring.spans();
+        assert_eq!(spans.first().map(|(s, _)| s.start), Some(0));
+        assert_eq!(spans.last().map(|(s, _)| s.end), Some(u64::MAX));
+        for pair in spans.windows(2) {
+            assert_eq!(pair[0].0.end + 1, pair[1].0.start);
+        }
+        for ip in ips(500) {
+            let point = point_of(ip);
+            let (span, owners) = spans.iter().find(|(s, _)| s.contains(point)).unwrap();
+            assert!(span.contains(point));
+            assert_eq!(owners, &ring.owners_of_point(point));
+        }
+    }
+
+    /// Removing one node of N moves only the keys that node held: about 1/N of the
+    /// primaries and about R/N of the owner sets; nothing else changes.
+    #[test]
+    fn removing_one_node_moves_about_one_nth() {
+        let n = 10;
+        let members = nodes(n);
+        let config = RingConfig::default();
+        let before = Ring::new(&members, config);
+        let after = Ring::new(&members[1..], config);
+        let removed = members[0].node_id();
+        let keys = 20_000u32;
+        let (mut primaries_moved, mut sets_changed) = (0u32, 0u32);
+        for ip in ips(keys) {
+            let old = owner_ids(&before, ip);
+            let new = owner_ids(&after, ip);
+            if old[0] != new[0] {
+                primaries_moved += 1;
+                assert_eq!(old[0], removed, "a primary moved off a surviving node");
+            }
+            if old != new {
+                sets_changed += 1;
+                assert!(
+                    old.iter().any(|o| o == removed),
+                    "replicas moved needlessly"
+                );
+                // The survivors of the old set stay owners.
+                for o in old.iter().filter(|o| *o != removed) {
+                    assert!(new.contains(o));
+                }
+            }
+        }
+        let share = f64::from(primaries_moved) / f64::from(keys);
+        let expected = 1.0 / n as f64;
+        assert!(
+            (expected * 0.6..expected * 1.4).contains(&share),
+            "primaries moved: {share}"
+        );
+        let set_share = f64::from(sets_changed) / f64::from(keys);
+        let expected_sets = 2.0 / n as f64;
+        assert!(
+            (expected_sets * 0.6..expected_sets * 1.4).contains(&set_share),
+            "owner sets changed: {set_share}"
+        );
+    }
+
+    /// Adding one node to N moves about 1/(N+1) of the primaries, all to the new node.
+    #[test]
+    fn adding_one_node_moves_about_one_nth() {
+        let n = 9;
+        let members = nodes(n + 1);
+        let config = RingConfig::default();
+        let before = Ring::new(&members[..n], config);
+        let after = Ring::new(&members, config);
+        let added = members[n].node_id();
+        let keys = 20_000u32;
+        let mut moved = 0u32;
+        for ip in ips(keys) {
+            let old = owner_ids(&before, ip);
+            let new = owner_ids(&after, ip);
+            if old[0] != new[0] {
+                moved += 1;
+                assert_eq!(new[0], added, "a primary moved between old nodes");
+            }
+        }
+        let share = f64::from(moved) / f64::from(keys);
+        let expected = 1.0 / (n + 1) as f64;
+        assert!(
+            (expected * 0.6..expected * 1.4).contains(&share),
+            "primaries moved: {share}"
+        );
+    }
+
+    #[test]
+    fn duplicate_node_ids_keep_the_newest_incarnation() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let old = NodeIdentity::new("a", "r", addr, addr, 1).unwrap();
+        let new = old.renewed();
+        let ring = Ring::new([&old, &new], RingConfig::default());
+        assert_eq!(ring.members(), std::slice::from_ref(&new));
+    }
+}
