@@ -70,7 +70,14 @@ struct {
 	__type(value, __u8);
 } listen_ports SEC(".maps");
 
-/* Closed flows. 2 MiB holds about 20 000 records between two userspace reads. */
+/*
+ * Closed flows. 2 MiB holds about 20 000 records between two userspace reads. Waking the
+ * reader for every record costs a context switch per closed socket, so records are
+ * submitted quietly and the reader is woken only once WAKEUP_BYTES are waiting; the
+ * loader also drains on a short timer, which bounds how long a record can wait.
+ */
+#define WAKEUP_BYTES (64 * (sizeof(struct flow_record) + 8))
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 21);
@@ -198,7 +205,9 @@ int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	r->version = FLOW_RECORD_VERSION;
 	fill_counters(r, (const struct tcp_sock *)sk);
 	r->workload_id = workload_of(r->local_addr, r->local_port);
-	bpf_ringbuf_submit(r, 0);
+	bpf_ringbuf_submit(r, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES
+				      ? BPF_RB_FORCE_WAKEUP
+				      : BPF_RB_NO_WAKEUP);
 	bpf_map_delete_elem(&births, &sk);
 	return 0;
 }

@@ -35,6 +35,15 @@ enum {
 	BPF_NOEXIST = 1,
 };
 
+enum {
+	BPF_RB_NO_WAKEUP = 1,
+	BPF_RB_FORCE_WAKEUP = 2,
+};
+
+enum {
+	BPF_RB_AVAIL_DATA = 0,
+};
+
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6

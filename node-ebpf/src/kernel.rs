@@ -5,8 +5,9 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::Path;
+use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{Iter, ProgramError, TracePoint};
@@ -51,6 +52,10 @@ pub struct CaptureOptions {
     /// Most flows one [`Capture::snapshot`] reads; the rest of the stream is dropped and
     /// counted in [`CaptureStats::snapshots_truncated`]. Default 65536.
     pub snapshot_flows_max: NonZeroUsize,
+    /// Longest a closed flow waits in the ring buffer before [`Capture::next_batch`]
+    /// reads it, in milliseconds. The kernel does not wake the reader for each record
+    /// (that would cost a context switch per closed socket), so a timer does. Default 100.
+    pub drain_interval_ms: NonZeroU64,
     /// Mount tracefs at /sys/kernel/tracing when it is missing (needs CAP_SYS_ADMIN).
     /// Default true.
     pub mount_tracefs: bool,
@@ -64,6 +69,7 @@ impl Default for CaptureOptions {
         Self {
             batch_flows_max: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
             snapshot_flows_max: NonZeroUsize::new(65536).unwrap_or(NonZeroUsize::MIN),
+            drain_interval_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
             mount_tracefs: true,
             adopt_existing: true,
         }
@@ -112,7 +118,8 @@ impl fmt::Debug for Capture {
 
 impl Capture {
     /// Checks privileges, loads the program with the kernel's BTF, attaches the
-    /// tracepoint and prepares the snapshot iterator. Must run inside a tokio runtime.
+    /// tracepoint and prepares the snapshot iterator. Must run inside a tokio runtime
+    /// with its IO and time drivers enabled (`enable_all`), which `next_batch` uses.
     pub fn load(options: CaptureOptions) -> Result<Self, CaptureError> {
         check_privileges()?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -183,37 +190,33 @@ impl Capture {
 
     /// Waits until at least one closed flow is available and returns up to
     /// [`CaptureOptions::batch_flows_max`] of them, in the order the kernel closed them.
+    /// A flow waits at most about [`CaptureOptions::drain_interval_ms`] before it is
+    /// returned (the kernel wakes the reader early once many records are waiting).
     /// Cancel-safe: a flow is taken out of the ring buffer only once it is in the batch.
     pub async fn next_batch(&mut self) -> Result<Vec<CapturedFlow>, CaptureError> {
         let max = self.options.batch_flows_max.get();
+        let interval = Duration::from_millis(self.options.drain_interval_ms.get());
         loop {
-            let mut guard = self
-                .events
-                .readable_mut()
-                .await
-                .map_err(|source| CaptureError::Io {
-                    what: "waiting on the ring buffer",
-                    source,
-                })?;
-            let clock = ClockOffset::measure();
-            let ring = guard.get_inner_mut();
-            let mut flows = Vec::new();
-            let mut drained = false;
-            while flows.len() < max {
-                let Some(item) = ring.next() else {
-                    drained = true;
-                    break;
-                };
-                match record::decode(&item, clock) {
-                    Ok(flow) => flows.push(flow),
-                    Err(_) => self.malformed_records += 1,
+            let flows = match tokio::time::timeout(interval, self.events.readable_mut()).await {
+                Ok(Ok(mut guard)) => {
+                    let (flows, drained) =
+                        drain(guard.get_inner_mut(), max, &mut self.malformed_records);
+                    if drained {
+                        // Only once empty: a full batch leaves the readiness set so the
+                        // next call reads on without waiting for another wakeup.
+                        guard.clear_ready();
+                    }
+                    flows
                 }
-            }
-            if drained {
-                // Only once empty: a full batch leaves the readiness set so the next call
-                // reads on without waiting for a wakeup that may not come.
-                guard.clear_ready();
-            }
+                Ok(Err(source)) => {
+                    return Err(CaptureError::Io {
+                        what: "waiting on the ring buffer",
+                        source,
+                    })
+                }
+                // Records below the wakeup threshold: read them on the timer.
+                Err(_elapsed) => drain(self.events.get_mut(), max, &mut self.malformed_records).0,
+            };
             if !flows.is_empty() {
                 return Ok(flows);
             }
@@ -302,6 +305,22 @@ fn register_ring(ring: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>
     // AsyncFd that owns `ring` lives, and RingBuf::as_raw_fd returns it unchanged.
     unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into())
+}
+
+/// Reads up to `max` records; also says whether the ring buffer is now empty.
+fn drain(ring: &mut RingBuf<MapData>, max: usize, malformed: &mut u64) -> (Vec<CapturedFlow>, bool) {
+    let clock = ClockOffset::measure();
+    let mut flows = Vec::new();
+    while flows.len() < max {
+        let Some(item) = ring.next() else {
+            return (flows, true);
+        };
+        match record::decode(&item, clock) {
+            Ok(flow) => flows.push(flow),
+            Err(_) => *malformed += 1,
+        }
+    }
+    (flows, false)
 }
 
 fn replace<const N: usize>(
