@@ -56,6 +56,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
             };
             with.push(timed(&listener)?);
+            // Let the reader catch up (records below the wakeup threshold wait for its
+            // timer) so the count below checks that every connection was captured.
+            let want = 2 * CONNECTIONS_PER_ROUND as u64;
+            for _ in 0..200 {
+                if seen.load(Ordering::Relaxed) >= want {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             drain.abort();
             let _ = runtime.block_on(drain);
             flows_seen_total += seen.load(Ordering::Relaxed);
