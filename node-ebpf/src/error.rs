@@ -109,9 +109,7 @@ pub enum CaptureError {
     },
 
     /// A workload table larger than the map. The map was not changed.
-    #[error(
-        "{given} entries do not fit eBPF map `{map}` (capacity {max}); nothing was changed"
-    )]
+    #[error("{given} entries do not fit eBPF map `{map}` (capacity {max}); nothing was changed")]
     TooManyEntries {
         /// The map's name.
         map: &'static str,

@@ -134,7 +134,9 @@ impl Capture {
             .map_err(|source| CaptureError::Object { source })?;
 
         let tracepoint: &mut TracePoint = program(&mut ebpf, TRACEPOINT)?;
-        tracepoint.load().map_err(|e| program_error(TRACEPOINT, e))?;
+        tracepoint
+            .load()
+            .map_err(|e| program_error(TRACEPOINT, e))?;
         tracepoint
             .attach("sock", "inet_sock_set_state")
             .map_err(|e| program_error(TRACEPOINT, e))?;
@@ -158,12 +160,13 @@ impl Capture {
                 source,
             }
         })?;
-        let by_endpoint = HashMap::try_from(take_map(&mut ebpf, MAP_BY_ENDPOINT)?).map_err(
-            |source| CaptureError::Map {
-                map: MAP_BY_ENDPOINT,
-                source,
-            },
-        )?;
+        let by_endpoint =
+            HashMap::try_from(take_map(&mut ebpf, MAP_BY_ENDPOINT)?).map_err(|source| {
+                CaptureError::Map {
+                    map: MAP_BY_ENDPOINT,
+                    source,
+                }
+            })?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, MAP_STATS)?).map_err(|source| {
             CaptureError::Map {
                 map: MAP_STATS,
@@ -236,7 +239,11 @@ impl Capture {
             what: "opening the tcp iterator",
             source: io::Error::other(e),
         })?;
-        let limit = self.options.snapshot_flows_max.get().saturating_mul(RECORD_LEN);
+        let limit = self
+            .options
+            .snapshot_flows_max
+            .get()
+            .saturating_mul(RECORD_LEN);
         let mut bytes = Vec::new();
         file.take(u64::try_from(limit).unwrap_or(u64::MAX))
             .read_to_end(&mut bytes)
@@ -308,7 +315,11 @@ fn register_ring(ring: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>
 }
 
 /// Reads up to `max` records; also says whether the ring buffer is now empty.
-fn drain(ring: &mut RingBuf<MapData>, max: usize, malformed: &mut u64) -> (Vec<CapturedFlow>, bool) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    max: usize,
+    malformed: &mut u64,
+) -> (Vec<CapturedFlow>, bool) {
     let clock = ClockOffset::measure();
     let mut flows = Vec::new();
     while flows.len() < max {
@@ -329,10 +340,7 @@ fn replace<const N: usize>(
     desired: impl Iterator<Item = ([u8; N], u32)>,
 ) -> Result<(), CaptureError> {
     let map_err = |source| CaptureError::Map { map: name, source };
-    let current = map
-        .keys()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err)?;
+    let current = map.keys().collect::<Result<Vec<_>, _>>().map_err(map_err)?;
     let plan = workload::plan(current, desired, WORKLOAD_ENTRIES_MAX).map_err(|too_many| {
         CaptureError::TooManyEntries {
             map: name,
@@ -366,19 +374,22 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Captu
 }
 
 fn program_error(program: &'static str, error: ProgramError) -> CaptureError {
-    match error {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => CaptureError::VerifierRejected {
+    // An `if let` rather than a match: ProgramError is aya's enum, and every other
+    // variant, present or future, is reported as it is.
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = error
+    {
+        return CaptureError::VerifierRejected {
             program,
             source: io_error,
             verifier_log: format!("{verifier_log:?}"),
-        },
-        other => CaptureError::Program {
-            program,
-            source: other,
-        },
+        };
+    }
+    CaptureError::Program {
+        program,
+        source: error,
     }
 }
 

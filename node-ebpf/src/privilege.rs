@@ -18,8 +18,9 @@ pub(crate) struct Observed {
 /// CAP_PERFMON, or CAP_SYS_ADMIN (which implies both), in its effective set. Root
 /// normally has all three. Reads only this process's credentials; changes nothing.
 pub fn check_privileges() -> Result<(), CaptureError> {
-    let sets =
-        capabilities(None).map_err(|source| CaptureError::CapabilityQuery { source: source.into() })?;
+    let sets = capabilities(None).map_err(|source| CaptureError::CapabilityQuery {
+        source: source.into(),
+    })?;
     let effective = sets.effective;
     assess(Observed {
         euid: rustix::process::geteuid().as_raw(),

@@ -142,7 +142,10 @@ impl RawRecord {
             pad0: f.u8(),
             pad1: f.u32(),
         };
-        debug_assert_eq!(f.at, RECORD_LEN, "decoder read a different length than the layout");
+        debug_assert_eq!(
+            f.at, RECORD_LEN,
+            "decoder read a different length than the layout"
+        );
         Ok(record)
     }
 
@@ -151,7 +154,12 @@ impl RawRecord {
         let mut out = Vec::with_capacity(RECORD_LEN);
         out.extend_from_slice(&self.local_addr);
         out.extend_from_slice(&self.remote_addr);
-        for v in [self.start_ns, self.end_ns, self.bytes_sent, self.bytes_received] {
+        for v in [
+            self.start_ns,
+            self.end_ns,
+            self.bytes_sent,
+            self.bytes_received,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for v in [
@@ -313,7 +321,9 @@ mod tests {
         bytes[90] = FLAG_ONGOING;
         let raw = RawRecord::from_bytes(&bytes).expect("valid record");
         assert_eq!(raw.to_bytes(), bytes);
-        let flow = raw.into_flow(ClockOffset::from_ns(0)).expect("valid record");
+        let flow = raw
+            .into_flow(ClockOffset::from_ns(0))
+            .expect("valid record");
         assert_eq!(flow.local, "127.0.0.1:1111".parse().expect("addr"));
         assert_eq!(flow.remote, "[::1]:2222".parse().expect("addr"));
         assert_eq!(flow.direction, Direction::Inbound);
@@ -348,7 +358,10 @@ mod tests {
         let v6: Ipv6Addr = "2001:db8::5".parse().expect("addr");
         raw.local_addr = v6.octets();
         let flow = decode(&raw.to_bytes(), CLOCK).expect("valid record");
-        assert_eq!(flow.local, SocketAddr::V6(SocketAddrV6::new(v6, 40000, 0, 0)));
+        assert_eq!(
+            flow.local,
+            SocketAddr::V6(SocketAddrV6::new(v6, 40000, 0, 0))
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ async fn closed_flow_is_reported_per_side(loopback: IpAddr, test: &str) {
     let mut capture = Capture::load(CaptureOptions::default()).expect("load capture");
     let listener = TcpListener::bind((loopback, 0)).expect("bind");
     let server = listener.local_addr().expect("addr");
-    capture.set_workloads(&[(loopback, 11)]).expect("set workloads");
+    capture
+        .set_workloads(&[(loopback, 11)])
+        .expect("set workloads");
     // The server's port is owned by another workload: the endpoint map wins.
     capture
         .set_port_workloads(&[(server, 22)])

@@ -27,7 +27,15 @@ impl Netns {
         ip(&["netns", "add", &name])?;
         let netns = Self { name };
         ip(&["-n", &netns.name, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns.name, "addr", "add", &format!("{NS_ADDR}/32"), "dev", "lo"])?;
+        ip(&[
+            "-n",
+            &netns.name,
+            "addr",
+            "add",
+            &format!("{NS_ADDR}/32"),
+            "dev",
+            "lo",
+        ])?;
         Ok(netns)
     }
 
@@ -101,8 +109,14 @@ async fn connection_inside_a_network_namespace_is_captured_and_attributed() {
         assert_eq!(flow.workload_id, 77, "{flow:#?}");
         assert!(!flow.ongoing && flow.start_exact);
     }
-    let client = flows.iter().find(|f| f.local == ex.client).expect("client end");
-    let server = flows.iter().find(|f| f.local == ex.server).expect("server end");
+    let client = flows
+        .iter()
+        .find(|f| f.local == ex.client)
+        .expect("client end");
+    let server = flows
+        .iter()
+        .find(|f| f.local == ex.server)
+        .expect("server end");
     assert_eq!(client.direction, Direction::Outbound);
     assert_eq!(server.direction, Direction::Inbound);
     // Sequence-space counts: see the loopback test.

@@ -65,7 +65,10 @@ async fn long_lived_flow_is_reported_by_snapshot_before_it_closes() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(settled(&flows), "snapshot never showed both ends settled: {flows:#?}");
+    assert!(
+        settled(&flows),
+        "snapshot never showed both ends settled: {flows:#?}"
+    );
     for flow in &flows {
         assert!(flow.ongoing, "{flow:#?}");
         assert!(flow.start_exact, "born after load: {flow:#?}");
@@ -104,7 +107,12 @@ async fn socket_opened_before_load_is_adopted_and_reported_at_close() {
         assert!(flow.bytes_received >= 10, "{flow:#?}");
     }
     // The listener was seen by the adopting snapshot, so directions are known.
-    let direction_of = |local| closed.iter().find(|f| f.local == local).map(|f| f.direction);
+    let direction_of = |local| {
+        closed
+            .iter()
+            .find(|f| f.local == local)
+            .map(|f| f.direction)
+    };
     assert_eq!(direction_of(ex.client), Some(Direction::Outbound));
     assert_eq!(direction_of(ex.server), Some(Direction::Inbound));
 }

@@ -33,7 +33,11 @@ pub(crate) struct Exchange {
 /// Runs one complete TCP exchange against `listener`: the client sends `up` bytes, the
 /// server answers `down` bytes, then both close in an order that lets every FIN be
 /// acknowledged before the sockets reach CLOSE, so the final counters are deterministic.
-pub(crate) fn exchange(listener: &TcpListener, up: usize, down: usize) -> std::io::Result<Exchange> {
+pub(crate) fn exchange(
+    listener: &TcpListener,
+    up: usize,
+    down: usize,
+) -> std::io::Result<Exchange> {
     let server_addr = listener.local_addr()?;
     let mut client = TcpStream::connect(server_addr)?;
     let client_addr = client.local_addr()?;
