@@ -85,7 +85,7 @@ async fn connection_inside_a_network_namespace_is_captured_and_attributed() {
         return;
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED (needs iproute2 `ip`): network namespace flow");
+        common::skipped("SKIPPED (needs iproute2 `ip`): network namespace flow");
         return;
     }
     let netns = Netns::create().expect("create network namespace");

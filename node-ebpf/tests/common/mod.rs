@@ -17,10 +17,16 @@ pub(crate) fn privileged(test: &str) -> bool {
     match check_privileges() {
         Ok(()) => true,
         Err(error) => {
-            eprintln!("SKIPPED (needs root): {test}: {error}");
+            skipped(&format!("SKIPPED (needs root): {test}: {error}"));
             false
         }
     }
+}
+
+/// Writes straight to the process's stderr: libtest captures `eprintln!`, and a skip
+/// must be seen in a normal run.
+pub(crate) fn skipped(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// The two ends of one exchange, as the test saw them.
