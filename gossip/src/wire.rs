@@ -31,7 +31,11 @@ mod snapshot;
 use std::fmt;
 
 use rkyv::rancor;
-pub use rkyv::util::AlignedVec;
+
+/// A byte buffer whose start is aligned to 16 bytes, as [`decode`] needs: receive buffers,
+/// opened plaintext and encoded messages all live in one. (rkyv's type, with its alignment
+/// fixed so that `AlignedVec::new()` needs no annotation.)
+pub type AlignedVec = rkyv::util::AlignedVec<16>;
 
 pub use message::*;
 
