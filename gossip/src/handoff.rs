@@ -478,10 +478,13 @@ mod tests {
     fn unanswered_requests_rotate_and_end_rebuilt_with_a_floor() {
         let config = HandoffConfig::default();
         let t0 = UnixMillis(1_000_000);
-        let alone = ring(&["c"]);
-        let mut handoff = Handoff::new(node("c"), &alone, t0, config);
-        let joined = ring(&["a", "b", "c"]);
-        let first = handoff.on_ring_change(&alone, &joined, t0);
+        // "a" joins a running region: each span it takes has two sources, the previous
+        // owners, so a request that times out goes to the other one.
+        let before = ring(&["b", "c", "d"]);
+        let mut handoff = Handoff::new(node("a"), &before, t0, config);
+        assert_eq!(handoff.pending_spans(), 0, "a owns nothing before it joins");
+        let joined = ring(&["a", "b", "c", "d"]);
+        let first = handoff.on_ring_change(&before, &joined, t0);
         let retry = handoff.tick(t0.plus(config.pull_timeout_ms));
         assert!(!first.is_empty() && !retry.is_empty());
         assert_ne!(first, retry, "a timed-out request goes to another source");
