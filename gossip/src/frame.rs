@@ -235,8 +235,8 @@ enum State {
 
 /// Cuts frames out of a byte stream that arrives in pieces of any size (TCP reads).
 ///
-/// Memory is bounded by `frame_bytes_max`: the body buffer grows only to the length stated in
-/// a header that passed the limit, and only as bytes for it arrive.
+/// Memory is bounded by `frame_bytes_max`: the body buffer grows only towards the length
+/// stated in a header that passed the limit, and only as bytes for it arrive.
 ///
 /// ```
 /// use tenure_gossip::frame::{encode_frame, FrameDecoder, FrameLimits};
@@ -343,7 +343,9 @@ impl FrameDecoder {
         }
     }
 
-    /// Capacity held by the body buffer, in bytes: never more than the largest frame seen.
+    /// Capacity held by the body buffer, in bytes. It grows in powers of two as body bytes
+    /// arrive and is kept for reuse, so it stays below twice the largest frame accepted
+    /// (and so below twice `frame_bytes_max`).
     pub fn capacity_bytes(&self) -> usize {
         self.body.capacity()
     }

@@ -388,8 +388,8 @@ impl Sealer {
         }
     }
 
-    /// The same sealer with another limit on envelope size, in bytes (for datagrams, the
-    /// datagram limit minus the frame header).
+    /// The same sealer with another limit on envelope size, in bytes: for gossip datagrams,
+    /// `FrameLimits::datagram_bytes_max` (the envelope is the datagram frame's body).
     pub fn with_sealed_bytes_max(mut self, sealed_bytes_max: u32) -> Self {
         self.sealed_bytes_max = sealed_bytes_max;
         self
