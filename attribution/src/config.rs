@@ -2,6 +2,8 @@
 
 use std::num::NonZeroUsize;
 
+use crate::ranges::RANGES_PER_IP_LIMIT;
+
 /// Configuration of an attribution [`Engine`](crate::Engine).
 ///
 /// Durations are in milliseconds. The defaults assume a 10 s heartbeat interval.
@@ -26,6 +28,9 @@ pub struct EngineConfig {
     /// Segments kept per IP; past it the oldest are dropped and the IP's history starts
     /// later. Default 64.
     pub ranges_per_ip_max: NonZeroUsize,
+    /// IPs with history held at once; a claim for a new IP past it is rejected and
+    /// counted. Default 10,000,000.
+    pub ips_max: NonZeroUsize,
     /// Events kept per non-workload IP. Default 64.
     pub events_per_ip_max: NonZeroUsize,
     /// Distinct workload names held at once. Default 1,000,000.
@@ -43,6 +48,7 @@ impl Default for EngineConfig {
             claim_future_max_ms: 60_000,
             pending_flows_max: NonZeroUsize::new(1_000_000).expect("non-zero"),
             ranges_per_ip_max: NonZeroUsize::new(64).expect("non-zero"),
+            ips_max: NonZeroUsize::new(10_000_000).expect("non-zero"),
             events_per_ip_max: NonZeroUsize::new(64).expect("non-zero"),
             workloads_max: NonZeroUsize::new(1_000_000).expect("non-zero"),
             sweep_interval_ms: 10_000,
@@ -97,6 +103,22 @@ impl EngineConfig {
                     value,
                 });
             }
+        }
+        if self.ranges_per_ip_max.get() > RANGES_PER_IP_LIMIT {
+            return Err(ConfigError::TooLarge {
+                field: "ranges_per_ip_max",
+                max: RANGES_PER_IP_LIMIT,
+                value: self.ranges_per_ip_max.get(),
+            });
+        }
+        // Segments are addressed by u32 offsets in one arena per address family.
+        let arena_max = u32::MAX as usize / self.ranges_per_ip_max.get();
+        if self.ips_max.get() > arena_max {
+            return Err(ConfigError::TooLarge {
+                field: "ips_max",
+                max: arena_max,
+                value: self.ips_max.get(),
+            });
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub(crate) enum IpKey {
 }
 
 impl IpKey {
+    #[inline]
     pub(crate) fn new(ip: IpAddr) -> IpKey {
         match ip.to_canonical() {
             IpAddr::V4(v4) => IpKey::V4(u32::from(v4)),

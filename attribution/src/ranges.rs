@@ -45,6 +45,7 @@ impl Owner {
         }
     }
 
+    #[inline]
     fn from_code(code: u32) -> Owner {
         if code == CONFLICT {
             Owner::Conflict
@@ -68,14 +69,24 @@ impl Segment {
         UnixMillis(self.start)
     }
 
+    #[inline]
     pub(crate) fn end(&self) -> UnixMillis {
         UnixMillis(self.end_raw())
     }
 
+    #[inline]
     fn end_raw(&self) -> u64 {
         self.start + u64::from(self.len)
     }
 
+    /// The workload of this segment if it covers all of `window`.
+    #[inline]
+    pub(crate) fn covering_workload(&self, window: Window) -> Option<WorkloadId> {
+        let covers = self.start <= window.start.0 && window.end.0 <= self.end_raw();
+        (covers && self.owner != CONFLICT).then_some(WorkloadId(self.owner))
+    }
+
+    #[inline]
     pub(crate) fn owner(&self) -> Owner {
         Owner::from_code(self.owner)
     }
@@ -106,6 +117,7 @@ pub(crate) enum Judgement {
 }
 
 /// Judges `window` against sorted, non-overlapping segments.
+#[inline]
 pub(crate) fn judge(segments: &[Segment], window: Window) -> Judgement {
     let first = segments.partition_point(|s| s.end_raw() < window.start.0);
     let Some(segment) = segments.get(first) else {
@@ -233,10 +245,99 @@ pub(crate) struct InsertOutcome {
     pub(crate) below_floor: bool,
 }
 
+/// Where an IP's segments live in the arena: `len` used of `cap` reserved from `offset`.
+///
+/// 8 bytes, so that an IPv4 map entry is 12 bytes: smaller than a bare `u32 → u64` map's.
+/// The lookup hot path is bound by memory, not instructions: the map is walked first and
+/// must stay as small as possible, and all segments sit in one contiguous arena rather
+/// than in a million separate allocations.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Run {
+    offset: u32,
+    len: u16,
+    cap: u16,
+}
+
+/// One vector holding every IP's segments, with free lists per run size.
+#[derive(Debug, Default)]
+struct Arena {
+    slots: Vec<Segment>,
+    /// `free[n]`: offsets of free runs of capacity `n`.
+    free: Vec<Vec<u32>>,
+    free_slots: usize,
+}
+
+impl Arena {
+    fn alloc(&mut self, cap: u16) -> u32 {
+        if let Some(offset) = self.free.get_mut(usize::from(cap)).and_then(Vec::pop) {
+            self.free_slots -= usize::from(cap);
+            return offset;
+        }
+        let offset = self.slots.len();
+        let filler = Segment {
+            start: 0,
+            len: 0,
+            owner: CONFLICT,
+        };
+        self.slots.resize(offset + usize::from(cap), filler);
+        // The arena is bounded by IPs × ranges_per_ip_max, checked at configuration.
+        u32::try_from(offset).expect("arena offsets fit in u32")
+    }
+
+    fn release(&mut self, run: Run) {
+        let cap = usize::from(run.cap);
+        if self.free.len() <= cap {
+            self.free.resize_with(cap + 1, Vec::new);
+        }
+        self.free[cap].push(run.offset);
+        self.free_slots += cap;
+    }
+
+    #[inline]
+    fn get(&self, run: Run) -> &[Segment] {
+        let start = run.offset as usize;
+        &self.slots[start..start + usize::from(run.len)]
+    }
+
+    fn get_mut(&mut self, run: Run) -> &mut [Segment] {
+        let start = run.offset as usize;
+        &mut self.slots[start..start + usize::from(run.len)]
+    }
+
+    /// Stores `segments` for a run, moving it when it does not fit.
+    fn store(&mut self, run: Option<Run>, segments: &[Segment]) -> Run {
+        // ranges_per_ip_max is at most RANGES_PER_IP_LIMIT (checked at configuration), and
+        // a merge adds at most two segments before the limit is enforced.
+        let len = u16::try_from(segments.len()).expect("segments per IP fit in u16");
+        let run = match run {
+            Some(run) if run.cap >= len => Run { len, ..run },
+            Some(old) => {
+                self.release(old);
+                Run {
+                    offset: self.alloc(len),
+                    len,
+                    cap: len,
+                }
+            }
+            None => Run {
+                offset: self.alloc(len),
+                len,
+                cap: len,
+            },
+        };
+        self.get_mut(run).copy_from_slice(segments);
+        run
+    }
+}
+
+/// The most segments one IP may hold (`ranges_per_ip_max` is checked against it).
+pub(crate) const RANGES_PER_IP_LIMIT: usize = 4_096;
+
 /// The ownership history of every IP of one address family.
 #[derive(Debug)]
 pub(crate) struct RangeTable<K> {
-    map: Map<K, Box<[Segment]>>,
+    map: Map<K, Run>,
+    arena: Arena,
     /// Per-IP floors, set when the oldest segments were dropped to respect
     /// `ranges_per_ip_max`: history before the floor is gone for that IP. Rare.
     floors: Map<K, UnixMillis>,
@@ -248,6 +349,7 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
     pub(crate) fn new() -> RangeTable<K> {
         RangeTable {
             map: new_map(),
+            arena: Arena::default(),
             floors: new_map(),
             segments: 0,
             scratch: Vec::new(),
@@ -255,10 +357,17 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
     }
 
     pub(crate) fn get(&self, key: &K) -> &[Segment] {
-        self.map.get(key).map(|s| &s[..]).unwrap_or(&[])
+        match self.map.get(key) {
+            Some(run) => self.arena.get(*run),
+            None => &[],
+        }
     }
 
+    #[inline]
     pub(crate) fn floor(&self, key: &K) -> Option<UnixMillis> {
+        if self.floors.is_empty() {
+            return None;
+        }
         self.floors.get(key).copied()
     }
 
@@ -284,73 +393,100 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         };
         let (start, end) = (start.0, end.0);
         let code = owner.code();
-        let entry = self.map.entry(key).or_insert_with(|| Box::new([]));
+        let run = self.map.get(&key).copied();
+        let current = run.map_or(&[][..], |run| self.arena.get(run));
         // The common case by far: a heartbeat that extends the owner's latest segment.
-        if let Some(last) = entry.last_mut() {
+        if let (Some(run), Some(last)) = (run, current.last()) {
             if last.owner == code && start >= last.start && start <= last.end_raw() + 1 {
                 if end > last.end_raw() {
-                    *last = Segment::new(last.start, end, code);
+                    let last_index = usize::from(run.len) - 1;
+                    self.arena.get_mut(run)[last_index] = Segment::new(last.start, end, code);
                 }
                 return outcome;
             }
-            if start > last.end_raw() + 1 || (start > last.end_raw() && last.owner != code) {
-                let mut grown = Vec::with_capacity(entry.len() + 1);
-                grown.extend_from_slice(entry);
-                grown.push(Segment::new(start, end, code));
-                self.segments += 1;
-                *entry = grown.into_boxed_slice();
-                outcome.overflowed = self.enforce_limit(key, ranges_per_ip_max);
-                return outcome;
-            }
-        } else {
-            *entry = Box::new([Segment::new(start, end, code)]);
-            self.segments += 1;
-            return outcome;
         }
-        merge_into(entry, start, end, owner, &mut self.scratch, overlaps);
+        let appends = current.last().is_none_or(|last| {
+            start > last.end_raw() + 1 || (start > last.end_raw() && last.owner != code)
+        });
+        if appends {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(current);
+            self.scratch.push(Segment::new(start, end, code));
+        } else {
+            merge_into(current, start, end, owner, &mut self.scratch, overlaps);
+        }
         debug_assert!(
             is_well_formed(&self.scratch),
             "merge broke ordering: {:?}",
             self.scratch
         );
-        self.segments = self.segments - entry.len() + self.scratch.len();
-        if self.scratch[..] != entry[..] {
-            *entry = self.scratch.as_slice().into();
+        if self.scratch.len() > ranges_per_ip_max {
+            // Drop the oldest segments and raise the floor past them.
+            let excess = self.scratch.len() - ranges_per_ip_max;
+            let floor = UnixMillis(self.scratch[excess - 1].end_raw() + 1);
+            self.scratch.drain(..excess);
+            let slot = self.floors.entry(key).or_insert(floor);
+            *slot = (*slot).max(floor);
+            outcome.overflowed = true;
         }
-        outcome.overflowed = self.enforce_limit(key, ranges_per_ip_max);
+        let old_len = current.len();
+        if self.scratch[..] != *current {
+            let stored = self.arena.store(run, &self.scratch);
+            self.map.insert(key, stored);
+        }
+        self.segments = self.segments - old_len + self.scratch.len();
         outcome
     }
 
-    /// Drops the oldest segments of `key` beyond `max`, raising its floor past them.
-    fn enforce_limit(&mut self, key: K, max: usize) -> bool {
-        let Some(entry) = self.map.get_mut(&key) else {
-            return false;
-        };
-        if entry.len() <= max {
-            return false;
-        }
-        let excess = entry.len() - max;
-        let floor = UnixMillis(entry[excess - 1].end_raw() + 1);
-        *entry = entry[excess..].into();
-        self.segments -= excess;
-        let slot = self.floors.entry(key).or_insert(floor);
-        *slot = (*slot).max(floor);
-        true
-    }
-
-    /// Drops history that ended before `horizon`.
+    /// Drops history that ended before `horizon`, and compacts the arena when more than a
+    /// quarter of it holds no live segment.
     pub(crate) fn expire(&mut self, horizon: UnixMillis) {
         let mut removed = 0;
-        self.map.retain(|_, segments| {
+        let arena = &mut self.arena;
+        self.map.retain(|_, run| {
+            let segments = arena.get(*run);
             let keep_from = segments.partition_point(|s| s.end_raw() < horizon.0);
-            if keep_from > 0 {
-                removed += keep_from;
-                *segments = segments[keep_from..].into();
+            if keep_from == 0 {
+                return true;
             }
-            !segments.is_empty()
+            removed += keep_from;
+            let start = run.offset as usize;
+            let end = start + usize::from(run.len);
+            arena.slots.copy_within(start + keep_from..end, start);
+            // keep_from ≤ len, which is a u16.
+            run.len -= u16::try_from(keep_from).expect("within a u16 length");
+            if run.len == 0 {
+                arena.release(*run);
+                return false;
+            }
+            true
         });
         self.segments -= removed;
         self.floors.retain(|_, floor| *floor >= horizon);
+        // Free runs and the slack inside live runs both count as waste.
+        let waste = self.arena.slots.len() - self.segments;
+        if waste * 4 > self.arena.slots.len() {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the arena densely, every run's capacity equal to its length.
+    fn compact(&mut self) {
+        let mut slots = Vec::with_capacity(self.segments);
+        for run in self.map.values_mut() {
+            let offset = u32::try_from(slots.len()).expect("arena offsets fit in u32");
+            slots.extend_from_slice(self.arena.get(*run));
+            *run = Run {
+                offset,
+                len: run.len,
+                cap: run.len,
+            };
+        }
+        self.arena = Arena {
+            slots,
+            free: Vec::new(),
+            free_slots: 0,
+        };
     }
 
     pub(crate) fn ips(&self) -> usize {
@@ -361,15 +497,21 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         self.segments
     }
 
-    /// Bytes held: the map's own allocation plus every IP's segments.
+    /// Bytes held: the maps' own allocations plus the whole arena, free runs included.
     pub(crate) fn bytes(&self) -> usize {
         self.map.allocation_size()
             + self.floors.allocation_size()
-            + self.segments * std::mem::size_of::<Segment>()
+            + self.arena.slots.capacity() * std::mem::size_of::<Segment>()
+            + self
+                .arena
+                .free
+                .iter()
+                .map(|f| f.capacity() * 4)
+                .sum::<usize>()
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &[Segment])> {
-        self.map.iter().map(|(k, v)| (k, &v[..]))
+        self.map.iter().map(|(k, run)| (k, self.arena.get(*run)))
     }
 }
 
@@ -512,5 +654,89 @@ mod tests {
         t.expire(UnixMillis(401));
         assert_eq!(t.ips(), 0);
         assert_eq!(t.segments(), 0);
+    }
+
+    #[test]
+    fn compaction_keeps_every_ips_history() {
+        let mut t = RangeTable::new();
+        let mut overlaps = Vec::new();
+        for key in 0..100u32 {
+            for i in 0..4u64 {
+                let start = UnixMillis(i * 1_000 + u64::from(key));
+                t.insert(
+                    key,
+                    start,
+                    start.plus(10),
+                    w(key % 7 + 1),
+                    64,
+                    &mut overlaps,
+                );
+            }
+        }
+        t.expire(UnixMillis(1_500)); // frees half of every run: compaction is due
+        assert_eq!(t.arena.free_slots, 0, "compacted");
+        assert_eq!(t.arena.slots.len(), 200);
+        for key in 0..100u32 {
+            let starts: Vec<u64> = t.get(&key).iter().map(|s| s.start).collect();
+            assert_eq!(
+                starts,
+                vec![2_000 + u64::from(key), 3_000 + u64::from(key)],
+                "key {key}"
+            );
+            assert!(t.get(&key).iter().all(|s| s.owner() == w(key % 7 + 1)));
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Owner 0 stands for a conflict claim (handoff), 1..=3 for workloads.
+        fn claims() -> impl Strategy<Value = Vec<(u64, u64, u32)>> {
+            prop::collection::vec((0u64..200, 0u64..60, 0u32..4), 0..24)
+                .prop_map(|v| v.into_iter().map(|(s, len, o)| (s, s + len, o)).collect())
+        }
+
+        fn cases() -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            /// Whatever the order of claims, the history is sorted, non-overlapping and
+            /// coalesced, and every instant says exactly what a per-instant model says:
+            /// nobody, the one workload that claimed it, or conflict.
+            #[test]
+            fn history_matches_the_per_instant_model(claims in claims()) {
+                let mut table = RangeTable::new();
+                let mut overlaps = Vec::new();
+                let mut model: Vec<(bool, Vec<u32>)> = vec![(false, Vec::new()); 300];
+                for &(start, end, owner) in &claims {
+                    let owner_enum = if owner == 0 { Owner::Conflict } else { w(owner) };
+                    table.insert(1u32, UnixMillis(start), UnixMillis(end), owner_enum, 1_000, &mut overlaps);
+                    for slot in &mut model[start as usize..=end as usize] {
+                        if owner == 0 { slot.0 = true } else if !slot.1.contains(&owner) { slot.1.push(owner) }
+                    }
+                }
+                let segments = table.get(&1);
+                prop_assert!(is_well_formed(segments), "{segments:?}");
+                prop_assert_eq!(table.segments(), segments.len());
+                for (instant, (conflict, owners)) in model.iter().enumerate() {
+                    let expected = match (conflict, owners.len()) {
+                        (true, _) | (false, 2..) => Some(Owner::Conflict),
+                        (false, 1) => Some(w(owners[0])),
+                        (false, _) => None,
+                    };
+                    let at = instant as u64;
+                    let actual = segments.iter().find(|s| s.start <= at && at <= s.end_raw()).map(|s| s.owner());
+                    prop_assert_eq!(actual, expected, "instant {}", instant);
+                }
+            }
+        }
     }
 }

@@ -18,11 +18,13 @@ impl UnixMillis {
     pub const MAX: UnixMillis = UnixMillis(1 << 53);
 
     /// This time plus `ms`, saturating at [`UnixMillis::MAX`].
+    #[inline]
     pub fn plus(self, ms: u64) -> UnixMillis {
         UnixMillis(self.0.saturating_add(ms).min(Self::MAX.0))
     }
 
     /// This time minus `ms`, saturating at zero.
+    #[inline]
     pub fn minus(self, ms: u64) -> UnixMillis {
         UnixMillis(self.0.saturating_sub(ms))
     }
@@ -64,6 +66,7 @@ impl Window {
     }
 
     /// This window widened by `margin_ms` on both sides.
+    #[inline]
     pub fn widened(self, margin_ms: u64) -> Window {
         Window {
             start: self.start.minus(margin_ms),
