@@ -255,7 +255,9 @@ fn run(seed: u64, loss_percent: u64, max_delay_ms: u64) -> Result<(), TestCaseEr
             let truth = true_owner_throughout(&s.tenures, flow.ip, flow.start, flow.end);
             let named = match attribution {
                 Attribution::Heartbeat(name) => name.to_string(),
-                other => return Err(TestCaseError::fail(format!("unexpected {other:?}"))),
+                other @ (Attribution::Event(_) | Attribution::External) => {
+                    return Err(TestCaseError::fail(format!("unexpected {other:?}")));
+                }
             };
             prop_assert_eq!(
                 truth.map(owner_name),
