@@ -8,7 +8,7 @@ use crate::config::{ConfigError, EngineConfig};
 use crate::events::{EventJudgement, EventTable};
 use crate::ip::IpKey;
 use crate::pending::{Entry, PendingQueue};
-use crate::ranges::{judge, Judgement, Overlap, Owner, RangeTable, Segment};
+use crate::ranges::{judge, History, Judgement, Overlap, Owner, RangeTable};
 use crate::snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
 use crate::time::{UnixMillis, Window};
 use crate::workload::{InternError, Interner, WorkloadId};
@@ -554,33 +554,53 @@ impl<F> Engine<F> {
     /// data already in cache.
     #[inline]
     pub fn lookup_many(&self, queries: &[(IpAddr, Window)], out: &mut Vec<Lookup>) {
-        const GROUP: usize = 16;
+        const GROUP: usize = 32;
         let margin = self.config.skew_margin_ms;
+        out.reserve(queries.len());
         for group in queries.chunks(GROUP) {
-            let mut found: [(&[Segment], Option<Segment>); GROUP] = [(&[], None); GROUP];
-            // Phase one: find every IP's segments and load the latest one, the one most
-            // lookups land in. Nothing here branches on what is loaded, so the loads of
-            // the whole group are in flight together.
-            for (slot, (ip, _)) in found.iter_mut().zip(group) {
-                let segments = self.segments(IpKey::new(*ip)).0;
-                *slot = (segments, segments.last().copied());
+            // Phase one: load every IP's map entry, which carries its latest segment.
+            // Nothing here branches on what is loaded and little else happens, so the
+            // loads of the whole group are in flight together.
+            let mut entries: [Option<crate::ranges::Entry>; GROUP] = [None; GROUP];
+            for (slot, (ip, _)) in entries.iter_mut().zip(group) {
+                *slot = match IpKey::new(*ip) {
+                    IpKey::V4(k) => self.v4.entry(&k),
+                    IpKey::V6(k) => self.v6.entry(&k),
+                };
             }
-            // Phase two: the rules, on data now in cache.
-            for ((segments, latest), (ip, window)) in found.iter().zip(group) {
+            // Phase two: the latest segment answers most lookups. For the others, start
+            // loading their older segments, again without branching on them.
+            let mut answers: [Option<Lookup>; GROUP] = [None; GROUP];
+            let mut histories: [History<'_>; GROUP] = [History::default(); GROUP];
+            for (i, (ip, window)) in group.iter().enumerate() {
+                let Some(entry) = entries[i] else {
+                    continue;
+                };
                 let window = window.widened(margin);
-                let decision = match latest.and_then(|s| s.covering_workload(window)) {
-                    Some(workload) => Lookup::Attributed {
+                if let Some(workload) = entry.latest().covering_workload(window) {
+                    answers[i] = Some(Lookup::Attributed {
                         workload,
                         source: Source::Heartbeat,
-                    },
-                    None => self.decide_with(IpKey::new(*ip), segments, window),
+                    });
+                    continue;
+                }
+                histories[i] = match IpKey::new(*ip) {
+                    IpKey::V4(_) => self.v4.history(entry),
+                    IpKey::V6(_) => self.v6.history(entry),
                 };
-                out.push(decision);
+                prefetch(histories[i].older());
+            }
+            // Phase three: the full rules for the rest, on data now in cache.
+            for (i, (ip, window)) in group.iter().enumerate() {
+                out.push(match answers[i] {
+                    Some(answer) => answer,
+                    None => self.decide_with(IpKey::new(*ip), histories[i], window.widened(margin)),
+                });
             }
         }
     }
 
-    fn segments(&self, key: IpKey) -> (&[Segment], Option<UnixMillis>) {
+    fn segments(&self, key: IpKey) -> (History<'_>, Option<UnixMillis>) {
         match key {
             IpKey::V4(k) => (self.v4.get(&k), self.v4.floor(&k)),
             IpKey::V6(k) => (self.v6.get(&k), self.v6.floor(&k)),
@@ -602,7 +622,7 @@ impl<F> Engine<F> {
     }
 
     #[inline]
-    fn decide_with(&self, key: IpKey, segments: &[Segment], window: Window) -> Lookup {
+    fn decide_with(&self, key: IpKey, segments: History<'_>, window: Window) -> Lookup {
         let floor = self.floor(key);
         let expired = window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0)));
         let not_covered = |reason| {
@@ -746,11 +766,11 @@ impl<F> Engine<F> {
         let owners_v4 = self
             .v4
             .iter()
-            .flat_map(|(_, s)| s.iter().map(Segment::owner));
+            .flat_map(|(_, s)| s.iter().map(|s| s.owner()));
         let owners_v6 = self
             .v6
             .iter()
-            .flat_map(|(_, s)| s.iter().map(Segment::owner));
+            .flat_map(|(_, s)| s.iter().map(|s| s.owner()));
         for owner in owners_v4.chain(owners_v6) {
             if let Owner::Workload(id) = owner {
                 mark(id);
@@ -769,7 +789,7 @@ impl<F> Engine<F> {
         self.snapshot(key, segments, floor)
     }
 
-    fn snapshot(&self, key: IpKey, segments: &[Segment], floor: Option<UnixMillis>) -> IpRanges {
+    fn snapshot(&self, key: IpKey, segments: History<'_>, floor: Option<UnixMillis>) -> IpRanges {
         IpRanges {
             ip: key.addr(),
             floor,
@@ -845,4 +865,24 @@ impl<F> Engine<F> {
         self.retry(key, now, out);
         Ok(())
     }
+}
+
+/// Asks the CPU to start loading `data` into cache: a hint, with no visible effect.
+#[inline]
+#[allow(
+    unsafe_code,
+    reason = "a prefetch instruction reads nothing the program observes"
+)]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: _mm_prefetch is only a hint to the cache. It never faults, even for an
+    // invalid address, and its result is not observable; the pointer comes from a live
+    // slice anyway. SSE is part of the x86_64 baseline, so the target feature is present.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            data.as_ptr().cast::<i8>(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }

@@ -116,33 +116,30 @@ pub(crate) enum Judgement {
     Empty,
 }
 
-/// Judges `window` against sorted, non-overlapping segments.
+/// Judges `window` against an IP's history.
 #[inline]
-pub(crate) fn judge(segments: &[Segment], window: Window) -> Judgement {
-    let first = segments.partition_point(|s| s.end_raw() < window.start.0);
-    let Some(segment) = segments.get(first) else {
+pub(crate) fn judge(history: History<'_>, window: Window) -> Judgement {
+    let first = history.partition_point(|s| s.end_raw() < window.start.0);
+    let mut intersecting = history
+        .iter()
+        .skip(first)
+        .take_while(|s| s.start <= window.end.0);
+    let Some(segment) = intersecting.next() else {
         return Judgement::Empty;
     };
-    if segment.start > window.end.0 {
-        return Judgement::Empty;
-    }
     if segment.start <= window.start.0 && segment.end_raw() >= window.end.0 {
         return match segment.owner() {
             Owner::Workload(id) => Judgement::Covered(id),
             Owner::Conflict => Judgement::Conflict,
         };
     }
-    let mut owners = segments[first..]
-        .iter()
-        .take_while(|s| s.start <= window.end.0)
-        .map(|s| s.owner);
-    let one = owners.next().unwrap_or(CONFLICT);
+    let one = segment.owner;
     let mut judgement = if one == CONFLICT {
         Judgement::Conflict
     } else {
         Judgement::Gap
     };
-    for other in owners {
+    for other in intersecting.map(|s| s.owner) {
         if other == CONFLICT {
             return Judgement::Conflict;
         }
@@ -153,6 +150,55 @@ pub(crate) fn judge(segments: &[Segment], window: Window) -> Judgement {
     judgement
 }
 
+/// One IP's history: the older segments, from the arena, then the latest, kept inline in
+/// the map entry because nearly every lookup and every heartbeat lands on it.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct History<'a> {
+    older: &'a [Segment],
+    latest: Option<Segment>,
+}
+
+impl<'a> History<'a> {
+    #[inline]
+    pub(crate) fn latest(&self) -> Option<Segment> {
+        self.latest
+    }
+
+    /// The segments before the latest, in the arena.
+    #[inline]
+    pub(crate) fn older(&self) -> &'a [Segment] {
+        self.older
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.latest.is_none()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.older.len() + usize::from(self.latest.is_some())
+    }
+
+    #[inline]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Segment> + 'a {
+        self.older.iter().copied().chain(self.latest)
+    }
+
+    /// The number of leading segments for which `pred` holds (`pred` must be monotone).
+    #[inline]
+    fn partition_point(&self, pred: impl Fn(&Segment) -> bool) -> usize {
+        match self.latest {
+            Some(latest) if !pred(&latest) => self.older.partition_point(pred),
+            Some(_) => self.older.len() + 1,
+            None => 0,
+        }
+    }
+
+    fn to_vec_into(self, out: &mut Vec<Segment>) {
+        out.clear();
+        out.extend(self.iter());
+    }
+}
+
 /// Merges the claim `[start, end]` by `owner` into `segments`, writing the result to
 /// `out` and overlaps with other workloads to `overlaps`.
 ///
@@ -160,7 +206,7 @@ pub(crate) fn judge(segments: &[Segment], window: Window) -> Judgement {
 /// workload held becomes a conflict; conflicts stay conflicts. A conflict claim (from a
 /// handoff snapshot) turns everything it spans into conflict.
 fn merge_into(
-    segments: &[Segment],
+    segments: History<'_>,
     start: u64,
     end: u64,
     owner: Owner,
@@ -170,7 +216,7 @@ fn merge_into(
     out.clear();
     let new = owner.code();
     let mut cursor = Some(start); // the next instant of the claim not yet written
-    for s in segments {
+    for s in segments.iter() {
         let (s_start, s_end) = (s.start, s.end_raw());
         if s_end < start || s_start > end {
             if s_start > end {
@@ -245,32 +291,46 @@ pub(crate) struct InsertOutcome {
     pub(crate) below_floor: bool,
 }
 
-/// Where an IP's segments live in the arena: `len` used of `cap` reserved from `offset`.
-///
-/// 8 bytes, so that an IPv4 map entry is 12 bytes: smaller than a bare `u32 → u64` map's.
-/// The lookup hot path is bound by memory, not instructions: the map is walked first and
-/// must stay as small as possible, and all segments sit in one contiguous arena rather
-/// than in a million separate allocations.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Where an IP's older segments live in the arena: `len` used of `cap` reserved from
+/// `offset`. Empty (`cap` 0) for an IP with one segment.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 struct Run {
     offset: u32,
     len: u16,
     cap: u16,
 }
 
-/// One vector holding every IP's segments, with free lists per run size.
+/// A map entry: the latest segment inline, the older ones in the arena.
+///
+/// 24 bytes, so that an IPv4 entry is 32. The lookup hot path is bound by memory, not
+/// instructions: a lookup that lands on the latest segment (nearly all do: flows are
+/// attributed seconds after they end) reads one map bucket, like a bare `get`; older
+/// segments cost one more read, in one contiguous arena rather than a million separate
+/// allocations.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Entry {
+    latest: Segment,
+    older: Run,
+}
+
+impl Entry {
+    #[inline]
+    pub(crate) fn latest(&self) -> Segment {
+        self.latest
+    }
+}
+
+/// One vector holding every IP's older segments, with free lists per run size.
 #[derive(Debug, Default)]
 struct Arena {
     slots: Vec<Segment>,
     /// `free[n]`: offsets of free runs of capacity `n`.
     free: Vec<Vec<u32>>,
-    free_slots: usize,
 }
 
 impl Arena {
     fn alloc(&mut self, cap: u16) -> u32 {
         if let Some(offset) = self.free.get_mut(usize::from(cap)).and_then(Vec::pop) {
-            self.free_slots -= usize::from(cap);
             return offset;
         }
         let offset = self.slots.len();
@@ -280,17 +340,19 @@ impl Arena {
             owner: CONFLICT,
         };
         self.slots.resize(offset + usize::from(cap), filler);
-        // The arena is bounded by IPs × ranges_per_ip_max, checked at configuration.
+        // The arena is bounded by ips_max × ranges_per_ip_max, checked at configuration.
         u32::try_from(offset).expect("arena offsets fit in u32")
     }
 
     fn release(&mut self, run: Run) {
+        if run.cap == 0 {
+            return;
+        }
         let cap = usize::from(run.cap);
         if self.free.len() <= cap {
             self.free.resize_with(cap + 1, Vec::new);
         }
         self.free[cap].push(run.offset);
-        self.free_slots += cap;
     }
 
     #[inline]
@@ -305,25 +367,19 @@ impl Arena {
     }
 
     /// Stores `segments` for a run, moving it when it does not fit.
-    fn store(&mut self, run: Option<Run>, segments: &[Segment]) -> Run {
+    fn store(&mut self, run: Run, segments: &[Segment]) -> Run {
         // ranges_per_ip_max is at most RANGES_PER_IP_LIMIT (checked at configuration), and
-        // a merge adds at most two segments before the limit is enforced.
+        // the limit is enforced before storing.
         let len = u16::try_from(segments.len()).expect("segments per IP fit in u16");
-        let run = match run {
-            Some(run) if run.cap >= len => Run { len, ..run },
-            Some(old) => {
-                self.release(old);
-                Run {
-                    offset: self.alloc(len),
-                    len,
-                    cap: len,
-                }
-            }
-            None => Run {
+        let run = if run.cap >= len {
+            Run { len, ..run }
+        } else {
+            self.release(run);
+            Run {
                 offset: self.alloc(len),
                 len,
                 cap: len,
-            },
+            }
         };
         self.get_mut(run).copy_from_slice(segments);
         run
@@ -336,7 +392,7 @@ pub(crate) const RANGES_PER_IP_LIMIT: usize = 4_096;
 /// The ownership history of every IP of one address family.
 #[derive(Debug)]
 pub(crate) struct RangeTable<K> {
-    map: Map<K, Run>,
+    map: Map<K, Entry>,
     arena: Arena,
     /// Per-IP floors, set when the oldest segments were dropped to respect
     /// `ranges_per_ip_max`: history before the floor is gone for that IP. Rare.
@@ -356,10 +412,29 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         }
     }
 
-    pub(crate) fn get(&self, key: &K) -> &[Segment] {
+    #[inline]
+    pub(crate) fn get(&self, key: &K) -> History<'_> {
         match self.map.get(key) {
-            Some(run) => self.arena.get(*run),
-            None => &[],
+            Some(entry) => History {
+                older: self.arena.get(entry.older),
+                latest: Some(entry.latest),
+            },
+            None => History::default(),
+        }
+    }
+
+    /// The map entry of `key`: its latest segment, and where the older ones are.
+    #[inline]
+    pub(crate) fn entry(&self, key: &K) -> Option<Entry> {
+        self.map.get(key).copied()
+    }
+
+    /// The whole history behind an entry of this table.
+    #[inline]
+    pub(crate) fn history(&self, entry: Entry) -> History<'_> {
+        History {
+            older: self.arena.get(entry.older),
+            latest: Some(entry.latest),
         }
     }
 
@@ -393,24 +468,30 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         };
         let (start, end) = (start.0, end.0);
         let code = owner.code();
-        let run = self.map.get(&key).copied();
-        let current = run.map_or(&[][..], |run| self.arena.get(run));
+        let entry = self.map.get(&key).copied();
         // The common case by far: a heartbeat that extends the owner's latest segment.
-        if let (Some(run), Some(last)) = (run, current.last()) {
-            if last.owner == code && start >= last.start && start <= last.end_raw() + 1 {
-                if end > last.end_raw() {
-                    let last_index = usize::from(run.len) - 1;
-                    self.arena.get_mut(run)[last_index] = Segment::new(last.start, end, code);
+        if let Some(Entry { latest, older }) = entry {
+            if latest.owner == code && start >= latest.start && start <= latest.end_raw() + 1 {
+                if end > latest.end_raw() {
+                    let latest = Segment::new(latest.start, end, code);
+                    self.map.insert(key, Entry { latest, older });
                 }
                 return outcome;
             }
         }
-        let appends = current.last().is_none_or(|last| {
+        let current = match entry {
+            Some(entry) => History {
+                older: self.arena.get(entry.older),
+                latest: Some(entry.latest),
+            },
+            None => History::default(),
+        };
+        let old_len = current.len();
+        let appends = current.latest().is_none_or(|last| {
             start > last.end_raw() + 1 || (start > last.end_raw() && last.owner != code)
         });
         if appends {
-            self.scratch.clear();
-            self.scratch.extend_from_slice(current);
+            current.to_vec_into(&mut self.scratch);
             self.scratch.push(Segment::new(start, end, code));
         } else {
             merge_into(current, start, end, owner, &mut self.scratch, overlaps);
@@ -429,11 +510,18 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
             *slot = (*slot).max(floor);
             outcome.overflowed = true;
         }
-        let old_len = current.len();
-        if self.scratch[..] != *current {
-            let stored = self.arena.store(run, &self.scratch);
-            self.map.insert(key, stored);
-        }
+        let Some((&latest, older)) = self.scratch.split_last() else {
+            debug_assert!(false, "a claim always leaves at least one segment");
+            return outcome;
+        };
+        let run = entry.map(|e| e.older).unwrap_or_default();
+        let older = if older.is_empty() {
+            self.arena.release(run);
+            Run::default()
+        } else {
+            self.arena.store(run, older)
+        };
+        self.map.insert(key, Entry { latest, older });
         self.segments = self.segments - old_len + self.scratch.len();
         outcome
     }
@@ -443,28 +531,29 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
     pub(crate) fn expire(&mut self, horizon: UnixMillis) {
         let mut removed = 0;
         let arena = &mut self.arena;
-        self.map.retain(|_, run| {
-            let segments = arena.get(*run);
-            let keep_from = segments.partition_point(|s| s.end_raw() < horizon.0);
-            if keep_from == 0 {
-                return true;
-            }
-            removed += keep_from;
-            let start = run.offset as usize;
-            let end = start + usize::from(run.len);
-            arena.slots.copy_within(start + keep_from..end, start);
-            // keep_from ≤ len, which is a u16.
-            run.len -= u16::try_from(keep_from).expect("within a u16 length");
-            if run.len == 0 {
-                arena.release(*run);
+        self.map.retain(|_, entry| {
+            if entry.latest.end_raw() < horizon.0 {
+                removed += 1 + usize::from(entry.older.len);
+                arena.release(entry.older);
                 return false;
+            }
+            let older = arena.get(entry.older);
+            let keep_from = older.partition_point(|s| s.end_raw() < horizon.0);
+            if keep_from > 0 {
+                removed += keep_from;
+                let start = entry.older.offset as usize;
+                let end = start + usize::from(entry.older.len);
+                arena.slots.copy_within(start + keep_from..end, start);
+                // keep_from ≤ len, which is a u16.
+                entry.older.len -= u16::try_from(keep_from).expect("within a u16 length");
             }
             true
         });
         self.segments -= removed;
         self.floors.retain(|_, floor| *floor >= horizon);
         // Free runs and the slack inside live runs both count as waste.
-        let waste = self.arena.slots.len() - self.segments;
+        let live_older = self.segments - self.map.len();
+        let waste = self.arena.slots.len() - live_older;
         if waste * 4 > self.arena.slots.len() {
             self.compact();
         }
@@ -472,20 +561,24 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
 
     /// Rewrites the arena densely, every run's capacity equal to its length.
     fn compact(&mut self) {
-        let mut slots = Vec::with_capacity(self.segments);
-        for run in self.map.values_mut() {
-            let offset = u32::try_from(slots.len()).expect("arena offsets fit in u32");
-            slots.extend_from_slice(self.arena.get(*run));
-            *run = Run {
-                offset,
-                len: run.len,
-                cap: run.len,
+        let mut slots = Vec::with_capacity(self.segments - self.map.len());
+        for entry in self.map.values_mut() {
+            let older = self.arena.get(entry.older);
+            entry.older = if older.is_empty() {
+                Run::default()
+            } else {
+                let offset = u32::try_from(slots.len()).expect("arena offsets fit in u32");
+                slots.extend_from_slice(older);
+                Run {
+                    offset,
+                    len: entry.older.len,
+                    cap: entry.older.len,
+                }
             };
         }
         self.arena = Arena {
             slots,
             free: Vec::new(),
-            free_slots: 0,
         };
     }
 
@@ -510,8 +603,16 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
                 .sum::<usize>()
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &[Segment])> {
-        self.map.iter().map(|(k, run)| (k, self.arena.get(*run)))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, History<'_>)> {
+        self.map.iter().map(|(k, entry)| {
+            (
+                k,
+                History {
+                    older: self.arena.get(entry.older),
+                    latest: Some(entry.latest),
+                },
+            )
+        })
     }
 }
 
@@ -526,7 +627,9 @@ mod tests {
     fn claim(t: &mut RangeTable<u32>, s: u64, e: u64, o: Owner) -> Vec<Overlap> {
         let mut overlaps = Vec::new();
         t.insert(1, UnixMillis(s), UnixMillis(e), o, 64, &mut overlaps);
-        assert!(is_well_formed(t.get(&1)));
+        let mut segments = Vec::new();
+        t.get(&1).to_vec_into(&mut segments);
+        assert!(is_well_formed(&segments));
         overlaps
     }
 
@@ -674,8 +777,12 @@ mod tests {
             }
         }
         t.expire(UnixMillis(1_500)); // frees half of every run: compaction is due
-        assert_eq!(t.arena.free_slots, 0, "compacted");
-        assert_eq!(t.arena.slots.len(), 200);
+        assert!(t.arena.free.iter().all(Vec::is_empty), "compacted");
+        assert_eq!(
+            t.arena.slots.len(),
+            100,
+            "one older segment per IP; the latest is inline"
+        );
         for key in 0..100u32 {
             let starts: Vec<u64> = t.get(&key).iter().map(|s| s.start).collect();
             assert_eq!(
@@ -723,8 +830,9 @@ mod tests {
                         if owner == 0 { slot.0 = true } else if !slot.1.contains(&owner) { slot.1.push(owner) }
                     }
                 }
-                let segments = table.get(&1);
-                prop_assert!(is_well_formed(segments), "{segments:?}");
+                let mut segments = Vec::new();
+                table.get(&1).to_vec_into(&mut segments);
+                prop_assert!(is_well_formed(&segments), "{segments:?}");
                 prop_assert_eq!(table.segments(), segments.len());
                 for (instant, (conflict, owners)) in model.iter().enumerate() {
                     let expected = match (conflict, owners.len()) {

@@ -270,6 +270,20 @@ fn run(seed: u64, loss_percent: u64, max_delay_ms: u64) -> Result<(), TestCaseEr
         }
     }
 
+    // Grouped lookups answer exactly as single ones do.
+    let queries: Vec<(IpAddr, Window)> = s
+        .flows
+        .iter()
+        .map(|f| (ip_of(f.ip), flow_window(f)))
+        .collect();
+    let mut grouped = Vec::new();
+    engine.lookup_many(&queries, &mut grouped);
+    let single: Vec<Lookup> = queries
+        .iter()
+        .map(|(ip, w)| engine.lookup(*ip, *w))
+        .collect();
+    prop_assert_eq!(grouped, single, "seed {}", seed);
+
     // Flows well inside a delivered claim, two margins from any handover, are attributed.
     for flow in &s.flows {
         let window = flow_window(flow).widened(DELTA_MS);
