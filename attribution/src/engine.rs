@@ -511,18 +511,42 @@ impl<F> Engine<F> {
     /// Attributes `flow` now if its remote IP's history covers it, or queues it.
     pub fn submit(&mut self, flow: FlowQuery<F>, now: UnixMillis, out: &mut Outputs<F>) {
         self.advance(now);
+        let decision = self.decide(
+            IpKey::new(flow.remote),
+            flow.window.widened(self.config.skew_margin_ms),
+        );
+        self.dispatch(flow, decision, now, out);
+    }
+
+    /// [`Engine::submit`] for a whole batch, with the lookups grouped as in
+    /// [`Engine::lookup_many`]: the way a collector takes an exporter's batch.
+    pub fn submit_many(&mut self, flows: Vec<FlowQuery<F>>, now: UnixMillis, out: &mut Outputs<F>) {
+        self.advance(now);
+        let queries: Vec<(IpAddr, Window)> = flows.iter().map(|f| (f.remote, f.window)).collect();
+        let mut decisions = Vec::with_capacity(queries.len());
+        self.lookup_many(&queries, &mut decisions);
+        for (flow, decision) in flows.into_iter().zip(decisions) {
+            self.dispatch(flow, decision, now, out);
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        flow: FlowQuery<F>,
+        decision: Lookup,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) {
         self.stats.flows_submitted += 1;
-        let key = IpKey::new(flow.remote);
-        let window = flow.window.widened(self.config.skew_margin_ms);
-        match self.decide(key, window) {
+        match decision {
             Lookup::Attributed { workload, source } => {
                 self.emit_attributed(flow.payload, workload, source, 0, out);
             }
             Lookup::Unattributed(reason) => self.emit_unattributed(flow.payload, reason, 0, out),
             Lookup::Pending(_) => {
                 let entry = Entry {
-                    ip: key,
-                    window,
+                    ip: IpKey::new(flow.remote),
+                    window: flow.window.widened(self.config.skew_margin_ms),
                     submitted: now,
                     deadline: now.plus(self.config.pending_deadline_ms),
                     payload: flow.payload,

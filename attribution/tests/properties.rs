@@ -231,7 +231,12 @@ fn run(seed: u64, loss_percent: u64, max_delay_ms: u64) -> Result<(), TestCaseEr
                     window: flow_window(flow),
                     payload: *id,
                 };
-                engine.submit(query, now, &mut out);
+                // Both entry points must keep the promise: alternate between them.
+                if id % 2 == 0 {
+                    engine.submit(query, now, &mut out);
+                } else {
+                    engine.submit_many(vec![query], now, &mut out);
+                }
             }
         }
     }
