@@ -17,6 +17,7 @@
 //! wrapping past `u64::MAX` to the smallest token).
 
 use std::fmt;
+use std::hash::Hasher;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 
@@ -293,68 +294,14 @@ pub fn split_keyspace(boundaries: &[u64]) -> Vec<Span> {
     spans
 }
 
-/// SipHash-2-4 of the concatenation of `parts` under `key` (Aumasson and Bernstein's
-/// reference algorithm, checked against its test vectors below).
+/// SipHash-2-4 of the concatenation of `parts` under `key` (the `siphasher` crate; the
+/// test below pins it to the reference vectors, since ring points must never change).
 pub fn sip_hash_2_4(key: &[u8; 16], parts: &[&[u8]]) -> u64 {
-    let k0 = u64::from_le_bytes([
-        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
-    ]);
-    let k1 = u64::from_le_bytes([
-        key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
-    ]);
-    let mut v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let mut total_len: u64 = 0;
-    let mut tail = [0u8; 8];
-    let mut tail_len = 0usize;
+    let mut hasher = siphasher::sip::SipHasher24::new_with_key(key);
     for part in parts {
-        for &byte in *part {
-            tail[tail_len] = byte;
-            tail_len += 1;
-            total_len = total_len.wrapping_add(1);
-            if tail_len == 8 {
-                let m = u64::from_le_bytes(tail);
-                v[3] ^= m;
-                sip_round(&mut v);
-                sip_round(&mut v);
-                v[0] ^= m;
-                tail = [0u8; 8];
-                tail_len = 0;
-            }
-        }
+        hasher.write(part);
     }
-    tail[7] = (total_len & 0xff) as u8;
-    let b = u64::from_le_bytes(tail);
-    v[3] ^= b;
-    sip_round(&mut v);
-    sip_round(&mut v);
-    v[0] ^= b;
-    v[2] ^= 0xff;
-    for _ in 0..4 {
-        sip_round(&mut v);
-    }
-    v[0] ^ v[1] ^ v[2] ^ v[3]
-}
-
-fn sip_round(v: &mut [u64; 4]) {
-    v[0] = v[0].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(13);
-    v[1] ^= v[0];
-    v[0] = v[0].rotate_left(32);
-    v[2] = v[2].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(16);
-    v[3] ^= v[2];
-    v[0] = v[0].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(21);
-    v[3] ^= v[0];
-    v[2] = v[2].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(17);
-    v[1] ^= v[2];
-    v[2] = v[2].rotate_left(32);
+    hasher.finish()
 }
 
 #[cfg(test)]
