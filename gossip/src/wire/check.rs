@@ -1,5 +1,5 @@
-//! The checks bytecheck cannot make, run on owned messages before encoding and on archived
-//! ones after validation. Both sides feed the same functions with plain values, so they
+//! The checks bytecheck cannot make, run on archived messages after validation: on what a
+//! node receives, and on what it has just encoded before it sends it, so that the two sides
 //! cannot drift apart.
 
 use std::net::IpAddr;
@@ -132,108 +132,6 @@ fn prefix(addr: IpAddr, len: u8) -> Result<(), WireError> {
         return Err(WireError::BadPrefix { addr, len });
     }
     Ok(())
-}
-
-/// Checks an owned message before it is encoded.
-pub(super) fn owned(message: &Message, limits: &WireLimits) -> Result<(), WireError> {
-    match message {
-        Message::ClaimBatch(batch) => {
-            let entries = dictionary(batch.dictionary.iter().map(String::as_str), limits)?;
-            claims(
-                batch
-                    .claims
-                    .iter()
-                    .map(|c| (c.workload, c.since_ms, c.until_ms)),
-                entries,
-                limits,
-            )
-        }
-        Message::FlowBatch(batch) => {
-            region(&batch.region, limits)?;
-            let entries = dictionary(batch.dictionary.iter().map(String::as_str), limits)?;
-            flows(
-                batch
-                    .flows
-                    .iter()
-                    .map(|f| (f.local_workload, f.start_ms, f.end_ms)),
-                entries,
-                limits,
-            )?;
-            claims(
-                batch
-                    .claims
-                    .iter()
-                    .map(|c| (c.workload, c.since_ms, c.until_ms)),
-                entries,
-                limits,
-            )
-        }
-        Message::IpEventBatch(batch) => {
-            at_most(
-                Limit::IpEventsPerBatch,
-                batch.events.len(),
-                limits.ip_events_per_batch_max,
-            )?;
-            for event in &batch.events {
-                at_most(
-                    Limit::OwnerNameBytes,
-                    event.owner.len(),
-                    limits.owner_name_bytes_max,
-                )?;
-            }
-            Ok(())
-        }
-        Message::RangeSnapshot(snapshot) => {
-            region(&snapshot.region, limits)?;
-            at_most(
-                Limit::SnapshotIps,
-                snapshot.ips.len(),
-                limits.snapshot_ips_max,
-            )?;
-            for ip in &snapshot.ips {
-                segments(
-                    ip.ip,
-                    ip.segments.iter().map(|s| {
-                        let owner = match &s.owner {
-                            SnapshotOwner::Workload(name) => Some(name.as_str()),
-                            SnapshotOwner::Conflict => None,
-                        };
-                        (owner, s.start_ms, s.end_ms)
-                    }),
-                    limits,
-                )?;
-            }
-            Ok(())
-        }
-        Message::RangeRequest(request) => {
-            region(&request.region, limits)?;
-            at_most(
-                Limit::SpansPerRequest,
-                request.spans.len(),
-                limits.spans_per_request_max,
-            )
-        }
-        Message::Ack(_) => Ok(()),
-        Message::RegionDirectory(directory) => {
-            at_most(
-                Limit::DirectoryRegions,
-                directory.regions.len(),
-                limits.directory_regions_max,
-            )?;
-            for entry in &directory.regions {
-                region(&entry.region, limits)?;
-                at_most(
-                    Limit::PrefixesPerRegion,
-                    entry.prefixes.len(),
-                    limits.prefixes_per_region_max,
-                )?;
-                for p in &entry.prefixes {
-                    prefix(p.addr, p.len)?;
-                }
-            }
-            Ok(())
-        }
-    }
 }
 
 /// Checks an archived message that bytecheck accepted.
