@@ -1,6 +1,179 @@
-//! `tenure`: the collector and exporter binary.
+//! `tenure`: collector, exporter and demo. Parses the command line and configuration,
+//! then hands over to the role's `run`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("tenure: the node (collector, exporter, demo) is not built yet; see ARCHITECTURE.md");
-    std::process::ExitCode::FAILURE
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tenure_node::config::{self, CollectorConfig, ExporterConfig, SinkConfig};
+use tenure_node::shell::shutdown_signal;
+
+#[derive(Parser, Debug)]
+#[command(name = "tenure", version, about = "Attributes every TCP flow to the workloads on both ends, correctly even while IPs are reused.")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "TENURE_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a collector: join the region, accept exporter batches, attribute, write the sink.
+    Collector {
+        /// The collector's TOML configuration.
+        #[arg(long, env = "TENURE_CONFIG")]
+        config: PathBuf,
+        /// Overrides `node_id`.
+        #[arg(long, env = "TENURE_NODE_ID")]
+        node_id: Option<String>,
+        /// Overrides `gossip_addr`.
+        #[arg(long, env = "TENURE_GOSSIP_ADDR")]
+        gossip_addr: Option<std::net::SocketAddr>,
+        /// Overrides `data_addr`.
+        #[arg(long, env = "TENURE_DATA_ADDR")]
+        data_addr: Option<std::net::SocketAddr>,
+        /// Overrides `http_addr`.
+        #[arg(long, env = "TENURE_HTTP_ADDR")]
+        http_addr: Option<std::net::SocketAddr>,
+        /// Overrides `seeds` (comma-separated gossip addresses).
+        #[arg(long, env = "TENURE_SEEDS", value_delimiter = ',')]
+        seeds: Option<Vec<std::net::SocketAddr>>,
+        /// Overrides the sink directory (files sink).
+        #[arg(long, env = "TENURE_SINK_DIR")]
+        sink_dir: Option<PathBuf>,
+    },
+    /// Run an exporter: capture (or synthesize) flows and heartbeat them to a collector.
+    Exporter {
+        /// The exporter's TOML configuration.
+        #[arg(long, env = "TENURE_CONFIG")]
+        config: Option<PathBuf>,
+        /// `stdout`: print captured flows as NDJSON here, send nothing.
+        #[arg(long, value_enum, default_value = "collector")]
+        output: Output,
+        /// Overrides `collectors` (comma-separated data addresses).
+        #[arg(long, env = "TENURE_COLLECTORS", value_delimiter = ',')]
+        collectors: Option<Vec<std::net::SocketAddr>>,
+    },
+    /// A two-region cluster of three collectors each on loopback, a synthetic fleet that
+    /// reuses IPs quickly, and the legacy event-only attributor on the same flows.
+    Demo {
+        /// Stop after this many seconds of fleet traffic (default: until Ctrl-C).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Seed of the synthetic fleet.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the collectors write their sink files (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Do not try to capture this host's traffic with eBPF.
+        #[arg(long)]
+        no_capture: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Collector,
+    Stdout,
+}
+
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TENURE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tenure: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tenure: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Collector { config: path, node_id, gossip_addr, data_addr, http_addr, seeds, sink_dir } => {
+            init_logs(cli.log_format, "info");
+            let mut config: CollectorConfig = config::load(&path)?;
+            if let Some(v) = node_id {
+                config.node_id = v;
+            }
+            if let Some(v) = gossip_addr {
+                config.gossip_addr = v;
+            }
+            if let Some(v) = data_addr {
+                config.data_addr = v;
+            }
+            if let Some(v) = http_addr {
+                config.http_addr = v;
+            }
+            if let Some(v) = seeds {
+                config.seeds = v;
+            }
+            if let Some(dir) = sink_dir {
+                if let SinkConfig::Files { dir: d, .. } = &mut config.sink {
+                    *d = dir;
+                }
+            }
+            let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<tenure_node::shell::collector::Bound>();
+            let printer = tokio::spawn(async move {
+                if let Ok(b) = bound_rx.await {
+                    // One line for scripts and tests to read the chosen ports from.
+                    println!("LISTENING node={} region={} gossip={} data={} http={}", b.node_id, b.region, b.gossip_addr, b.data_addr, b.http_addr);
+                }
+            });
+            tenure_node::shell::collector::run(config, shutdown_signal(), Some(bound_tx), None).await?;
+            let _ = printer.await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exporter { config: path, output, collectors } => {
+            init_logs(cli.log_format, "info");
+            let to_stdout = output == Output::Stdout;
+            let mut config: ExporterConfig = match path {
+                Some(p) => config::load(&p)?,
+                None if to_stdout => config::parse("exporter_id = 0\nregion = \"local\"\n", std::path::Path::new("(defaults)"))?,
+                None => anyhow::bail!("--config is required unless --output stdout"),
+            };
+            if let Some(c) = collectors {
+                config.collectors = c;
+            }
+            tenure_node::exporter::run(config, to_stdout, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { duration_secs, seed, dir, no_capture } => {
+            init_logs(cli.log_format, "warn");
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::temp_dir().join(format!("tenure-demo-{}", std::process::id())),
+            };
+            let options = tenure_node::demo::DemoOptions { duration_secs, seed, dir, capture: !no_capture };
+            let tally = tenure_node::demo::run(options, shutdown_signal()).await.context("demo")?;
+            println!("{}", tally.result_line());
+            Ok(if tally.misattributed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
 }

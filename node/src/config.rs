@@ -1,0 +1,480 @@
+//! Configuration files of the collector and the exporter: TOML, unknown keys rejected,
+//! every field documented with its default. The doc comments double as the user docs
+//! (see `deploy/README.md`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use tenure_attribution::EngineConfig;
+use tenure_gossip::seal::{SecretKey, KEY_BYTES};
+
+/// Errors reading a configuration. Nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Reads and parses a TOML file into `T`.
+pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses TOML text; `path` is for messages only.
+pub fn parse<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// A 256-bit key written as 64 hex digits.
+pub fn parse_key(hex: &str) -> Result<SecretKey, ConfigError> {
+    let hex = hex.trim();
+    if hex.len() != KEY_BYTES * 2 {
+        return Err(invalid(
+            "key",
+            format!("must be {} hex digits, got {}", KEY_BYTES * 2, hex.len()),
+        ));
+    }
+    let mut bytes = [0u8; KEY_BYTES];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| invalid("key", "must be hex digits"))?;
+    }
+    Ok(SecretKey::from_bytes(bytes))
+}
+
+/// Where a key comes from: inline hex, or a file holding the hex.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key id stamped on sealed frames; all nodes sharing the key use the same id.
+    /// Default 1.
+    #[serde(default = "default_key_id")]
+    pub key_id: u32,
+    /// The key as 64 hex digits. Prefer `key_file` outside tests. Overridden by the
+    /// environment variable `TENURE_CLUSTER_KEY`.
+    #[serde(default)]
+    pub key_hex: Option<String>,
+    /// A file holding the key as 64 hex digits.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_key_id() -> u32 {
+    1
+}
+
+impl KeyConfig {
+    /// Resolves the key: the environment's `TENURE_CLUSTER_KEY`, else `key_hex`, else
+    /// `key_file`.
+    pub fn resolve(&self, env_override: Option<&str>) -> Result<SecretKey, ConfigError> {
+        if let Some(hex) = env_override {
+            return parse_key(hex);
+        }
+        if let Some(hex) = &self.key_hex {
+            return parse_key(hex);
+        }
+        if let Some(path) = &self.key_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return parse_key(&text);
+        }
+        Err(invalid("key", "set key_hex, key_file or TENURE_CLUSTER_KEY"))
+    }
+}
+
+/// Where attributed flows are written.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// Rolling NDJSON files in a directory (the default).
+    Files {
+        /// The directory; created if missing. Default `./tenure-flows`.
+        #[serde(default = "default_sink_dir")]
+        dir: PathBuf,
+        /// A new file is started after this many ms. Default 3,600,000 (1 h).
+        #[serde(default = "default_roll_interval_ms")]
+        roll_interval_ms: u64,
+        /// ... or once a file reaches this many bytes. Default 268,435,456 (256 MiB).
+        #[serde(default = "default_roll_bytes_max")]
+        roll_bytes_max: u64,
+        /// Files kept; the oldest are deleted past it. Default 168.
+        #[serde(default = "default_files_max")]
+        files_max: usize,
+    },
+    /// One NDJSON line per flow on standard output.
+    Stdout,
+}
+
+fn default_sink_dir() -> PathBuf {
+    PathBuf::from("tenure-flows")
+}
+fn default_roll_interval_ms() -> u64 {
+    3_600_000
+}
+fn default_roll_bytes_max() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_files_max() -> usize {
+    168
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig::Files {
+            dir: default_sink_dir(),
+            roll_interval_ms: default_roll_interval_ms(),
+            roll_bytes_max: default_roll_bytes_max(),
+            files_max: default_files_max(),
+        }
+    }
+}
+
+/// `tenure collector --config collector.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// This node's stable name (1 to 64 bytes); the hash ring places nodes by it. Required.
+    pub node_id: String,
+    /// The region this collector serves. Required.
+    pub region: String,
+    /// The prefixes of this region (CIDR), published to the whole cluster. Required.
+    pub prefixes: Vec<IpNet>,
+    /// Bump when `prefixes` change, so that the new record replaces the old. Default 1.
+    #[serde(default = "one")]
+    pub region_version: u64,
+    /// Prefixes of other regions, known before the gossiped directory arrives:
+    /// `{ "eu-west" = ["10.2.0.0/16"] }`. Default empty.
+    #[serde(default)]
+    pub regions: BTreeMap<String, Vec<IpNet>>,
+    /// UDP address for SWIM gossip; port 0 picks one. Default `127.0.0.1:7946`.
+    #[serde(default = "default_gossip_addr")]
+    pub gossip_addr: SocketAddr,
+    /// TCP address for the data plane (exporters and peers); port 0 picks one.
+    /// Default `127.0.0.1:7947`.
+    #[serde(default = "default_data_addr")]
+    pub data_addr: SocketAddr,
+    /// HTTP address (metrics, health, API, event feed); port 0 picks one.
+    /// Default `127.0.0.1:9090`.
+    #[serde(default = "default_http_addr")]
+    pub http_addr: SocketAddr,
+    /// The gossip addresses advertised to peers when binding a wildcard address.
+    /// Default: the bound addresses.
+    #[serde(default)]
+    pub advertise_host: Option<std::net::IpAddr>,
+    /// Gossip addresses of collectors to join through (any region). Default empty (the
+    /// first node of a cluster).
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    /// The cluster key: seals gossip and peer frames.
+    #[serde(default)]
+    pub cluster_key: KeyConfig,
+    /// The key exporters seal their batches with. Default: the cluster key.
+    #[serde(default)]
+    pub exporter_key: Option<KeyConfig>,
+    /// Bearer token for `POST /v1/ip-events`. Default: none, and the endpoint answers 403.
+    #[serde(default)]
+    pub event_feed_token: Option<String>,
+    /// How often exporters heartbeat, in ms; sets handoff timing. Default 10,000.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Owners of each IP on the region's ring. Default 2.
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    /// Attribution engine limits and timings (skew margin, deadline, retention...).
+    /// Defaults: see the engine's documentation; `pending_deadline_ms` defaults to
+    /// 2 × heartbeat interval + 5,000.
+    #[serde(default)]
+    pub engine: Option<EngineConfig>,
+    /// Where attributed flows go. Default: rolling files in `./tenure-flows`.
+    #[serde(default)]
+    pub sink: SinkConfig,
+    /// Accepted-but-unsettled flows above which exporters are told busy. Default 500,000.
+    #[serde(default = "default_busy_flows_threshold")]
+    pub busy_flows_threshold: usize,
+    /// Flows held while a span's handoff completes. Default 200,000.
+    #[serde(default = "default_held_flows_max")]
+    pub held_flows_max: usize,
+    /// Forwarded flows awaiting a peer's ack. Default 200,000.
+    #[serde(default = "default_inflight_flows_max")]
+    pub inflight_flows_max: usize,
+    /// How long a forwarded batch may go unacknowledged before it is routed again, in ms.
+    /// Default 5,000.
+    #[serde(default = "default_forward_ack_timeout_ms")]
+    pub forward_ack_timeout_ms: u64,
+    /// Flows waiting for the sink writer; when full the data plane waits. Default 65,536.
+    #[serde(default = "default_sink_queue_flows_max")]
+    pub sink_queue_flows_max: usize,
+    /// How long a graceful shutdown waits for forwarded flows to be acknowledged, in ms.
+    /// Default 5,000.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Collectors in the region / fleet, for SWIM tuning. Defaults 3 and 16.
+    #[serde(default = "default_region_size")]
+    pub region_size_hint: u32,
+    #[serde(default = "default_fleet_size")]
+    pub fleet_size_hint: u32,
+}
+
+fn one() -> u64 {
+    1
+}
+fn default_gossip_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7946))
+}
+fn default_data_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7947))
+}
+fn default_http_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    10_000
+}
+fn default_replication() -> usize {
+    2
+}
+fn default_busy_flows_threshold() -> usize {
+    500_000
+}
+fn default_held_flows_max() -> usize {
+    200_000
+}
+fn default_inflight_flows_max() -> usize {
+    200_000
+}
+fn default_forward_ack_timeout_ms() -> u64 {
+    5_000
+}
+fn default_sink_queue_flows_max() -> usize {
+    65_536
+}
+fn default_shutdown_grace_ms() -> u64 {
+    5_000
+}
+fn default_region_size() -> u32 {
+    3
+}
+fn default_fleet_size() -> u32 {
+    16
+}
+
+impl CollectorConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.is_empty() || self.node_id.len() > 64 {
+            return Err(invalid("node_id", "must be 1 to 64 bytes"));
+        }
+        if self.region.is_empty() || self.region.len() > 64 {
+            return Err(invalid("region", "must be 1 to 64 bytes"));
+        }
+        if self.prefixes.is_empty() {
+            return Err(invalid("prefixes", "at least one prefix is needed"));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be above 0"));
+        }
+        if self.replication == 0 {
+            return Err(invalid("replication", "must be above 0"));
+        }
+        if self.held_flows_max == 0 || self.inflight_flows_max == 0 || self.sink_queue_flows_max == 0 {
+            return Err(invalid("limits", "flow limits must be above 0"));
+        }
+        if let Some(engine) = &self.engine {
+            engine
+                .validate()
+                .map_err(|e| invalid("engine", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The engine configuration: as given, or defaults with the deadline derived from the
+    /// heartbeat interval.
+    pub fn engine_config(&self) -> EngineConfig {
+        self.engine.clone().unwrap_or_else(|| EngineConfig {
+            pending_deadline_ms: self.heartbeat_interval_ms.saturating_mul(2).saturating_add(5_000),
+            ..EngineConfig::default()
+        })
+    }
+}
+
+/// Where an exporter learns its local workloads.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum IdentityConfig {
+    /// One workload per host: a JSON file `{"workload": "web", "ips": ["10.1.0.5"],
+    /// "since_ms": 1700000000000}` (`since_ms` optional: when absent, the time the
+    /// exporter first read the file, so no earlier time is ever claimed).
+    HostFile { path: PathBuf },
+    /// Many workloads per host: a JSON file kept current by an orchestrator,
+    /// `{"10.1.0.5": {"workload": "web", "since_ms": 1700000000000}, ...}`. Re-read when
+    /// it changes.
+    MapFile { path: PathBuf },
+}
+
+/// Where an exporter's flows come from.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// This host's TCP flows, captured with eBPF (needs root). Default.
+    Ebpf,
+    /// A synthetic fleet (demo and load): workloads come and go and reuse IPs.
+    Synthetic {
+        /// Seed of the fleet model. Default 1.
+        #[serde(default = "one")]
+        seed: u64,
+        /// The prefix whose addresses the synthetic workloads use. Required.
+        prefix: IpNet,
+        /// Flows per second. Default 200.
+        #[serde(default = "default_flows_per_sec")]
+        flows_per_sec: u32,
+    },
+}
+
+fn default_flows_per_sec() -> u32 {
+    200
+}
+
+/// `tenure exporter --config exporter.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExporterConfig {
+    /// This exporter's id, unique in the fleet (e.g. a hash of the host name). Required.
+    pub exporter_id: u64,
+    /// The region this host is in. Required.
+    pub region: String,
+    /// Data addresses of collectors of this region; batches go to one, then the next on
+    /// failure. Required unless `--output stdout`.
+    #[serde(default)]
+    pub collectors: Vec<SocketAddr>,
+    /// How often a batch (flows + one heartbeat per local IP) is sent, in ms.
+    /// Default 10,000.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The key batches are sealed with (the collectors' `exporter_key`).
+    #[serde(default)]
+    pub key: KeyConfig,
+    /// Where local workload identities come from. Required for the eBPF source.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    /// Where flows come from. Default: eBPF.
+    #[serde(default = "default_source")]
+    pub source: SourceConfig,
+    /// Batches kept while no collector acknowledges them; past it the oldest is dropped
+    /// and counted. Default 360 (an hour at 10 s).
+    #[serde(default = "default_buffer_batches_max")]
+    pub buffer_batches_max: usize,
+    /// Flows in one batch; more wait for the next. Default 16,384.
+    #[serde(default = "default_batch_flows_max")]
+    pub batch_flows_max: usize,
+    /// How long to wait for an ack before trying the next collector, in ms. Default 5,000.
+    #[serde(default = "default_forward_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// First retry delay after a failure, in ms; doubles up to `backoff_max_ms`.
+    /// Default 200.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, in ms. Default 10,000.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// HTTP address for `/metrics` and `/healthz`; none when absent. Default none.
+    #[serde(default)]
+    pub http_addr: Option<SocketAddr>,
+}
+
+fn default_source() -> SourceConfig {
+    SourceConfig::Ebpf
+}
+fn default_buffer_batches_max() -> usize {
+    360
+}
+fn default_batch_flows_max() -> usize {
+    16_384
+}
+fn default_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    10_000
+}
+
+impl ExporterConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self, to_stdout: bool) -> Result<(), ConfigError> {
+        if self.region.is_empty() || self.region.len() > 64 {
+            return Err(invalid("region", "must be 1 to 64 bytes"));
+        }
+        if !to_stdout && self.collectors.is_empty() {
+            return Err(invalid("collectors", "at least one collector is needed"));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be above 0"));
+        }
+        if self.buffer_batches_max == 0 {
+            return Err(invalid("buffer_batches_max", "must be above 0"));
+        }
+        if self.batch_flows_max == 0 || self.batch_flows_max > tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT {
+            return Err(invalid("batch_flows_max", "must be 1 to 16384"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_and_defaults_apply() {
+        let text = r#"
+            node_id = "a"
+            region = "r"
+            prefixes = ["10.0.0.0/16"]
+            cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
+        "#;
+        let config: CollectorConfig = parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(config.heartbeat_interval_ms, 10_000);
+        assert_eq!(config.engine_config().pending_deadline_ms, 25_000);
+        config.validate().unwrap();
+        let bad = format!("{text}\nbogus = 1\n");
+        let err = parse::<CollectorConfig>(&bad, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn keys_must_be_64_hex_digits() {
+        assert!(parse_key("zz").is_err());
+        assert!(parse_key(&"g".repeat(64)).is_err());
+        assert!(parse_key(&"a".repeat(64)).is_ok());
+    }
+}

@@ -1,0 +1,171 @@
+//! Flows as the node carries them between the wire, the engine and the sinks.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tenure_attribution::{Attribution, Reason, Verdict};
+use tenure_gossip::wire::{self, Direction};
+
+/// One flow inside a node: the wire's [`wire::Flow`] with its local workload resolved from
+/// the batch dictionary, so that it can travel alone (pending queue, forwarding, sinks).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FlowRecord {
+    /// Stable across re-sends; duplicates of at-least-once delivery share it.
+    pub flow_id: u128,
+    pub local_ip: IpAddr,
+    pub local_port: u16,
+    pub remote_ip: IpAddr,
+    pub remote_port: u16,
+    /// Who the exporter says the local side is.
+    pub local_workload: Arc<str>,
+    /// Unix ms by the exporter's clock.
+    pub start_ms: u64,
+    /// Unix ms by the exporter's clock; at least `start_ms`.
+    pub end_ms: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets: u64,
+    pub retransmits: u64,
+    pub direction: Direction,
+    /// A snapshot of a flow still open (a later one with the same id may follow).
+    pub ongoing: bool,
+    /// The exporter that reported it.
+    pub exporter_id: u64,
+    /// The exporter's region.
+    pub exporter_region: Arc<str>,
+    /// How many collectors forwarded it so far.
+    pub hops: u8,
+}
+
+impl FlowRecord {
+    /// The record of `flow` from a batch whose dictionary is `dictionary` (already
+    /// validated by `wire::decode`, so the index is in range; a bad one yields `None`).
+    pub fn from_wire(
+        flow: &wire::Flow,
+        dictionary: &[Arc<str>],
+        exporter_id: u64,
+        exporter_region: &Arc<str>,
+        hops: u8,
+    ) -> Option<FlowRecord> {
+        let local_workload = dictionary.get(flow.local_workload as usize)?.clone();
+        Some(FlowRecord {
+            flow_id: flow.flow_id,
+            local_ip: flow.local_ip,
+            local_port: flow.local_port,
+            remote_ip: flow.remote_ip,
+            remote_port: flow.remote_port,
+            local_workload,
+            start_ms: flow.start_ms,
+            end_ms: flow.end_ms.max(flow.start_ms),
+            bytes_sent: flow.bytes_sent,
+            bytes_received: flow.bytes_received,
+            packets: flow.packets,
+            retransmits: flow.retransmits,
+            direction: flow.direction,
+            ongoing: flow.ongoing,
+            exporter_id,
+            exporter_region: exporter_region.clone(),
+            hops,
+        })
+    }
+
+    /// The wire form, with the local workload as `workload_index` into a dictionary the
+    /// caller builds.
+    pub fn to_wire(&self, workload_index: u32) -> wire::Flow {
+        wire::Flow {
+            flow_id: self.flow_id,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            bytes_sent: self.bytes_sent,
+            bytes_received: self.bytes_received,
+            packets: self.packets,
+            retransmits: self.retransmits,
+            local_workload: workload_index,
+            local_ip: self.local_ip,
+            remote_ip: self.remote_ip,
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            direction: self.direction,
+            ongoing: self.ongoing,
+        }
+    }
+}
+
+/// A flow with its final verdict, ready for the sinks.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EmittedFlow {
+    pub record: FlowRecord,
+    pub verdict: Verdict,
+    /// How long it waited in this node's pending queue, in ms.
+    pub waited_ms: u64,
+    /// When it was emitted, Unix ms by this node's clock.
+    pub emitted_ms: u64,
+}
+
+impl EmittedFlow {
+    /// `"attributed"` or `"unattributed"`.
+    pub fn result(&self) -> &'static str {
+        match self.verdict {
+            Verdict::Attributed(_) => "attributed",
+            Verdict::Unattributed(_) => "unattributed",
+        }
+    }
+
+    /// The remote workload, when attributed to one (external has none).
+    pub fn remote_workload(&self) -> Option<&Arc<str>> {
+        match &self.verdict {
+            Verdict::Attributed(attribution) => attribution.workload(),
+            Verdict::Unattributed(_) => None,
+        }
+    }
+
+    /// The source when attributed, else `None`.
+    pub fn source(&self) -> Option<&'static str> {
+        match &self.verdict {
+            Verdict::Attributed(a) => Some(a.source().as_str()),
+            Verdict::Unattributed(_) => None,
+        }
+    }
+
+    /// The reason when unattributed, else `None`.
+    pub fn reason(&self) -> Option<Reason> {
+        match &self.verdict {
+            Verdict::Attributed(_) => None,
+            Verdict::Unattributed(reason) => Some(*reason),
+        }
+    }
+
+    /// Milliseconds from the flow's end to its emission: the attribution delay.
+    pub fn delay_ms(&self) -> u64 {
+        self.emitted_ms.saturating_sub(self.record.end_ms)
+    }
+
+    /// Whether this is an external attribution.
+    pub fn is_external(&self) -> bool {
+        matches!(self.verdict, Verdict::Attributed(Attribution::External))
+    }
+}
+
+/// Builds a dictionary of workload names for an outgoing batch: each name once, in the
+/// order first met.
+#[derive(Debug, Default)]
+pub(crate) struct DictionaryBuilder {
+    names: Vec<String>,
+    index: std::collections::BTreeMap<Arc<str>, u32>,
+}
+
+impl DictionaryBuilder {
+    pub(crate) fn index_of(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        self.names.push(name.to_string());
+        self.index.insert(name.clone(), i);
+        i
+    }
+
+    pub(crate) fn finish(self) -> Vec<String> {
+        self.names
+    }
+}

@@ -1,0 +1,1235 @@
+//! The node's core: a sans-io state machine composing the attribution engine with the
+//! cluster layer (membership, ring, routing, handoff).
+//!
+//! It never reads a clock, never touches a socket, never spawns a task and draws no OS
+//! randomness: every method takes `now` (Unix ms, the caller's clock) and appends
+//! [`Output`]s to a vector the caller then acts on. The tokio shell (`crate::shell`) and the
+//! simulator drive the very same core.
+//!
+//! Inputs, one method each:
+//! - [`NodeCore::start`]: join the cluster through the seeds.
+//! - [`NodeCore::handle_message`]: a decoded data-plane message from an exporter or a peer
+//!   (flow batches, claim batches, event batches, range requests and snapshots, acks).
+//! - [`NodeCore::handle_datagram`]: an opened gossip datagram.
+//! - [`NodeCore::handle_timer`]: a membership timer set by an earlier [`Output::Timer`].
+//! - [`NodeCore::handle_events`]: IP events from the HTTP event feed.
+//! - [`NodeCore::tick`]: time passed. Call it every [`TICK_INTERVAL_MS`] (and at
+//!   [`NodeCore::next_deadline`] when sooner): deadlines of pending flows, handoff pulls,
+//!   retries of unacknowledged forwards.
+//! - [`NodeCore::leave`]: graceful shutdown: leave both pools and hand pending flows to
+//!   the next owners (or emit them when there is none).
+//!
+//! Outputs: frames for a peer or for the connection a message came on, gossip datagrams,
+//! timers, attributed flows for the sinks, and notices for logs and metrics.
+//!
+//! Routing: a flow goes to the owner of its *remote* IP (forwarded across regions once;
+//! `external` attributed at once; an unreachable region gives `region_unreachable`, never
+//! a drop); claims go to the R owners of their IP; a flow whose IP is on a span that
+//! handoff has not completed waits here until it is ready.
+
+mod flow;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+pub use flow::{EmittedFlow, FlowRecord};
+use flow::DictionaryBuilder;
+use ipnet::IpNet;
+use tenure_attribution::{
+    Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
+    Reason, RegionMap, Resolved, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
+};
+use tenure_gossip::directory::RegionRecord;
+use tenure_gossip::handoff::{Handoff, HandoffConfig, Pull, Readiness};
+use tenure_gossip::identity::NodeIdentity;
+use tenure_gossip::membership::{self, Membership, MembershipConfig, Pool};
+use tenure_gossip::ring::{point_of, Ring, RingConfig, Span};
+use tenure_gossip::route::{route_claim, route_flow, Origin, Route, RouteContext};
+use tenure_gossip::wire::{self, AckStatus, Message, RejectReason};
+
+/// How often the caller should call [`NodeCore::tick`], in milliseconds.
+pub const TICK_INTERVAL_MS: u64 = 100;
+
+/// The most times a flow batch may be forwarded between collectors: one cross-region hop
+/// plus a few re-routes inside a region while rings disagree.
+pub const HOPS_MAX: u8 = 4;
+
+/// IPs per range snapshot frame: at 64 ranges per IP, well under the 4 MiB frame limit.
+pub const SNAPSHOT_IPS_PER_FRAME_MAX: usize = 512;
+
+/// Flows per forwarded batch (the wire's default limit is 16,384).
+pub const FORWARD_FLOWS_PER_BATCH_MAX: usize = 4_096;
+
+/// Events per forwarded event batch.
+pub const FORWARD_EVENTS_PER_BATCH_MAX: usize = 4_096;
+
+/// Claims per forwarded claim batch (the wire's default limit is 4,096).
+pub const FORWARD_CLAIMS_PER_BATCH_MAX: usize = 4_096;
+
+/// Set in the `batch_id` of event batches a collector relays to the other owners, so that
+/// the receiver applies them without relaying them again. An event feed sending over the
+/// data plane must leave it clear.
+pub const RELAYED_BATCH_BIT: u64 = 1 << 63;
+
+/// Identifies a connection of the shell (or the simulator): where a reply goes.
+pub type ConnId = u64;
+
+/// Where a frame goes.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Dest {
+    /// Back on the connection the message came in on (acks, range snapshots).
+    Conn(ConnId),
+    /// To a peer collector's data address.
+    Peer {
+        node_id: String,
+        region: String,
+        data_addr: SocketAddr,
+    },
+}
+
+impl Dest {
+    fn peer(member: &NodeIdentity) -> Dest {
+        Dest::Peer {
+            node_id: member.node_id().to_owned(),
+            region: member.region().to_owned(),
+            data_addr: member.data_addr(),
+        }
+    }
+}
+
+/// Something that happened in the cluster, for logs and metrics.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Notice {
+    MemberUp { node_id: String, region: String, pool: Pool },
+    MemberDown { node_id: String, region: String, pool: Pool },
+    RingChanged { members: usize, pending_spans: usize },
+    RegionUpdated { region: String, version: u64 },
+    Conflict(ConflictFound),
+    /// A claim or event was refused (engine limits, bad names) or had nowhere to go.
+    ClaimDropped { ip: IpAddr, why: String },
+    /// Our identity must be renewed by a restart.
+    Defunct,
+}
+
+/// What the caller must do after an input.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Output {
+    /// Encode, seal and send `message` as one data-plane frame.
+    Frame { to: Dest, message: Message },
+    /// Seal and send a gossip datagram.
+    Datagram { to: SocketAddr, bytes: Vec<u8> },
+    /// Call [`NodeCore::handle_timer`] with `timer` after `after_ms`.
+    Timer {
+        after_ms: u64,
+        timer: membership::Timer,
+    },
+    /// A flow with its verdict, for the sinks.
+    Emit(EmittedFlow),
+    /// For logs and metrics.
+    Notice(Notice),
+}
+
+/// Errors building a core. Nothing was built.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("engine configuration: {0}")]
+    Engine(#[from] tenure_attribution::ConfigError),
+    #[error("region map: {0}")]
+    Region(#[from] tenure_attribution::RegionError),
+    #[error("region record: {0}")]
+    Record(#[from] tenure_gossip::directory::DirectoryError),
+}
+
+/// How a core is set up. Every node of a region must agree on `ring`.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub identity: NodeIdentity,
+    /// Gossip addresses to join through (any region).
+    pub seeds: Vec<SocketAddr>,
+    /// Seeds membership's random choices; one seed, one run.
+    pub rng_seed: u64,
+    /// About how many collectors the region and the fleet have (tunes SWIM timeouts).
+    pub region_size_hint: NonZeroU32,
+    pub fleet_size_hint: NonZeroU32,
+    /// The prefixes our region serves, published to the cluster with `region_version`.
+    pub region_prefixes: Vec<IpNet>,
+    pub region_version: u64,
+    /// Prefixes of every region known from configuration, so that routing is right before
+    /// the gossiped directory arrives. Gossiped records are merged over them.
+    pub static_regions: Vec<(IpNet, String)>,
+    pub engine: EngineConfig,
+    pub ring: RingConfig,
+    pub handoff: HandoffConfig,
+    /// How long a forwarded batch may go unacknowledged before its flows are routed again.
+    pub forward_ack_timeout_ms: u64,
+    /// Flows held while their span's handoff completes; past it: `overload`.
+    pub held_flows_max: usize,
+    /// Forwarded flows not yet acknowledged; past it exporters are told `busy`.
+    pub inflight_flows_max: usize,
+    /// Pending plus held plus in-flight flows above which exporters are told `busy`.
+    pub busy_flows_threshold: usize,
+    /// The delay a `busy` ack asks for, in ms.
+    pub busy_retry_after_ms: u64,
+}
+
+/// A forwarded batch awaiting its ack.
+#[derive(Debug)]
+struct Inflight {
+    to: Dest,
+    node_id: String,
+    sent_at: UnixMillis,
+    flows: Vec<FlowRecord>,
+}
+
+/// A range request we sent, awaiting its snapshots.
+#[derive(Debug)]
+struct Request {
+    spans: Vec<Span>,
+}
+
+/// Counters of the core, monotonic, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub batches_accepted: u64,
+    pub batches_busy: u64,
+    pub batches_rejected: u64,
+    pub flows_received: u64,
+    pub flows_forwarded: u64,
+    pub flows_rerouted: u64,
+    pub claims_received: u64,
+    pub claims_dropped: u64,
+    pub events_received: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_merged: u64,
+}
+
+/// The node's core. See the module documentation.
+#[derive(Debug)]
+pub struct NodeCore {
+    config: CoreConfig,
+    region: String,
+    engine: Engine<FlowRecord>,
+    membership: Membership,
+    handoff: Handoff,
+    ring: Ring,
+    remote_rings: BTreeMap<String, Ring>,
+    regions: RegionMap,
+    held: VecDeque<FlowRecord>,
+    inflight: BTreeMap<u64, Inflight>,
+    inflight_flows: usize,
+    requests: BTreeMap<u64, Request>,
+    next_id: u64,
+    left: bool,
+    stats: CoreStats,
+    scratch: tenure_attribution::Outputs<FlowRecord>,
+}
+
+impl NodeCore {
+    /// A core that has joined nothing yet; call [`NodeCore::start`].
+    pub fn new(config: CoreConfig, now: UnixMillis) -> Result<NodeCore, CoreError> {
+        let engine = Engine::new(config.engine.clone())?;
+        let mut membership_config = MembershipConfig::new(
+            config.identity.clone(),
+            config.rng_seed,
+            config.region_size_hint,
+            config.fleet_size_hint,
+        );
+        let record = RegionRecord {
+            region: config.identity.region().to_owned(),
+            version: config.region_version,
+            prefixes: config.region_prefixes.clone(),
+        };
+        record.validate()?;
+        membership_config.region_record = Some(record);
+        let membership = Membership::new(membership_config);
+        let ring = membership.local_ring(config.ring);
+        let handoff = Handoff::new(config.identity.clone(), &ring, now, config.handoff);
+        let regions = RegionMap::from_prefixes(
+            config
+                .static_regions
+                .iter()
+                .map(|(net, r)| (*net, r.as_str()))
+                .chain(
+                    config
+                        .region_prefixes
+                        .iter()
+                        .map(|net| (*net, config.identity.region())),
+                ),
+        )?;
+        Ok(NodeCore {
+            region: config.identity.region().to_owned(),
+            engine,
+            membership,
+            handoff,
+            ring,
+            remote_rings: BTreeMap::new(),
+            regions,
+            held: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            inflight_flows: 0,
+            requests: BTreeMap::new(),
+            // Ids only need to be unique among this node's unacknowledged messages; the
+            // seed keeps two restarts of a node from reusing them in one peer's view.
+            next_id: (config.rng_seed & 0xffff_ffff) << 20,
+            left: false,
+            stats: CoreStats::default(),
+            scratch: tenure_attribution::Outputs::default(),
+            config,
+        })
+    }
+
+    /// Joins the cluster through the configured seeds.
+    pub fn start(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        let mut mo = Vec::new();
+        let seeds = self.config.seeds.clone();
+        if let Err(e) = self.membership.join(&seeds, &mut mo) {
+            tracing::warn!(error = %e, "joining the cluster");
+        }
+        self.after_membership(mo, now, out);
+        self.pull(now, out);
+    }
+
+    /// Our identity.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.config.identity
+    }
+
+    pub fn engine(&self) -> &Engine<FlowRecord> {
+        &self.engine
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn regions(&self) -> &RegionMap {
+        &self.regions
+    }
+
+    pub fn handoff(&self) -> &Handoff {
+        &self.handoff
+    }
+
+    pub fn stats(&self) -> &CoreStats {
+        &self.stats
+    }
+
+    /// Flows held for handoff.
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Forwarded flows awaiting their ack.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight_flows
+    }
+
+    /// Flows accepted and not yet emitted or acknowledged by a peer.
+    pub fn unsettled_flows(&self) -> usize {
+        self.engine.pending_len() + self.held.len() + self.inflight_flows
+    }
+
+    /// Whether the core has left the cluster.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// When [`NodeCore::tick`] must be called at the latest (besides every
+    /// [`TICK_INTERVAL_MS`]).
+    pub fn next_deadline(&self) -> Option<UnixMillis> {
+        self.engine.next_deadline()
+    }
+
+    /// The owners of `ip` in our region (empty when the IP is of another region or
+    /// external).
+    pub fn owners_of(&self, ip: IpAddr) -> Vec<&NodeIdentity> {
+        match self.regions.locate(ip) {
+            Locate::Region(r) if r == self.region => self.ring.owners(ip),
+            Locate::Region(_) | Locate::External => Vec::new(),
+        }
+    }
+
+    /// Who owned `ip` at `at`, by what this node knows now (HTTP).
+    pub fn lookup(&self, ip: IpAddr, at: UnixMillis) -> Lookup {
+        self.engine.lookup(ip, Window::at(at))
+    }
+
+    /// The retained history of `ip` held here (HTTP).
+    pub fn history(&self, ip: IpAddr) -> IpRanges {
+        self.engine.history(ip)
+    }
+
+    /// Whether the core is ready to answer: joined a ring and no handoff pending.
+    pub fn is_ready(&self) -> bool {
+        !self.left && self.handoff.pending_spans() == 0
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    fn is_busy(&self) -> bool {
+        self.unsettled_flows() >= self.config.busy_flows_threshold
+            || self.inflight_flows >= self.config.inflight_flows_max
+    }
+
+    // ----- inputs -----
+
+    /// Handles a decoded data-plane message that arrived on connection `conn`.
+    pub fn handle_message(
+        &mut self,
+        conn: ConnId,
+        message: Message,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        match message {
+            Message::FlowBatch(batch) => self.on_flow_batch(conn, batch, now, out),
+            Message::ClaimBatch(batch) => self.on_claim_batch(conn, batch, now, out),
+            Message::IpEventBatch(batch) => {
+                let id = batch.batch_id;
+                let relayed = id & RELAYED_BATCH_BIT != 0;
+                self.on_event_batch(batch, relayed, now, out);
+                ack(out, conn, id, AckStatus::Accepted);
+            }
+            Message::RangeRequest(request) => self.on_range_request(conn, request, out),
+            Message::RangeSnapshot(snapshot) => self.on_range_snapshot(snapshot, now, out),
+            Message::Ack(a) => self.on_ack(a, now, out),
+            // Directories travel over gossip; a data-plane copy adds nothing.
+            Message::RegionDirectory(_) => {}
+        }
+    }
+
+    /// Handles an opened gossip datagram from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        bytes: &[u8],
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) -> Result<(), membership::MembershipError> {
+        let mut mo = Vec::new();
+        let result = self.membership.handle_datagram(bytes, from, &mut mo);
+        self.after_membership(mo, now, out);
+        result
+    }
+
+    /// Handles a membership timer that expired.
+    pub fn handle_timer(&mut self, timer: membership::Timer, now: UnixMillis, out: &mut Vec<Output>) {
+        if self.left {
+            return;
+        }
+        let mut mo = Vec::new();
+        if let Err(e) = self.membership.handle_timer(timer, &mut mo) {
+            tracing::debug!(error = %e, "membership timer");
+        }
+        self.after_membership(mo, now, out);
+    }
+
+    /// Events from the event feed (HTTP), with the feed's watermark: every event at or
+    /// before it has been delivered. Each event goes to the owners of its IP.
+    pub fn handle_events(
+        &mut self,
+        events: Vec<wire::IpEvent>,
+        watermark_ms: u64,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        let batch = wire::IpEventBatch {
+            batch_id: 0,
+            watermark_ms,
+            events,
+        };
+        self.on_event_batch(batch, false, now, out);
+    }
+
+    /// Time passed: emit flows whose deadline came, retry held flows, pull handoff spans,
+    /// re-route forwards whose ack is overdue.
+    pub fn tick(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        self.engine.tick(now, &mut self.scratch);
+        self.drain_engine(now, out);
+        self.pull(now, out);
+        self.retry_held(now, out);
+        let timeout = self.config.forward_ack_timeout_ms;
+        let overdue: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| now.since(f.sent_at) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            self.reroute_inflight(id, now, out);
+        }
+    }
+
+    /// Leaves the cluster: peers learn at once, and every flow waiting here is handed to
+    /// the next owner of its IP (or emitted, when there is none). Afterwards the core
+    /// only settles what is in flight: call [`NodeCore::tick`] until
+    /// [`NodeCore::unsettled_flows`] is zero or the caller's grace period ends, then
+    /// [`NodeCore::abandon_inflight`].
+    pub fn leave(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        if self.left {
+            return;
+        }
+        // The ring without us: where our flows go now.
+        let me = self.config.identity.node_id().to_owned();
+        let survivors: Vec<NodeIdentity> = self
+            .ring
+            .members()
+            .iter()
+            .filter(|m| m.node_id() != me)
+            .cloned()
+            .collect();
+        let mut mo = Vec::new();
+        if let Err(e) = self.membership.leave(&mut mo) {
+            tracing::debug!(error = %e, "leaving");
+        }
+        self.after_membership(mo, now, out);
+        self.left = true;
+        self.ring = Ring::new(&survivors, self.config.ring);
+        // Take every pending flow out of the engine: a tick past every deadline returns
+        // them all (their verdicts are ignored: the next owner decides).
+        let past = now.plus(self.config.engine.pending_deadline_ms.saturating_add(1));
+        self.engine.tick(past, &mut self.scratch);
+        let pending: Vec<FlowRecord> = self
+            .scratch
+            .resolved
+            .drain(..)
+            .map(|r| r.payload)
+            .collect();
+        self.scratch.conflicts.clear();
+        let held: Vec<FlowRecord> = self.held.drain(..).collect();
+        let mut handed = Vec::new();
+        for flow in pending.into_iter().chain(held) {
+            match self.ring.primary(flow.remote_ip) {
+                Some(next) => handed.push((Dest::peer(next), next.node_id().to_owned(), flow)),
+                None => self.emit(flow, Verdict::Unattributed(Reason::NoOwner), 0, now, out),
+            }
+        }
+        self.send_flows(handed, now, out);
+    }
+
+    /// Emits every forwarded flow still unacknowledged, unattributed with reason
+    /// `overload` (the shutdown grace period was the limit). Its receiver may have taken
+    /// it too: duplicates share the flow id.
+    pub fn abandon_inflight(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        let all = std::mem::take(&mut self.inflight);
+        self.inflight_flows = 0;
+        for (_, inflight) in all {
+            for flow in inflight.flows {
+                self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
+            }
+        }
+    }
+
+    // ----- flows -----
+
+    fn on_flow_batch(
+        &mut self,
+        conn: ConnId,
+        batch: wire::FlowBatch,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        let id = batch.batch_id;
+        if batch.hops == 0 && batch.region != self.region {
+            self.stats.batches_rejected += 1;
+            return ack(out, conn, id, AckStatus::Rejected(RejectReason::WrongRegion));
+        }
+        if batch.hops > HOPS_MAX {
+            self.stats.batches_rejected += 1;
+            return ack(out, conn, id, AckStatus::Rejected(RejectReason::TooManyHops));
+        }
+        if self.left || (batch.hops == 0 && self.is_busy()) {
+            self.stats.batches_busy += 1;
+            let retry_after_ms = self.config.busy_retry_after_ms;
+            return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
+        }
+        self.stats.batches_accepted += 1;
+        let dictionary: Vec<Arc<str>> = batch.dictionary.iter().map(|s| Arc::from(s.as_str())).collect();
+        let origin = if batch.hops == 0 {
+            Origin::Exporter
+        } else {
+            Origin::Forwarded
+        };
+        // Claims first: a flow of this batch may need them.
+        self.route_claims(&batch.claims, &dictionary, origin, now, out);
+        let region: Arc<str> = Arc::from(batch.region.as_str());
+        let flows: Vec<FlowRecord> = batch
+            .flows
+            .iter()
+            .filter_map(|f| FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops))
+            .collect();
+        self.stats.flows_received += flows.len() as u64;
+        self.route_flows(flows, now, out);
+        ack(out, conn, id, AckStatus::Accepted);
+    }
+
+    /// Routes flows to the owners of their remote IPs: here, a peer, another region, or a
+    /// verdict at once.
+    fn route_flows(&mut self, flows: Vec<FlowRecord>, now: UnixMillis, out: &mut Vec<Output>) {
+        let mut remote: Vec<(Dest, String, FlowRecord)> = Vec::new();
+        let me = self.config.identity.node_id().to_owned();
+        for flow in flows {
+            let origin = if flow.hops == 0 {
+                Origin::Exporter
+            } else {
+                Origin::Forwarded
+            };
+            let ctx = RouteContext {
+                local_region: &self.region,
+                regions: &self.regions,
+                local_ring: &self.ring,
+                remote_rings: &self.remote_rings,
+            };
+            let decision = match route_flow(&ctx, flow.remote_ip, origin) {
+                Route::Owners(owners) => match owners.first() {
+                    Some(o) if o.node_id() == me || flow.hops >= HOPS_MAX => None,
+                    Some(o) => Some(Ok((Dest::peer(o), o.node_id().to_owned()))),
+                    None => Some(Err(Verdict::Unattributed(Reason::RegionUnreachable))),
+                },
+                Route::Forward { via, .. } => Some(Ok((Dest::peer(via), via.node_id().to_owned()))),
+                Route::External => Some(Err(Verdict::Attributed(Attribution::External))),
+                Route::RegionUnreachable { .. } | Route::Misdirected { .. } => {
+                    Some(Err(Verdict::Unattributed(Reason::RegionUnreachable)))
+                }
+            };
+            match decision {
+                None => self.deliver_local(flow, now, out),
+                Some(Ok((dest, node_id))) => remote.push((dest, node_id, flow)),
+                Some(Err(verdict)) => self.emit(flow, verdict, 0, now, out),
+            }
+        }
+        self.send_flows(remote, now, out);
+    }
+
+    /// Sends flows to peers, one batch per peer, tracked until acknowledged.
+    fn send_flows(
+        &mut self,
+        flows: Vec<(Dest, String, FlowRecord)>,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        let mut by_peer: BTreeMap<(Dest, String), Vec<FlowRecord>> = BTreeMap::new();
+        for (dest, node_id, flow) in flows {
+            by_peer.entry((dest, node_id)).or_default().push(flow);
+        }
+        for ((dest, node_id), flows) in by_peer {
+            for chunk in flows.chunks(FORWARD_FLOWS_PER_BATCH_MAX) {
+                let chunk = chunk.to_vec();
+                self.stats.flows_forwarded += chunk.len() as u64;
+                let batch_id = self.next_id();
+                // Flows of one batch share hops and region on the wire; group by them.
+                let mut groups: BTreeMap<(u8, u64, Arc<str>), Vec<&FlowRecord>> = BTreeMap::new();
+                for f in &chunk {
+                    groups
+                        .entry((f.hops, f.exporter_id, f.exporter_region.clone()))
+                        .or_default()
+                        .push(f);
+                }
+                let many = groups.len() > 1;
+                let mut ids = Vec::new();
+                for ((hops, exporter_id, region), group) in groups {
+                    let id = if many { self.next_id() } else { batch_id };
+                    ids.push(id);
+                    let mut dict = DictionaryBuilder::default();
+                    let wire_flows = group
+                        .iter()
+                        .map(|f| {
+                            let i = dict.index_of(&f.local_workload);
+                            f.to_wire(i)
+                        })
+                        .collect();
+                    out.push(Output::Frame {
+                        to: dest.clone(),
+                        message: Message::FlowBatch(wire::FlowBatch {
+                            batch_id: id,
+                            exporter_id,
+                            hops: hops.saturating_add(1),
+                            region: region.to_string(),
+                            dictionary: dict.finish(),
+                            flows: wire_flows,
+                            claims: Vec::new(),
+                        }),
+                    });
+                    let flows: Vec<FlowRecord> = group.into_iter().cloned().collect();
+                    self.inflight_flows += flows.len();
+                    self.inflight.insert(
+                        id,
+                        Inflight {
+                            to: dest.clone(),
+                            node_id: node_id.clone(),
+                            sent_at: now,
+                            flows,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A flow whose remote IP we own: to the engine when its span is ready, else held.
+    fn deliver_local(&mut self, flow: FlowRecord, now: UnixMillis, out: &mut Vec<Output>) {
+        match self.handoff.readiness(flow.remote_ip) {
+            Readiness::Pending => {
+                if self.held.len() >= self.config.held_flows_max {
+                    self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
+                } else {
+                    self.held.push_back(flow);
+                }
+            }
+            Readiness::Ready { history_floor } => {
+                let earliest = flow.start_ms.saturating_sub(self.config.engine.skew_margin_ms);
+                if history_floor.is_some_and(|floor| earliest < floor.0) {
+                    // The history before the floor was never fetched: it cannot be told.
+                    self.emit(flow, Verdict::Unattributed(Reason::Expired), 0, now, out);
+                    return;
+                }
+                let window = Window::new(UnixMillis(flow.start_ms), UnixMillis(flow.end_ms))
+                    .unwrap_or(Window::at(UnixMillis(flow.start_ms)));
+                let query = tenure_attribution::FlowQuery {
+                    remote: flow.remote_ip,
+                    window,
+                    payload: flow,
+                };
+                self.engine.submit(query, now, &mut self.scratch);
+                self.drain_engine(now, out);
+            }
+        }
+    }
+
+    fn retry_held(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held: Vec<FlowRecord> = self.held.drain(..).collect();
+        for flow in held {
+            if self.left {
+                self.held.push_back(flow);
+                continue;
+            }
+            // Ownership may have moved while it waited: route again.
+            self.route_flows(vec![flow], now, out);
+        }
+    }
+
+    fn on_ack(&mut self, a: wire::Ack, now: UnixMillis, out: &mut Vec<Output>) {
+        match a.status {
+            AckStatus::Accepted => {
+                if let Some(done) = self.inflight.remove(&a.batch_id) {
+                    self.inflight_flows = self.inflight_flows.saturating_sub(done.flows.len());
+                }
+            }
+            AckStatus::Busy { .. } => {
+                // Leave it in flight: the ack timeout re-sends it (possibly elsewhere).
+            }
+            AckStatus::Rejected(reason) => {
+                if let Some(done) = self.inflight.remove(&a.batch_id) {
+                    self.inflight_flows = self.inflight_flows.saturating_sub(done.flows.len());
+                    tracing::warn!(?reason, peer = %done.node_id, flows = done.flows.len(), "peer rejected forwarded flows");
+                    for flow in done.flows {
+                        self.emit(flow, Verdict::Unattributed(Reason::RegionUnreachable), 0, now, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reroute_inflight(&mut self, id: u64, now: UnixMillis, out: &mut Vec<Output>) {
+        let Some(inflight) = self.inflight.remove(&id) else {
+            return;
+        };
+        self.inflight_flows = self.inflight_flows.saturating_sub(inflight.flows.len());
+        self.stats.flows_rerouted += inflight.flows.len() as u64;
+        tracing::debug!(to = ?inflight.to, flows = inflight.flows.len(), "re-routing unacknowledged flows");
+        if self.left {
+            // Only survivors remain on our ring: send there again.
+            let mut again = Vec::new();
+            for flow in inflight.flows {
+                match self.ring.primary(flow.remote_ip) {
+                    Some(next) => again.push((Dest::peer(next), next.node_id().to_owned(), flow)),
+                    None => self.emit(flow, Verdict::Unattributed(Reason::NoOwner), 0, now, out),
+                }
+            }
+            self.send_flows(again, now, out);
+        } else {
+            self.route_flows(inflight.flows, now, out);
+        }
+    }
+
+    fn drain_engine(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        for conflict in self.scratch.conflicts.drain(..) {
+            tracing::warn!(ip = %conflict.ip, existing = %conflict.existing, claimant = %conflict.claimant, "conflicting claims");
+            out.push(Output::Notice(Notice::Conflict(conflict)));
+        }
+        let resolved: Vec<Resolved<FlowRecord>> = self.scratch.resolved.drain(..).collect();
+        for r in resolved {
+            self.emit(r.payload, r.verdict, r.waited_ms, now, out);
+        }
+    }
+
+    fn emit(&mut self, record: FlowRecord, verdict: Verdict, waited_ms: u64, now: UnixMillis, out: &mut Vec<Output>) {
+        out.push(Output::Emit(EmittedFlow {
+            record,
+            verdict,
+            waited_ms,
+            emitted_ms: now.0,
+        }));
+    }
+
+    // ----- claims and events -----
+
+    fn route_claims(
+        &mut self,
+        claims: &[wire::Claim],
+        dictionary: &[Arc<str>],
+        origin: Origin,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        self.stats.claims_received += claims.len() as u64;
+        let me = self.config.identity.node_id().to_owned();
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<Dest, Vec<&wire::Claim>> = BTreeMap::new();
+        for claim in claims {
+            let ctx = RouteContext {
+                local_region: &self.region,
+                regions: &self.regions,
+                local_ring: &self.ring,
+                remote_rings: &self.remote_rings,
+            };
+            match route_claim(&ctx, claim.ip, origin) {
+                Route::Owners(owners) => {
+                    for owner in owners {
+                        if owner.node_id() == me {
+                            local.push(claim);
+                        } else {
+                            remote.entry(Dest::peer(owner)).or_default().push(claim);
+                        }
+                    }
+                }
+                Route::Forward { via, .. } => {
+                    remote.entry(Dest::peer(via)).or_default().push(claim);
+                }
+                Route::External => {
+                    self.stats.claims_dropped += 1;
+                }
+                Route::RegionUnreachable { .. } | Route::Misdirected { .. } => {
+                    self.stats.claims_dropped += 1;
+                }
+            }
+        }
+        for claim in local {
+            self.apply_claim(claim, dictionary, now, out);
+        }
+        for (dest, claims) in remote {
+            for chunk in claims.chunks(FORWARD_CLAIMS_PER_BATCH_MAX) {
+                let mut dict = DictionaryBuilder::default();
+                let claims = chunk
+                    .iter()
+                    .filter_map(|c| {
+                        let name = dictionary.get(c.workload as usize)?;
+                        Some(wire::Claim {
+                            workload: dict.index_of(name),
+                            ..(*c).clone()
+                        })
+                    })
+                    .collect();
+                let batch_id = self.next_id();
+                out.push(Output::Frame {
+                    to: dest.clone(),
+                    message: Message::ClaimBatch(wire::ClaimBatch {
+                        batch_id,
+                        dictionary: dict.finish(),
+                        claims,
+                    }),
+                });
+            }
+        }
+    }
+
+    fn apply_claim(&mut self, claim: &wire::Claim, dictionary: &[Arc<str>], now: UnixMillis, out: &mut Vec<Output>) {
+        let Some(name) = dictionary.get(claim.workload as usize) else {
+            self.stats.claims_dropped += 1;
+            return;
+        };
+        let workload = match self.engine.intern(name) {
+            Ok(w) => w,
+            Err(e) => {
+                self.stats.claims_dropped += 1;
+                out.push(Output::Notice(Notice::ClaimDropped {
+                    ip: claim.ip,
+                    why: e.to_string(),
+                }));
+                return;
+            }
+        };
+        let result = self.engine.apply_claim(
+            Claim {
+                ip: claim.ip,
+                workload,
+                since: UnixMillis(claim.since_ms),
+                until: UnixMillis(claim.until_ms),
+            },
+            now,
+            &mut self.scratch,
+        );
+        if let Err(e) = result {
+            self.stats.claims_dropped += 1;
+            out.push(Output::Notice(Notice::ClaimDropped {
+                ip: claim.ip,
+                why: e.to_string(),
+            }));
+        }
+        self.drain_engine(now, out);
+    }
+
+    /// Claims from a peer that routed them to us: applied here (the sender judged us an
+    /// owner; a claim is a fact, so holding it where it is not needed is harmless).
+    fn on_claim_batch(&mut self, conn: ConnId, batch: wire::ClaimBatch, now: UnixMillis, out: &mut Vec<Output>) {
+        let dictionary: Vec<Arc<str>> = batch.dictionary.iter().map(|s| Arc::from(s.as_str())).collect();
+        self.stats.claims_received += batch.claims.len() as u64;
+        for claim in &batch.claims {
+            self.apply_claim(claim, &dictionary, now, out);
+        }
+        ack(out, conn, batch.batch_id, AckStatus::Accepted);
+    }
+
+    /// Events: applied here for IPs we own; the rest go to their owners. The watermark
+    /// applies region-wide, so an event batch from the feed (not from a peer) passes it to
+    /// every member of the region.
+    fn on_event_batch(&mut self, batch: wire::IpEventBatch, from_peer: bool, // relayed by a peer
+        now: UnixMillis, out: &mut Vec<Output>) {
+        self.stats.events_received += batch.events.len() as u64;
+        let me = self.config.identity.node_id().to_owned();
+        let mut remote: BTreeMap<Dest, Vec<wire::IpEvent>> = BTreeMap::new();
+        for event in batch.events {
+            let owners: Vec<Dest> = if from_peer {
+                Vec::new()
+            } else {
+                let ctx = RouteContext {
+                    local_region: &self.region,
+                    regions: &self.regions,
+                    local_ring: &self.ring,
+                    remote_rings: &self.remote_rings,
+                };
+                match route_claim(&ctx, event.ip, Origin::Exporter) {
+                    Route::Owners(owners) => owners
+                        .into_iter()
+                        .filter(|o| o.node_id() != me)
+                        .map(Dest::peer)
+                        .collect(),
+                    Route::Forward { via, .. } => vec![Dest::peer(via)],
+                    Route::External | Route::RegionUnreachable { .. } | Route::Misdirected { .. } => Vec::new(),
+                }
+            };
+            let mine = from_peer || self.owners_of(event.ip).iter().any(|o| o.node_id() == me);
+            if mine {
+                self.apply_event(&event, now, out);
+            }
+            for dest in owners {
+                remote.entry(dest).or_default().push(event.clone());
+            }
+        }
+        self.engine
+            .advance_event_watermark(UnixMillis(batch.watermark_ms), now, &mut self.scratch);
+        self.drain_engine(now, out);
+        if from_peer {
+            return;
+        }
+        // Every LAN member learns the watermark, with or without events for it.
+        for member in self.membership.lan_members() {
+            remote.entry(Dest::peer(member)).or_default();
+        }
+        for (dest, events) in remote {
+            let mut chunks: Vec<Vec<wire::IpEvent>> = events
+                .chunks(FORWARD_EVENTS_PER_BATCH_MAX)
+                .map(<[wire::IpEvent]>::to_vec)
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            for events in chunks {
+                let batch_id = self.next_id() | RELAYED_BATCH_BIT;
+                out.push(Output::Frame {
+                    to: dest.clone(),
+                    message: Message::IpEventBatch(wire::IpEventBatch {
+                        batch_id,
+                        watermark_ms: batch.watermark_ms,
+                        events,
+                    }),
+                });
+            }
+        }
+    }
+
+    fn apply_event(&mut self, event: &wire::IpEvent, now: UnixMillis, out: &mut Vec<Output>) {
+        let at = UnixMillis(event.at_ms);
+        let engine_event = match event.kind {
+            wire::IpEventKind::Assign => match self.engine.intern(&event.owner) {
+                Ok(owner) => IpEvent::Assign {
+                    ip: event.ip,
+                    owner,
+                    at,
+                },
+                Err(e) => {
+                    out.push(Output::Notice(Notice::ClaimDropped {
+                        ip: event.ip,
+                        why: e.to_string(),
+                    }));
+                    return;
+                }
+            },
+            wire::IpEventKind::Unassign => IpEvent::Unassign { ip: event.ip, at },
+        };
+        self.engine.apply_event(engine_event, now, &mut self.scratch);
+        self.drain_engine(now, out);
+    }
+
+    // ----- handoff -----
+
+    fn pull(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        let pulls = self.handoff.tick(now);
+        self.send_pulls(pulls, out);
+    }
+
+    fn send_pulls(&mut self, pulls: Vec<Pull>, out: &mut Vec<Output>) {
+        for pull in pulls {
+            let request_id = self.next_id();
+            out.push(Output::Frame {
+                to: Dest::peer(&pull.from),
+                message: Message::RangeRequest(wire::RangeRequest {
+                    request_id,
+                    region: self.region.clone(),
+                    spans: pull
+                        .spans
+                        .iter()
+                        .map(|s| wire::HashSpan {
+                            start_hash: s.start,
+                            end_hash: s.end,
+                        })
+                        .collect(),
+                }),
+            });
+            self.requests.insert(request_id, Request { spans: pull.spans });
+        }
+        // Requests nobody answers are retried by handoff under new ids; keep the table
+        // bounded by dropping the oldest.
+        while self.requests.len() > 4_096 {
+            self.requests.pop_first();
+        }
+    }
+
+    /// Answers a pull only when every span asked for is complete here: a snapshot ends
+    /// the asker's wait, so partial history must never be sent as if whole.
+    fn on_range_request(&mut self, conn: ConnId, request: wire::RangeRequest, out: &mut Vec<Output>) {
+        if request.region != self.region {
+            return;
+        }
+        let spans: Vec<Span> = request
+            .spans
+            .iter()
+            .filter_map(|s| Span::new(s.start_hash, s.end_hash))
+            .collect();
+        if spans.iter().any(|s| !self.handoff.is_span_ready(*s)) {
+            return;
+        }
+        let ranges = self
+            .engine
+            .export(|ip| spans.iter().any(|s| s.contains(point_of(ip))));
+        let mut chunks: Vec<&[IpRanges]> = ranges.chunks(SNAPSHOT_IPS_PER_FRAME_MAX).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last_index = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            self.stats.snapshots_sent += 1;
+            out.push(Output::Frame {
+                to: Dest::Conn(conn),
+                message: Message::RangeSnapshot(wire::RangeSnapshot {
+                    request_id: request.request_id,
+                    region: self.region.clone(),
+                    last: i == last_index,
+                    ips: chunk.iter().map(snapshot_to_wire).collect(),
+                }),
+            });
+        }
+    }
+
+    fn on_range_snapshot(&mut self, snapshot: wire::RangeSnapshot, now: UnixMillis, out: &mut Vec<Output>) {
+        if !self.requests.contains_key(&snapshot.request_id) {
+            return;
+        }
+        for ip in &snapshot.ips {
+            let ranges = snapshot_from_wire(ip);
+            if let Err(e) = self.engine.import(&ranges, now, &mut self.scratch) {
+                tracing::warn!(ip = %ranges.ip, error = %e, "importing handed-off ranges");
+            }
+        }
+        self.drain_engine(now, out);
+        if snapshot.last {
+            if let Some(request) = self.requests.remove(&snapshot.request_id) {
+                self.stats.snapshots_merged += 1;
+                for span in request.spans {
+                    self.handoff.on_snapshot(span);
+                }
+                self.retry_held(now, out);
+            }
+        }
+    }
+
+    // ----- membership -----
+
+    fn after_membership(&mut self, outputs: Vec<membership::Output>, now: UnixMillis, out: &mut Vec<Output>) {
+        let mut lan_changed = false;
+        let mut wan_changed = false;
+        let mut regions_changed = false;
+        let mut down = Vec::new();
+        for output in outputs {
+            match output {
+                membership::Output::Send { to, bytes } => out.push(Output::Datagram { to, bytes }),
+                membership::Output::SetTimer { after, timer } => out.push(Output::Timer {
+                    after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+                    timer,
+                }),
+                membership::Output::MemberUp { member, pool } => {
+                    lan_changed |= pool == Pool::Lan;
+                    wan_changed |= pool == Pool::Wan;
+                    out.push(Output::Notice(Notice::MemberUp {
+                        node_id: member.node_id().to_owned(),
+                        region: member.region().to_owned(),
+                        pool,
+                    }));
+                }
+                membership::Output::MemberDown { member, pool } => {
+                    lan_changed |= pool == Pool::Lan;
+                    wan_changed |= pool == Pool::Wan;
+                    down.push(member.node_id().to_owned());
+                    out.push(Output::Notice(Notice::MemberDown {
+                        node_id: member.node_id().to_owned(),
+                        region: member.region().to_owned(),
+                        pool,
+                    }));
+                }
+                membership::Output::MemberRenamed { pool, .. } => {
+                    lan_changed |= pool == Pool::Lan;
+                    wan_changed |= pool == Pool::Wan;
+                }
+                membership::Output::Rejoined { .. } => {}
+                membership::Output::Defunct { .. } => out.push(Output::Notice(Notice::Defunct)),
+                membership::Output::RegionUpdated { record } => {
+                    regions_changed = true;
+                    out.push(Output::Notice(Notice::RegionUpdated {
+                        region: record.region,
+                        version: record.version,
+                    }));
+                }
+            }
+        }
+        if self.left {
+            return;
+        }
+        if regions_changed {
+            self.rebuild_regions();
+        }
+        if wan_changed {
+            self.remote_rings = self.membership.remote_rings(self.config.ring);
+        }
+        if lan_changed {
+            let new_ring = self.membership.local_ring(self.config.ring);
+            let pulls = self.handoff.on_ring_change(&self.ring, &new_ring, now);
+            self.ring = new_ring;
+            self.send_pulls(pulls, out);
+            out.push(Output::Notice(Notice::RingChanged {
+                members: self.ring.members().len(),
+                pending_spans: self.handoff.pending_spans(),
+            }));
+            self.retry_held(now, out);
+        }
+        for node_id in down {
+            let ids: Vec<u64> = self
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.node_id == node_id)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                self.reroute_inflight(id, now, out);
+            }
+        }
+    }
+
+    /// Configured prefixes, with gossiped records merged over them.
+    fn rebuild_regions(&mut self) {
+        let records = self.membership.regions();
+        let mut pairs: Vec<(IpNet, String)> = Vec::new();
+        for record in &records {
+            for net in &record.prefixes {
+                pairs.push((*net, record.region.clone()));
+            }
+        }
+        for (net, region) in &self.config.static_regions {
+            if !pairs.iter().any(|(n, _)| n.trunc() == net.trunc()) {
+                pairs.push((*net, region.clone()));
+            }
+        }
+        match RegionMap::from_prefixes(pairs.iter().map(|(n, r)| (*n, r.as_str()))) {
+            Ok(map) => self.regions = map,
+            Err(e) => tracing::warn!(error = %e, "region directory disagrees with itself; keeping the previous map"),
+        }
+    }
+}
+
+fn ack(out: &mut Vec<Output>, conn: ConnId, batch_id: u64, status: AckStatus) {
+    out.push(Output::Frame {
+        to: Dest::Conn(conn),
+        message: Message::Ack(wire::Ack { batch_id, status }),
+    });
+}
+
+fn snapshot_to_wire(ranges: &IpRanges) -> wire::SnapshotIp {
+    wire::SnapshotIp {
+        floor_ms: ranges.floor.map(|f| f.0),
+        ip: ranges.ip,
+        segments: ranges
+            .segments
+            .iter()
+            .map(|s| wire::SnapshotSegment {
+                start_ms: s.start.0,
+                end_ms: s.end.0,
+                owner: match &s.owner {
+                    SegmentOwner::Workload(name) => wire::SnapshotOwner::Workload(name.clone()),
+                    SegmentOwner::Conflict => wire::SnapshotOwner::Conflict,
+                },
+            })
+            .collect(),
+    }
+}
+
+fn snapshot_from_wire(ip: &wire::SnapshotIp) -> IpRanges {
+    IpRanges {
+        ip: ip.ip,
+        floor: ip.floor_ms.map(UnixMillis),
+        segments: ip
+            .segments
+            .iter()
+            .map(|s| SegmentSnapshot {
+                owner: match &s.owner {
+                    wire::SnapshotOwner::Workload(name) => SegmentOwner::Workload(name.clone()),
+                    wire::SnapshotOwner::Conflict => SegmentOwner::Conflict,
+                },
+                start: UnixMillis(s.start_ms),
+                end: UnixMillis(s.end_ms),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,1 @@
+//! Scenarios of the core driven by hand: no sockets, no clock.

@@ -1,0 +1,397 @@
+//! The exporter role: flows from a source (eBPF capture or a synthetic fleet), one
+//! heartbeat per local IP every interval, batches sent to a collector of the region and
+//! kept until acknowledged, retried with backoff against the next collector.
+
+pub mod batcher;
+pub mod identity;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tenure_gossip::wire::{AckStatus, AlignedVec, Direction, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::config::{ExporterConfig, SourceConfig};
+use crate::fleet::{Fleet, FleetConfig};
+use crate::shell::clock;
+use crate::shell::metrics as m;
+use crate::shell::transport::{Crypto, TransportError, READ_CHUNK_BYTES};
+use batcher::{Batcher, LocalClaim, LocalFlow};
+use identity::IdentitySource;
+
+/// Captured flow batches waiting for the next heartbeat; past it capture batches are
+/// dropped and counted.
+pub const CAPTURE_QUEUE_BATCHES_MAX: usize = 1_024;
+
+/// A data-plane client: one TCP connection to a collector, sealed frames out, acks in.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    decoder: tenure_gossip::frame::FrameDecoder,
+    buf: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, crypto: &Crypto, timeout: Duration) -> Result<Client, TransportError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+        let _ = stream.set_nodelay(true);
+        Ok(Client {
+            stream,
+            decoder: crypto.decoder(),
+            buf: vec![0; READ_CHUNK_BYTES],
+            pending: Vec::new(),
+        })
+    }
+
+    pub async fn send(&mut self, crypto: &Crypto, message: &Message) -> Result<(), TransportError> {
+        let frame = crypto.frame(message)?;
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next message from the collector.
+    pub async fn recv(&mut self, crypto: &Crypto) -> Result<Message, TransportError> {
+        let mut plaintext = AlignedVec::new();
+        loop {
+            if !self.pending.is_empty() {
+                let mut input: &[u8] = &self.pending;
+                let decoded = self.decoder.decode(&mut input)?;
+                let rest = input.to_vec();
+                if let Some(body) = decoded {
+                    let message = crypto.open_frame(body, &mut plaintext)?;
+                    self.pending = rest;
+                    return Ok(message);
+                }
+                self.pending = rest;
+            }
+            let n = self.stream.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(TransportError::Closed);
+            }
+            self.pending.extend_from_slice(&self.buf[..n]);
+        }
+    }
+}
+
+/// Where this interval's flows and claims come from.
+enum Source {
+    Synthetic { fleet: Box<Fleet>, region_index: usize },
+    Capture { rx: mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, identity: IdentitySource },
+}
+
+/// Runs an exporter until `shutdown` resolves. With `to_stdout`, flows are printed as
+/// NDJSON and nothing is sent.
+pub async fn run(config: ExporterConfig, to_stdout: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.validate(to_stdout)?;
+    let start = clock::now();
+    let mut source = match &config.source {
+        SourceConfig::Synthetic { seed, prefix, flows_per_sec } => {
+            let mut fleet = FleetConfig::demo(*seed, vec![(config.region.clone(), *prefix)]);
+            fleet.flows_per_sec = *flows_per_sec;
+            fleet.cross_region_share = 0.0;
+            Source::Synthetic {
+                fleet: Box::new(Fleet::new(fleet, start.0)),
+                region_index: 0,
+            }
+        }
+        SourceConfig::Ebpf => {
+            let identity = match &config.identity {
+                Some(i) => IdentitySource::new(i.clone(), start.0),
+                None if to_stdout => IdentitySource::anonymous(),
+                None => anyhow::bail!("the eBPF source needs an [identity] section (host_file or map_file)"),
+            };
+            let rx = start_capture(config.heartbeat_interval_ms).context("starting eBPF capture")?;
+            Source::Capture { rx, identity }
+        }
+    };
+    if to_stdout {
+        return print_flows(&config, &mut source, shutdown).await;
+    }
+    let key = config
+        .key
+        .resolve(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
+        .context("exporter key")?;
+    let crypto = Crypto::new(config.key.key_id, &key, None, config.exporter_id, start.0);
+    let mut batcher = Batcher::new(
+        config.exporter_id,
+        &config.region,
+        start.0 << 8,
+        config.batch_flows_max,
+        config.buffer_batches_max,
+    );
+    let _ = m::handle();
+    let label = config.exporter_id.to_string();
+    let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sender = Sender::new(&config);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                let (flows, claims) = collect(&mut source, clock::now().0);
+                batcher.push(flows, claims);
+                sender.drain(&crypto, &mut batcher).await;
+                let stats = batcher.stats();
+                metrics::counter!(m::EXPORTER_BATCHES_DROPPED, "exporter" => label.clone()).absolute(stats.batches_dropped);
+                metrics::counter!(m::EXPORTER_BATCHES_SENT, "exporter" => label.clone()).absolute(stats.batches_acked);
+                metrics::gauge!(m::EXPORTER_BUFFERED, "exporter" => label.clone()).set(batcher.buffered() as f64);
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    // One last batch (the final heartbeats and closed flows), then a bounded attempt to
+    // deliver what is buffered.
+    let (flows, claims) = collect(&mut source, clock::now().0);
+    batcher.push(flows, claims);
+    let _ = tokio::time::timeout(Duration::from_millis(config.ack_timeout_ms * 2), sender.drain(&crypto, &mut batcher)).await;
+    if batcher.buffered() > 0 {
+        tracing::warn!(batches = batcher.buffered(), "exiting with unacknowledged batches");
+    }
+    Ok(())
+}
+
+/// Sends buffered batches to a collector, one at a time, rotating collectors and backing
+/// off on failure.
+pub(crate) struct Sender {
+    collectors: Vec<SocketAddr>,
+    current: usize,
+    client: Option<Client>,
+    ack_timeout: Duration,
+    backoff_initial_ms: u64,
+    backoff_max_ms: u64,
+    backoff_ms: u64,
+}
+
+impl Sender {
+    pub(crate) fn new(config: &ExporterConfig) -> Sender {
+        Sender {
+            collectors: config.collectors.clone(),
+            current: (config.exporter_id as usize) % config.collectors.len().max(1),
+            client: None,
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
+            backoff_initial_ms: config.backoff_initial_ms,
+            backoff_max_ms: config.backoff_max_ms,
+            backoff_ms: config.backoff_initial_ms,
+        }
+    }
+
+    pub(crate) async fn drain(&mut self, crypto: &Crypto, batcher: &mut Batcher) {
+        // Bounded: at most a few rounds over the collectors per call; the rest waits for
+        // the next interval.
+        let mut failures = 0usize;
+        while let Some(batch) = batcher.front().cloned() {
+            if failures > self.collectors.len() * 2 {
+                return;
+            }
+            match self.send_one(crypto, batch).await {
+                Ok(AckStatus::Accepted) => {
+                    batcher.acked(batcher.front().map(|b| b.batch_id).unwrap_or_default());
+                    self.backoff_ms = self.backoff_initial_ms;
+                }
+                Ok(AckStatus::Rejected(reason)) => {
+                    tracing::error!(?reason, "collector rejected a batch; dropped");
+                    batcher.rejected(batcher.front().map(|b| b.batch_id).unwrap_or_default());
+                }
+                Ok(AckStatus::Busy { retry_after_ms }) => {
+                    tracing::debug!(retry_after_ms, "collector busy");
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.min(self.backoff_max_ms))).await;
+                    failures += 1;
+                }
+                Err(e) => {
+                    let addr = self.collectors.get(self.current).copied();
+                    tracing::warn!(collector = ?addr, error = %e, backoff_ms = self.backoff_ms, "sending a batch failed; trying the next collector");
+                    self.client = None;
+                    self.current = (self.current + 1) % self.collectors.len().max(1);
+                    tokio::time::sleep(Duration::from_millis(self.backoff_ms)).await;
+                    self.backoff_ms = (self.backoff_ms * 2).min(self.backoff_max_ms);
+                    failures += 1;
+                }
+            }
+        }
+    }
+
+    async fn send_one(&mut self, crypto: &Crypto, batch: tenure_gossip::wire::FlowBatch) -> Result<AckStatus, TransportError> {
+        let batch_id = batch.batch_id;
+        if self.client.is_none() {
+            let addr = *self.collectors.get(self.current).ok_or(TransportError::Closed)?;
+            self.client = Some(Client::connect(addr, crypto, self.ack_timeout).await?);
+        }
+        let client = self.client.as_mut().ok_or(TransportError::Closed)?;
+        client.send(crypto, &Message::FlowBatch(batch)).await?;
+        let wait = async {
+            loop {
+                match client.recv(crypto).await? {
+                    Message::Ack(a) if a.batch_id == batch_id => return Ok(a.status),
+                    _ => continue,
+                }
+            }
+        };
+        match tokio::time::timeout(self.ack_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack in time"))),
+        }
+    }
+}
+
+/// This interval's flows and heartbeats from the source.
+fn collect(source: &mut Source, now_ms: u64) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
+    match source {
+        Source::Synthetic { fleet, region_index } => {
+            let steps = fleet.advance(now_ms);
+            let Some(step) = steps.into_iter().nth(*region_index) else {
+                return (Vec::new(), Vec::new());
+            };
+            let flows = step.flows.into_iter().map(synthetic_flow).collect();
+            let claims = step
+                .claims
+                .into_iter()
+                .map(|c| LocalClaim {
+                    ip: c.ip,
+                    workload: c.workload,
+                    since_ms: c.since_ms,
+                    until_ms: c.until_ms,
+                })
+                .collect();
+            (flows, claims)
+        }
+        Source::Capture { rx, identity } => {
+            identity.refresh(now_ms);
+            let mut flows = Vec::new();
+            while let Ok(batch) = rx.try_recv() {
+                for f in batch {
+                    if let Some(flow) = captured_flow(&f, identity) {
+                        flows.push(flow);
+                    }
+                }
+            }
+            (flows, identity.claims(now_ms))
+        }
+    }
+}
+
+pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
+    LocalFlow {
+        flow_id: f.flow_id,
+        local_ip: f.local_ip,
+        local_port: f.local_port,
+        local_workload: f.local_workload,
+        remote_ip: f.remote_ip,
+        remote_port: f.remote_port,
+        start_ms: f.start_ms,
+        end_ms: f.end_ms,
+        bytes_sent: f.bytes_sent,
+        bytes_received: f.bytes_received,
+        packets: 0,
+        retransmits: 0,
+        direction: Direction::Outbound,
+        ongoing: false,
+    }
+}
+
+/// A captured flow with its local workload from the identity source; `None` when the local
+/// IP belongs to no known workload (nothing to say who it was).
+pub(crate) fn captured_flow(f: &tenure_node_ebpf::CapturedFlow, identity: &IdentitySource) -> Option<LocalFlow> {
+    let local_ip = f.local.ip().to_canonical();
+    let workload = identity.workload_of(local_ip)?;
+    // A stable id: the 4-tuple and the start time identify a socket's life.
+    let mut h = crate::shell::collector::fnv64(format!("{}{}{}", f.local, f.remote, f.start_unix_ms).as_bytes()) as u128;
+    h = (h << 64) | u128::from(crate::shell::collector::fnv64(format!("{}{}", f.remote, f.local).as_bytes()));
+    Some(LocalFlow {
+        flow_id: h,
+        local_ip,
+        local_port: f.local.port(),
+        local_workload: workload,
+        remote_ip: f.remote.ip().to_canonical(),
+        remote_port: f.remote.port(),
+        start_ms: f.start_unix_ms,
+        end_ms: f.end_unix_ms.max(f.start_unix_ms),
+        bytes_sent: f.bytes_sent,
+        bytes_received: f.bytes_received,
+        packets: u64::from(f.segs_in) + u64::from(f.segs_out),
+        retransmits: u64::from(f.retransmits),
+        direction: match f.direction {
+            tenure_node_ebpf::Direction::Inbound => Direction::Inbound,
+            tenure_node_ebpf::Direction::Outbound | tenure_node_ebpf::Direction::Unknown => Direction::Outbound,
+        },
+        ongoing: f.ongoing,
+    })
+}
+
+/// Loads the eBPF capture and feeds closed flows, and a snapshot of live ones every
+/// interval, into a bounded channel.
+pub fn start_capture(snapshot_interval_ms: u64) -> Result<mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, tenure_node_ebpf::CaptureError> {
+    tenure_node_ebpf::check_privileges()?;
+    let mut capture = tenure_node_ebpf::Capture::load(tenure_node_ebpf::CaptureOptions::default())?;
+    let (tx, rx) = mpsc::channel(CAPTURE_QUEUE_BATCHES_MAX);
+    tokio::spawn(async move {
+        let mut snapshots = tokio::time::interval(Duration::from_millis(snapshot_interval_ms.max(100)));
+        let mut dropped = 0u64;
+        loop {
+            let batch = tokio::select! {
+                r = capture.next_batch() => match r {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "flow capture failed");
+                        return;
+                    }
+                },
+                _ = snapshots.tick() => match capture.snapshot() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "flow snapshot");
+                        continue;
+                    }
+                },
+            };
+            if tx.is_closed() {
+                return;
+            }
+            if tx.try_send(batch).is_err() {
+                dropped += 1;
+                tracing::warn!(dropped, "capture queue full; a batch of captured flows was dropped");
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn print_flows(config: &ExporterConfig, source: &mut Source, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms.min(1_000)));
+    let mut stdout = tokio::io::stdout();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                let (flows, _) = collect(source, clock::now().0);
+                let mut out = Vec::new();
+                for f in flows {
+                    let line = serde_json::json!({
+                        "flow_id": format!("{:032x}", f.flow_id),
+                        "local": { "ip": f.local_ip.to_string(), "port": f.local_port, "workload": f.local_workload },
+                        "remote": { "ip": f.remote_ip.to_string(), "port": f.remote_port },
+                        "direction": match f.direction { Direction::Outbound => "outbound", Direction::Inbound => "inbound" },
+                        "start_ms": f.start_ms,
+                        "end_ms": f.end_ms,
+                        "duration_ms": f.end_ms - f.start_ms,
+                        "bytes_sent": f.bytes_sent,
+                        "bytes_received": f.bytes_received,
+                        "retransmits": f.retransmits,
+                        "ongoing": f.ongoing,
+                    });
+                    out.extend_from_slice(line.to_string().as_bytes());
+                    out.push(b'\n');
+                }
+                stdout.write_all(&out).await?;
+                stdout.flush().await?;
+            }
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}

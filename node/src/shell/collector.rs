@@ -1,0 +1,626 @@
+//! The collector's tokio shell: sockets, timers, the sink writer and HTTP around one
+//! [`NodeCore`]. Thin by design: every decision is the core's; this module moves bytes,
+//! reads the clock (through `clock::now`) and bounds every queue.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tenure_attribution::UnixMillis;
+use tenure_gossip::handoff::HandoffConfig;
+use tenure_gossip::identity::NodeIdentity;
+use tenure_gossip::membership::{self, Pool};
+use tenure_gossip::ring::RingConfig;
+use tenure_gossip::wire::{self, AckStatus, AlignedVec, Message};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, watch};
+
+use super::clock;
+use super::metrics as m;
+use super::transport::{read_messages, Crypto, TransportError};
+use crate::config::{CollectorConfig, SinkConfig};
+use crate::core::{ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS};
+use crate::deps::Dependencies;
+use crate::sink::{self, RollingFiles};
+
+/// Frames queued for one connection; past it frames to it are dropped and counted (the
+/// sender's ack timeout re-sends them).
+pub const CONN_QUEUE_FRAMES_MAX: usize = 1_024;
+/// Timers queued between the core and the timer task.
+pub const TIMER_QUEUE_MAX: usize = 16_384;
+/// How long connecting to a peer may take, in ms.
+pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Datagrams received at once.
+const DATAGRAM_BUFFER_BYTES: usize = 9_000;
+/// How often the sink writer flushes, in ms.
+const SINK_FLUSH_INTERVAL_MS: u64 = 500;
+/// Connections held at once (inbound plus outbound); past it new inbound ones are closed.
+pub const CONNECTIONS_MAX: usize = 4_096;
+
+/// What a running collector tells its starter.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub node_id: String,
+    pub region: String,
+    pub gossip_addr: SocketAddr,
+    pub data_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+/// State shared by the collector's tasks.
+pub(crate) struct Shared {
+    pub(crate) core: Mutex<NodeCore>,
+    pub(crate) crypto: Crypto,
+    conns: Mutex<BTreeMap<ConnId, mpsc::Sender<Vec<u8>>>>,
+    peers: Mutex<BTreeMap<SocketAddr, ConnId>>,
+    next_conn: AtomicU64,
+    udp: Arc<UdpSocket>,
+    timers: mpsc::Sender<(u64, membership::Timer)>,
+    sink: mpsc::Sender<EmittedFlow>,
+    tap: Option<mpsc::Sender<EmittedFlow>>,
+    pub(crate) deps: Mutex<Dependencies>,
+    pub(crate) node: String,
+    pub(crate) bound: Bound,
+    pub(crate) event_token: Option<String>,
+    /// node id → (region, up), from membership notices, for metrics and /v1/cluster.
+    pub(crate) roster: Mutex<BTreeMap<String, (String, bool)>>,
+    pub(crate) started: UnixMillis,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("node", &self.node).finish()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Runs `f` on the core with the current time, then acts on its outputs.
+    pub(crate) async fn with_core<R>(self: &Arc<Self>, f: impl FnOnce(&mut NodeCore, UnixMillis, &mut Vec<Output>) -> R) -> R {
+        let mut out = Vec::new();
+        let result = {
+            let mut core = lock(&self.core);
+            f(&mut core, clock::now(), &mut out)
+        };
+        self.dispatch(out).await;
+        result
+    }
+
+    async fn dispatch(self: &Arc<Self>, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Frame { to, message } => self.send_frame(to, &message),
+                Output::Datagram { to, bytes } => match self.crypto.datagram(&bytes) {
+                    Ok(sealed) => {
+                        if let Err(e) = self.udp.try_send_to(&sealed, to) {
+                            tracing::debug!(%to, error = %e, "gossip send");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sealing a datagram"),
+                },
+                Output::Timer { after_ms, timer } => {
+                    if self.timers.try_send((after_ms, timer)).is_err() {
+                        tracing::warn!("timer queue full; a membership timer was lost");
+                    }
+                }
+                Output::Emit(flow) => self.emit(flow).await,
+                Output::Notice(notice) => self.notice(notice),
+            }
+        }
+    }
+
+    async fn emit(&self, flow: EmittedFlow) {
+        let node = self.node.clone();
+        let detail = match (flow.source(), flow.reason()) {
+            (Some(source), _) => source,
+            (None, Some(reason)) => reason.as_str(),
+            (None, None) => "none",
+        };
+        metrics::counter!(m::FLOWS_OUT, "node" => node.clone(), "result" => flow.result(), "detail" => detail).increment(1);
+        metrics::histogram!(m::ATTRIBUTION_DELAY, "node" => node).record(flow.delay_ms() as f64 / 1_000.0);
+        lock(&self.deps).record(&flow);
+        if let Some(tap) = &self.tap {
+            // The demo's tally: it must see every flow, so wait for room.
+            let _ = tap.send(flow.clone()).await;
+        }
+        // Waiting here is the backpressure: connection readers stop reading.
+        if self.sink.send(flow).await.is_err() {
+            tracing::error!("sink writer is gone; a flow could not be written");
+        }
+    }
+
+    fn notice(&self, notice: Notice) {
+        match notice {
+            Notice::MemberUp { node_id, region, pool } => {
+                tracing::info!(node = %self.node, member = %node_id, %region, %pool, "member up");
+                if pool == Pool::Wan {
+                    lock(&self.roster).insert(node_id, (region, true));
+                    self.member_gauges();
+                }
+            }
+            Notice::MemberDown { node_id, region, pool } => {
+                tracing::info!(node = %self.node, member = %node_id, %region, %pool, "member down");
+                if pool == Pool::Wan {
+                    lock(&self.roster).insert(node_id, (region, false));
+                    self.member_gauges();
+                }
+            }
+            Notice::RingChanged { members, pending_spans } => {
+                tracing::info!(node = %self.node, members, pending_spans, "ring changed");
+            }
+            Notice::RegionUpdated { region, version } => {
+                tracing::info!(node = %self.node, %region, version, "region record updated");
+            }
+            Notice::Conflict(c) => {
+                metrics::counter!(m::CONFLICTS, "node" => self.node.clone()).increment(1);
+                tracing::warn!(node = %self.node, ip = %c.ip, existing = %c.existing, claimant = %c.claimant, "conflicting ownership claims");
+            }
+            Notice::ClaimDropped { ip, why } => {
+                tracing::debug!(node = %self.node, %ip, %why, "claim dropped");
+            }
+            Notice::Defunct => tracing::error!(node = %self.node, "declared down and cannot renew; restart this node"),
+        }
+    }
+
+    fn member_gauges(&self) {
+        let roster = lock(&self.roster);
+        let mut counts: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for (region, up) in roster.values() {
+            *counts.entry((region.clone(), *up)).or_default() += 1;
+        }
+        for ((region, up), n) in counts {
+            let state = if up { "alive" } else { "down" };
+            metrics::gauge!(m::MEMBERS, "node" => self.node.clone(), "region" => region, "state" => state).set(n as f64);
+        }
+    }
+
+    fn send_frame(self: &Arc<Self>, to: Dest, message: &Message) {
+        let bytes = match self.crypto.frame(message) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "encoding a frame");
+                return;
+            }
+        };
+        if let (Dest::Peer { region, .. }, Message::FlowBatch(batch)) = (&to, message) {
+            metrics::counter!(m::FLOWS_FORWARDED, "node" => self.node.clone(), "region" => region.clone()).increment(batch.flows.len() as u64);
+        }
+        let conn = match &to {
+            Dest::Conn(id) => *id,
+            Dest::Peer { data_addr, .. } => self.peer_conn(*data_addr),
+        };
+        let sender = lock(&self.conns).get(&conn).cloned();
+        match sender {
+            Some(s) if s.try_send(bytes).is_ok() => {}
+            Some(_) | None => {
+                metrics::counter!(m::FRAMES_DROPPED, "node" => self.node.clone()).increment(1);
+                tracing::debug!(?to, "connection gone or full; frame dropped");
+            }
+        }
+    }
+
+    /// The outbound connection to `addr`, started if there is none.
+    fn peer_conn(self: &Arc<Self>, addr: SocketAddr) -> ConnId {
+        if let Some(id) = lock(&self.peers).get(&addr) {
+            return *id;
+        }
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(CONN_QUEUE_FRAMES_MAX);
+        lock(&self.conns).insert(id, tx);
+        lock(&self.peers).insert(addr, id);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let connect = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), TcpStream::connect(addr)).await;
+            match connect {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    shared.clone().serve(id, stream, rx).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "connecting to a peer"),
+                Err(_) => tracing::debug!(%addr, "connecting to a peer timed out"),
+            }
+            lock(&shared.peers).remove(&addr);
+            lock(&shared.conns).remove(&id);
+        });
+        id
+    }
+
+    /// Serves one connection (either direction): writes queued frames, reads messages
+    /// into the core.
+    async fn serve(self: Arc<Self>, id: ConnId, stream: TcpStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let (reader, mut writer) = stream.into_split();
+        let write = async move {
+            while let Some(bytes) = rx.recv().await {
+                if writer.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let shared = self.clone();
+        let read = read_messages(
+            &self.crypto,
+            reader,
+            |message| {
+                let shared = shared.clone();
+                async move { shared.on_message(id, message).await }
+            },
+            |e| {
+                metrics::counter!(m::FRAMES_REJECTED, "node" => self.node.clone(), "reason" => e.reason()).increment(1);
+                tracing::warn!(node = %self.node, error = %e, "frame rejected; closing the connection");
+            },
+        );
+        tokio::select! {
+            _ = write => {}
+            end = read => {
+                if !matches!(end, TransportError::Closed) {
+                    tracing::debug!(error = %end, "connection ended");
+                }
+            }
+        }
+    }
+
+    async fn on_message(self: &Arc<Self>, conn: ConnId, message: Message) {
+        if let Message::FlowBatch(batch) = &message {
+            metrics::counter!(m::FLOWS_IN, "node" => self.node.clone()).increment(batch.flows.len() as u64);
+            // The sink queue is the last queue: when it is nearly full, exporters wait.
+            if batch.hops == 0 && self.sink.capacity() < self.sink.max_capacity() / 8 {
+                metrics::counter!(m::BATCHES, "node" => self.node.clone(), "status" => "busy").increment(1);
+                self.send_frame(
+                    Dest::Conn(conn),
+                    &Message::Ack(wire::Ack {
+                        batch_id: batch.batch_id,
+                        status: AckStatus::Busy { retry_after_ms: 1_000 },
+                    }),
+                );
+                return;
+            }
+        }
+        self.with_core(|core, now, out| core.handle_message(conn, message, now, out)).await;
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let core = lock(&self.core);
+        let memory = core.engine().memory();
+        let stats = core.engine().stats();
+        let node = self.node.clone();
+        metrics::gauge!(m::FLOWS_PENDING, "node" => node.clone()).set((memory.pending_flows + core.held_len()) as f64);
+        metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
+        metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
+        metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
+        metrics::counter!(m::CLAIMS_REJECTED, "node" => node).absolute(stats.claims_rejected);
+    }
+}
+
+/// Runs a collector until `shutdown` resolves, then leaves gracefully. `bound` receives
+/// the addresses once every socket is bound. `tap` receives a copy of every emitted flow
+/// (the demo's tally).
+pub async fn run(
+    config: CollectorConfig,
+    shutdown: impl Future<Output = ()>,
+    bound_tx: Option<tokio::sync::oneshot::Sender<Bound>>,
+    tap: Option<mpsc::Sender<EmittedFlow>>,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let key = config
+        .cluster_key
+        .resolve(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
+        .context("cluster key")?;
+    let exporter_key = match &config.exporter_key {
+        Some(k) => Some((k.key_id, k.resolve(None).context("exporter key")?)),
+        None => None,
+    };
+
+    let udp = Arc::new(UdpSocket::bind(config.gossip_addr).await.with_context(|| format!("binding gossip {}", config.gossip_addr))?);
+    let data = TcpListener::bind(config.data_addr).await.with_context(|| format!("binding data {}", config.data_addr))?;
+    let http = TcpListener::bind(config.http_addr).await.with_context(|| format!("binding http {}", config.http_addr))?;
+    let advertise = |addr: SocketAddr| match config.advertise_host {
+        Some(host) => SocketAddr::new(host, addr.port()),
+        None => addr,
+    };
+    let gossip_addr = advertise(udp.local_addr()?);
+    let data_addr = advertise(data.local_addr()?);
+    let http_addr = http.local_addr()?;
+
+    let start = clock::now();
+    let identity = NodeIdentity::new(&config.node_id, &config.region, gossip_addr, data_addr, start.0)?;
+    let sender_id = fnv64(config.node_id.as_bytes());
+    let crypto = Crypto::new(
+        config.cluster_key.key_id,
+        &key,
+        exporter_key.as_ref().map(|(id, k)| (*id, k)),
+        sender_id,
+        start.0,
+    );
+    let engine = config.engine_config();
+    let core_config = CoreConfig {
+        identity,
+        seeds: config.seeds.clone(),
+        rng_seed: start.0 ^ sender_id,
+        region_size_hint: NonZeroU32::new(config.region_size_hint.max(1)).unwrap_or(NonZeroU32::MIN),
+        fleet_size_hint: NonZeroU32::new(config.fleet_size_hint.max(1)).unwrap_or(NonZeroU32::MIN),
+        region_prefixes: config.prefixes.clone(),
+        region_version: config.region_version,
+        static_regions: config
+            .regions
+            .iter()
+            .flat_map(|(region, nets)| nets.iter().map(move |n| (*n, region.clone())))
+            .collect(),
+        ring: RingConfig {
+            replication: NonZeroUsize::new(config.replication).unwrap_or(NonZeroUsize::MIN),
+            ..RingConfig::default()
+        },
+        handoff: HandoffConfig {
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+            retention_ms: engine.retention_ms,
+            ..HandoffConfig::default()
+        },
+        engine,
+        forward_ack_timeout_ms: config.forward_ack_timeout_ms,
+        held_flows_max: config.held_flows_max,
+        inflight_flows_max: config.inflight_flows_max,
+        busy_flows_threshold: config.busy_flows_threshold,
+        busy_retry_after_ms: config.heartbeat_interval_ms.min(5_000),
+    };
+    let core = NodeCore::new(core_config, start)?;
+
+    let (sink_tx, sink_rx) = mpsc::channel(config.sink_queue_flows_max);
+    let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE_MAX);
+    let bound = Bound {
+        node_id: config.node_id.clone(),
+        region: config.region.clone(),
+        gossip_addr,
+        data_addr,
+        http_addr,
+    };
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        crypto,
+        conns: Mutex::new(BTreeMap::new()),
+        peers: Mutex::new(BTreeMap::new()),
+        next_conn: AtomicU64::new(1),
+        udp: udp.clone(),
+        timers: timer_tx,
+        sink: sink_tx,
+        tap,
+        deps: Mutex::new(Dependencies::default()),
+        node: config.node_id.clone(),
+        bound: bound.clone(),
+        event_token: config.event_feed_token.clone(),
+        roster: Mutex::new(BTreeMap::new()),
+        started: start,
+    });
+    let _ = m::handle();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sink_task = tokio::spawn(sink_writer(config.sink.clone(), sink_rx, stop_rx.clone()));
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(gossip_reader(shared.clone(), udp, stop_rx.clone())));
+    tasks.push(tokio::spawn(accept_loop(shared.clone(), data, stop_rx.clone())));
+    tasks.push(tokio::spawn(timer_loop(shared.clone(), timer_rx, stop_rx.clone())));
+    let http_shared = shared.clone();
+    let mut http_stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let app = super::http::router(http_shared);
+        let serve = axum::serve(http, app).with_graceful_shutdown(async move {
+            stopped(&mut http_stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server");
+        }
+    }));
+
+    shared.with_core(|core, now, out| core.start(now, out)).await;
+    tracing::info!(node = %bound.node_id, region = %bound.region, gossip = %gossip_addr, data = %data_addr, http = %http_addr, "collector started");
+    if let Some(tx) = bound_tx {
+        let _ = tx.send(bound.clone());
+    }
+
+    shutdown.await;
+    tracing::info!(node = %bound.node_id, "leaving the cluster");
+    shared.with_core(|core, now, out| core.leave(now, out)).await;
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        let unsettled = lock(&shared.core).unsettled_flows();
+        if unsettled == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(TICK_INTERVAL_MS)).await;
+        shared.with_core(|core, now, out| core.tick(now, out)).await;
+    }
+    shared.with_core(|core, now, out| core.abandon_inflight(now, out)).await;
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    drop(shared);
+    match tokio::time::timeout(Duration::from_secs(10), sink_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "sink"),
+        Ok(Err(e)) => tracing::error!(error = %e, "sink task"),
+        Err(_) => tracing::error!("sink did not drain within 10 s"),
+    }
+    tracing::info!(node = %bound.node_id, "stopped");
+    Ok(())
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// FNV-1a, for a stable sender id from a node id.
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+async fn gossip_reader(shared: Arc<Shared>, udp: Arc<UdpSocket>, mut stop: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; DATAGRAM_BUFFER_BYTES];
+    let mut plaintext = AlignedVec::new();
+    loop {
+        let (n, from) = tokio::select! {
+            r = udp.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "gossip receive");
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        if let Err(e) = shared.crypto.open_datagram(&buf[..n], &mut plaintext) {
+            metrics::counter!(m::FRAMES_REJECTED, "node" => shared.node.clone(), "reason" => e.reason()).increment(1);
+            continue;
+        }
+        let bytes = plaintext.to_vec();
+        let result = shared.with_core(|core, now, out| core.handle_datagram(from, &bytes, now, out)).await;
+        if let Err(e) = result {
+            metrics::counter!(m::FRAMES_REJECTED, "node" => shared.node.clone(), "reason" => "gossip").increment(1);
+            tracing::debug!(%from, error = %e, "gossip datagram refused");
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        if lock(&shared.conns).len() >= CONNECTIONS_MAX {
+            tracing::warn!(%peer, "too many connections; closing a new one");
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(CONN_QUEUE_FRAMES_MAX);
+        lock(&shared.conns).insert(id, tx);
+        let s = shared.clone();
+        tokio::spawn(async move {
+            s.clone().serve(id, stream, rx).await;
+            lock(&s.conns).remove(&id);
+        });
+    }
+}
+
+async fn timer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<(u64, membership::Timer)>, mut stop: watch::Receiver<bool>) {
+    let mut queue: BTreeMap<(tokio::time::Instant, u64), membership::Timer> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(TICK_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = queue.keys().next().map(|(at, _)| *at);
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some((after_ms, timer)) => {
+                    seq += 1;
+                    queue.insert((tokio::time::Instant::now() + Duration::from_millis(after_ms), seq), timer);
+                }
+                None => return,
+            },
+            _ = sleep => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<_> = queue.keys().take_while(|(at, _)| *at <= now).copied().collect();
+                for key in due {
+                    if let Some(timer) = queue.remove(&key) {
+                        shared.with_core(|core, now, out| core.handle_timer(timer, now, out)).await;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                shared.with_core(|core, now, out| core.tick(now, out)).await;
+                shared.update_gauges();
+            }
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Writes emitted flows to the configured sink until every sender is gone.
+async fn sink_writer(
+    config: SinkConfig,
+    mut rx: mpsc::Receiver<EmittedFlow>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut files = match &config {
+        SinkConfig::Files { dir, roll_interval_ms, roll_bytes_max, files_max } => {
+            Some(RollingFiles::new(dir, *roll_interval_ms, *roll_bytes_max, *files_max)?)
+        }
+        SinkConfig::Stdout => None,
+    };
+    let mut flush = tokio::time::interval(Duration::from_millis(SINK_FLUSH_INTERVAL_MS));
+    let mut lines = Vec::with_capacity(64 * 1024);
+    loop {
+        tokio::select! {
+            received = rx.recv() => {
+                let Some(flow) = received else { break };
+                lines.clear();
+                sink::write_line(&flow, &mut lines);
+                // Take whatever else is queued, up to a bound, in one write.
+                for _ in 0..1_024 {
+                    match rx.try_recv() {
+                        Ok(f) => sink::write_line(&f, &mut lines),
+                        Err(_) => break,
+                    }
+                }
+                match files.as_mut() {
+                    Some(f) => f.write(&lines, clock::now().0)?,
+                    None => {
+                        let mut stdout = tokio::io::stdout();
+                        stdout.write_all(&lines).await?;
+                        stdout.flush().await?;
+                    }
+                }
+            }
+            _ = flush.tick() => {
+                if let Some(f) = files.as_mut() {
+                    f.flush()?;
+                }
+            }
+            _ = stopped(&mut stop) => {
+                // Everything was emitted before the stop: write what is queued and end.
+                lines.clear();
+                while let Ok(f) = rx.try_recv() {
+                    sink::write_line(&f, &mut lines);
+                }
+                match files.as_mut() {
+                    Some(f) => f.write(&lines, clock::now().0)?,
+                    None => tokio::io::stdout().write_all(&lines).await?,
+                }
+                break;
+            }
+        }
+    }
+    if let Some(f) = files.as_mut() {
+        f.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! HTTP on every collector (axum): metrics, health, cluster view, ownership queries,
+//! dependencies and the event feed. JSON everywhere; bad parameters get a 4xx with a
+//! message, never a panic.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tenure_attribution::{Lookup, SegmentOwner, Source, UnixMillis};
+use tenure_gossip::wire::{IpEvent, IpEventKind};
+
+use super::clock;
+use super::collector::{lock, Shared};
+use crate::time::parse_time_ms;
+
+/// The largest event-feed body accepted, in bytes.
+pub const EVENT_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Events in one event-feed request.
+pub const EVENTS_PER_REQUEST_MAX: usize = 16_384;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/ips/{ip}/ranges", get(ranges))
+        .route("/v1/ips/{ip}/owner", get(owner))
+        .route("/v1/dependencies", get(dependencies))
+        .route("/v1/ip-events", post(ip_events))
+        .layer(axum::extract::DefaultBodyLimit::max(EVENT_BODY_BYTES_MAX))
+        .with_state(shared)
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, message)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn parse_ip(raw: &str) -> Result<IpAddr, Response> {
+    raw.parse::<IpAddr>()
+        .map_err(|_| bad_request(format!("{raw:?} is not an IP address")))
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        super::metrics::handle().render(),
+    )
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let core = lock(&shared.core);
+    let pending_spans = core.handoff().pending_spans();
+    let ready = core.is_ready();
+    let body = Json(json!({
+        "ready": ready,
+        "ring_members": core.ring().members().len(),
+        "handoff_pending_spans": pending_spans,
+    }));
+    if ready {
+        body.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let core = lock(&shared.core);
+    let membership = core.membership();
+    let member = |m: &tenure_gossip::identity::NodeIdentity| {
+        json!({
+            "node_id": m.node_id(),
+            "region": m.region(),
+            "gossip_addr": m.gossip_addr().to_string(),
+            "data_addr": m.data_addr().to_string(),
+            "incarnation": m.incarnation(),
+        })
+    };
+    let regions: Vec<Value> = core
+        .regions()
+        .regions()
+        .map(|r| {
+            json!({
+                "region": r,
+                "prefixes": core.regions().prefixes_of(r).map(|p| p.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let roster: Vec<Value> = lock(&shared.roster)
+        .iter()
+        .map(|(node, (region, up))| json!({ "node_id": node, "region": region, "state": if *up { "alive" } else { "down" } }))
+        .collect();
+    Json(json!({
+        "node_id": shared.bound.node_id,
+        "region": shared.bound.region,
+        "gossip_addr": shared.bound.gossip_addr.to_string(),
+        "data_addr": shared.bound.data_addr.to_string(),
+        "http_addr": shared.bound.http_addr.to_string(),
+        "started_ms": shared.started.0,
+        "ready": core.is_ready(),
+        "lan_members": membership.lan_members().map(member).collect::<Vec<_>>(),
+        "wan_members": membership.wan_members().map(member).collect::<Vec<_>>(),
+        "members_seen": roster,
+        "regions": regions,
+        "ring": {
+            "members": core.ring().members().iter().map(|m| m.node_id()).collect::<Vec<_>>(),
+            "replication": core.ring().config().replication.get(),
+            "vnodes_per_node": core.ring().config().vnodes_per_node.get(),
+            "handoff_pending_spans": core.handoff().pending_spans(),
+        },
+        "flows": {
+            "pending": core.engine().pending_len(),
+            "held_for_handoff": core.held_len(),
+            "forwarded_unacknowledged": core.inflight_len(),
+        },
+    }))
+}
+
+async fn ranges(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Response {
+    let ip = match parse_ip(&raw) {
+        Ok(ip) => ip,
+        Err(r) => return r,
+    };
+    let core = lock(&shared.core);
+    let owners: Vec<&str> = core.owners_of(ip).iter().map(|o| o.node_id()).collect();
+    let history = core.history(ip);
+    let segments: Vec<Value> = history
+        .segments
+        .iter()
+        .map(|s| {
+            let (workload, conflict) = match &s.owner {
+                SegmentOwner::Workload(w) => (Some(w.as_str()), false),
+                SegmentOwner::Conflict => (None, true),
+            };
+            json!({ "workload": workload, "conflict": conflict, "start_ms": s.start.0, "end_ms": s.end.0 })
+        })
+        .collect();
+    Json(json!({
+        "ip": ip.to_string(),
+        "node_id": shared.bound.node_id,
+        "owners": owners,
+        "this_node_owns": owners.contains(&shared.bound.node_id.as_str()),
+        "floor_ms": history.floor.map(|f| f.0),
+        "segments": segments,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct AtQuery {
+    at: Option<String>,
+}
+
+async fn owner(State(shared): State<Arc<Shared>>, Path(raw): Path<String>, Query(q): Query<AtQuery>) -> Response {
+    let ip = match parse_ip(&raw) {
+        Ok(ip) => ip,
+        Err(r) => return r,
+    };
+    let Some(at_raw) = q.at else {
+        return bad_request("missing query parameter `at` (Unix ms or RFC 3339)");
+    };
+    let at = match parse_time_ms(&at_raw) {
+        Ok(t) => t,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let core = lock(&shared.core);
+    let owners: Vec<&str> = core.owners_of(ip).iter().map(|o| o.node_id()).collect();
+    let lookup = core.lookup(ip, UnixMillis(at));
+    let (result, workload, source, reason) = match lookup {
+        Lookup::Attributed { workload, source } => (
+            "attributed",
+            core.engine().workload_name(workload).map(|n| n.to_string()),
+            Some(source_str(source)),
+            None,
+        ),
+        Lookup::Pending(reason) => ("pending", None, None, Some(reason.as_str())),
+        Lookup::Unattributed(reason) => ("unattributed", None, None, Some(reason.as_str())),
+    };
+    Json(json!({
+        "ip": ip.to_string(),
+        "at_ms": at,
+        "result": result,
+        "workload": workload,
+        "source": source,
+        "reason": reason,
+        "node_id": shared.bound.node_id,
+        "owners": owners,
+        "this_node_owns": owners.contains(&shared.bound.node_id.as_str()),
+    }))
+    .into_response()
+}
+
+fn source_str(source: Source) -> &'static str {
+    source.as_str()
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    since: Option<String>,
+    until: Option<String>,
+}
+
+async fn dependencies(State(shared): State<Arc<Shared>>, Query(q): Query<RangeQuery>) -> Response {
+    let now = clock::now().0;
+    let since = match q.since.as_deref().map(parse_time_ms).transpose() {
+        Ok(t) => t.unwrap_or(now.saturating_sub(3_600_000)),
+        Err(e) => return bad_request(format!("since: {e}")),
+    };
+    let until = match q.until.as_deref().map(parse_time_ms).transpose() {
+        Ok(t) => t.unwrap_or(now),
+        Err(e) => return bad_request(format!("until: {e}")),
+    };
+    if until < since {
+        return bad_request("until is before since");
+    }
+    let deps = lock(&shared.deps);
+    let edges: Vec<Value> = deps
+        .edges(since, until)
+        .into_iter()
+        .map(|(from, to, t)| json!({ "from": &*from, "to": &*to, "flows": t.flows, "bytes": t.bytes }))
+        .collect();
+    Json(json!({
+        "node_id": shared.bound.node_id,
+        "since_ms": since,
+        "until_ms": until,
+        "edges": edges,
+        "edges_dropped": deps.edges_dropped(),
+    }))
+    .into_response()
+}
+
+/// One line of the event feed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventLine {
+    ip: String,
+    /// `assign` or `unassign`.
+    kind: String,
+    /// The owner's name; required for `assign`.
+    #[serde(default)]
+    owner: Option<String>,
+    /// When it happened: Unix ms or RFC 3339 (as a string), or a number of ms.
+    at: Value,
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    /// Every event at or before this time has been delivered (Unix ms or RFC 3339).
+    watermark: Option<String>,
+}
+
+/// `POST /v1/ip-events`: NDJSON, one event per line, authenticated by a bearer token.
+async fn ip_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<EventQuery>,
+    body: String,
+) -> Response {
+    let Some(token) = shared.event_token.as_deref() else {
+        return error(StatusCode::FORBIDDEN, "the event feed is disabled: set event_feed_token in the configuration");
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(token) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let watermark = match q.watermark.as_deref().map(parse_time_ms).transpose() {
+        Ok(w) => w.unwrap_or(0),
+        Err(e) => return bad_request(format!("watermark: {e}")),
+    };
+    let mut events = Vec::new();
+    for (n, line) in body.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if events.len() >= EVENTS_PER_REQUEST_MAX {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {EVENTS_PER_REQUEST_MAX} events per request"));
+        }
+        let parsed: EventLine = match serde_json::from_str(line) {
+            Ok(e) => e,
+            Err(e) => return bad_request(format!("line {}: {e}", n + 1)),
+        };
+        match event_from_line(parsed) {
+            Ok(e) => events.push(e),
+            Err(message) => return bad_request(format!("line {}: {message}", n + 1)),
+        }
+    }
+    let count = events.len();
+    shared
+        .with_core(|core, now, out| core.handle_events(events, watermark, now, out))
+        .await;
+    Json(json!({ "accepted": count, "watermark_ms": watermark })).into_response()
+}
+
+fn event_from_line(line: EventLine) -> Result<IpEvent, String> {
+    let ip: IpAddr = line.ip.parse().map_err(|_| format!("{:?} is not an IP address", line.ip))?;
+    let at_ms = match &line.at {
+        Value::Number(n) => n.as_u64().ok_or("at must be a non-negative integer")?,
+        Value::String(s) => parse_time_ms(s).map_err(|e| e.to_string())?,
+        Value::Null | Value::Bool(_) | Value::Array(_) | Value::Object(_) => {
+            return Err("at must be Unix ms or an RFC 3339 string".into())
+        }
+    };
+    let (kind, owner) = match line.kind.as_str() {
+        "assign" => (
+            IpEventKind::Assign,
+            line.owner.filter(|o| !o.is_empty() && o.len() <= 256).ok_or("assign needs an owner of 1 to 256 bytes")?,
+        ),
+        "unassign" => (IpEventKind::Unassign, line.owner.unwrap_or_default()),
+        other => return Err(format!("kind must be assign or unassign, got {other:?}")),
+    };
+    Ok(IpEvent { at_ms, ip, kind, owner })
+}

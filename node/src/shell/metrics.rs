@@ -1,0 +1,42 @@
+//! Metric names and the recorder. Every metric carries a `node` label, so that the demo's
+//! collectors, which share one process and one recorder, stay apart.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const FLOWS_IN: &str = "tenure_flows_in_total";
+pub const FLOWS_OUT: &str = "tenure_flows_out_total";
+pub const FLOWS_PENDING: &str = "tenure_flows_pending";
+pub const FLOWS_FORWARDED: &str = "tenure_flows_forwarded_total";
+pub const RANGES: &str = "tenure_ranges";
+pub const IPS_TRACKED: &str = "tenure_ips_tracked";
+pub const CLAIMS_APPLIED: &str = "tenure_claims_applied_total";
+pub const CLAIMS_REJECTED: &str = "tenure_claims_rejected_total";
+pub const CONFLICTS: &str = "tenure_conflicts_total";
+pub const MEMBERS: &str = "tenure_members";
+pub const FRAMES_REJECTED: &str = "tenure_frames_rejected_total";
+pub const FRAMES_DROPPED: &str = "tenure_frames_dropped_total";
+pub const BATCHES: &str = "tenure_batches_total";
+pub const ATTRIBUTION_DELAY: &str = "tenure_attribution_delay_seconds";
+pub const EXPORTER_BATCHES_DROPPED: &str = "tenure_exporter_batches_dropped_total";
+pub const EXPORTER_BATCHES_SENT: &str = "tenure_exporter_batches_acked_total";
+pub const EXPORTER_BUFFERED: &str = "tenure_exporter_batches_buffered";
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(ATTRIBUTION_DELAY.to_owned()),
+                &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may be installed already (tests); ours then only renders.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}

@@ -1,0 +1,223 @@
+//! Sinks: where attributed flows are written. Rolling NDJSON files (the default) or stdout,
+//! one JSON object per line.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::core::EmittedFlow;
+
+/// One side of a flow, as written.
+#[derive(Serialize, Debug)]
+pub struct EndLine<'a> {
+    pub ip: String,
+    pub port: u16,
+    pub workload: Option<&'a str>,
+}
+
+/// One line of a sink: a flow, both ends, and its verdict.
+#[derive(Serialize, Debug)]
+pub struct FlowLine<'a> {
+    /// 32 hex digits; duplicates of at-least-once delivery share it.
+    pub flow_id: String,
+    pub local: EndLine<'a>,
+    pub remote: EndLine<'a>,
+    /// `attributed` or `unattributed`.
+    pub result: &'static str,
+    /// `heartbeat`, `event` or `external` when attributed.
+    pub source: Option<&'static str>,
+    /// Why, when unattributed.
+    pub reason: Option<&'static str>,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub emitted_ms: u64,
+    pub waited_ms: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub direction: &'static str,
+    pub ongoing: bool,
+    pub exporter_id: u64,
+    pub exporter_region: &'a str,
+}
+
+impl<'a> FlowLine<'a> {
+    pub fn new(flow: &'a EmittedFlow) -> FlowLine<'a> {
+        let r = &flow.record;
+        FlowLine {
+            flow_id: format!("{:032x}", r.flow_id),
+            local: EndLine {
+                ip: r.local_ip.to_string(),
+                port: r.local_port,
+                workload: Some(&r.local_workload),
+            },
+            remote: EndLine {
+                ip: r.remote_ip.to_string(),
+                port: r.remote_port,
+                workload: flow.remote_workload().map(|w| &**w),
+            },
+            result: flow.result(),
+            source: flow.source(),
+            reason: flow.reason().map(|r| r.as_str()),
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            emitted_ms: flow.emitted_ms,
+            waited_ms: flow.waited_ms,
+            bytes_sent: r.bytes_sent,
+            bytes_received: r.bytes_received,
+            direction: match r.direction {
+                tenure_gossip::wire::Direction::Outbound => "outbound",
+                tenure_gossip::wire::Direction::Inbound => "inbound",
+            },
+            ongoing: r.ongoing,
+            exporter_id: r.exporter_id,
+            exporter_region: &r.exporter_region,
+        }
+    }
+}
+
+/// Appends the NDJSON line of `flow` (with its newline) to `out`.
+pub fn write_line(flow: &EmittedFlow, out: &mut Vec<u8>) {
+    // Serializing plain strings and numbers cannot fail.
+    if serde_json::to_writer(&mut *out, &FlowLine::new(flow)).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+/// Errors writing a sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sink file {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// NDJSON files in one directory, rolled by age and size, the oldest deleted past a count.
+#[derive(Debug)]
+pub struct RollingFiles {
+    dir: PathBuf,
+    roll_interval_ms: u64,
+    roll_bytes_max: u64,
+    files_max: usize,
+    current: Option<(PathBuf, BufWriter<File>, u64, u64)>,
+    sequence: u64,
+}
+
+impl RollingFiles {
+    pub fn new(
+        dir: &Path,
+        roll_interval_ms: u64,
+        roll_bytes_max: u64,
+        files_max: usize,
+    ) -> Result<RollingFiles, SinkError> {
+        fs::create_dir_all(dir).map_err(|source| SinkError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        Ok(RollingFiles {
+            dir: dir.to_owned(),
+            roll_interval_ms,
+            roll_bytes_max,
+            files_max: files_max.max(1),
+            current: None,
+            sequence: 0,
+        })
+    }
+
+    /// Writes already-formatted lines; `now_ms` decides rolling.
+    pub fn write(&mut self, lines: &[u8], now_ms: u64) -> Result<(), SinkError> {
+        let roll = match &self.current {
+            None => true,
+            Some((_, _, opened_ms, bytes)) => {
+                now_ms.saturating_sub(*opened_ms) >= self.roll_interval_ms
+                    || *bytes >= self.roll_bytes_max
+            }
+        };
+        if roll {
+            self.roll(now_ms)?;
+        }
+        if let Some((path, file, _, bytes)) = self.current.as_mut() {
+            file.write_all(lines).map_err(|source| SinkError::File {
+                path: path.clone(),
+                source,
+            })?;
+            *bytes += lines.len() as u64;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<(), SinkError> {
+        if let Some((path, file, _, _)) = self.current.as_mut() {
+            file.flush().map_err(|source| SinkError::File {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self, now_ms: u64) -> Result<(), SinkError> {
+        self.flush()?;
+        self.sequence += 1;
+        let path = self
+            .dir
+            .join(format!("flows-{now_ms:013}-{:04}.ndjson", self.sequence % 10_000));
+        let file = File::create(&path).map_err(|source| SinkError::File {
+            path: path.clone(),
+            source,
+        })?;
+        self.current = Some((path, BufWriter::new(file), now_ms, 0));
+        self.prune()
+    }
+
+    fn prune(&self) -> Result<(), SinkError> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map_err(|source| SinkError::Dir {
+                dir: self.dir.clone(),
+                source,
+            })?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("flows-") && n.ends_with(".ndjson"))
+            })
+            .collect();
+        files.sort();
+        while files.len() > self.files_max {
+            let oldest = files.remove(0);
+            if let Err(e) = fs::remove_file(&oldest) {
+                tracing::warn!(path = %oldest.display(), error = %e, "deleting an old sink file");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_roll_by_size_and_keep_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = RollingFiles::new(dir.path(), 1_000_000, 10, 2).unwrap();
+        for i in 0..5u64 {
+            sink.write(b"{\"a\":1}\n{\"b\":2}\n", 1_000 + i).unwrap();
+        }
+        sink.flush().unwrap();
+        let count = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(count, 2, "older files are pruned");
+    }
+}
