@@ -27,7 +27,10 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -109,7 +112,10 @@ impl KeyConfig {
             })?;
             return parse_key(&text);
         }
-        Err(invalid("key", "set key_hex, key_file or TENURE_CLUSTER_KEY"))
+        Err(invalid(
+            "key",
+            "set key_hex, key_file or TENURE_CLUSTER_KEY",
+        ))
     }
 }
 
@@ -307,7 +313,10 @@ impl CollectorConfig {
         if self.replication == 0 {
             return Err(invalid("replication", "must be above 0"));
         }
-        if self.held_flows_max == 0 || self.inflight_flows_max == 0 || self.sink_queue_flows_max == 0 {
+        if self.held_flows_max == 0
+            || self.inflight_flows_max == 0
+            || self.sink_queue_flows_max == 0
+        {
             return Err(invalid("limits", "flow limits must be above 0"));
         }
         if let Some(engine) = &self.engine {
@@ -322,7 +331,10 @@ impl CollectorConfig {
     /// heartbeat interval.
     pub fn engine_config(&self) -> EngineConfig {
         self.engine.clone().unwrap_or_else(|| EngineConfig {
-            pending_deadline_ms: self.heartbeat_interval_ms.saturating_mul(2).saturating_add(5_000),
+            pending_deadline_ms: self
+                .heartbeat_interval_ms
+                .saturating_mul(2)
+                .saturating_add(5_000),
             ..EngineConfig::default()
         })
     }
@@ -443,7 +455,9 @@ impl ExporterConfig {
         if self.buffer_batches_max == 0 {
             return Err(invalid("buffer_batches_max", "must be above 0"));
         }
-        if self.batch_flows_max == 0 || self.batch_flows_max > tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT {
+        if self.batch_flows_max == 0
+            || self.batch_flows_max > tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT
+        {
             return Err(invalid("batch_flows_max", "must be 1 to 16384"));
         }
         Ok(())

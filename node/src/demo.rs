@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use tenure_attribution::{EngineConfig, LegacyAttributor, LegacyConfig, LegacyEvent, UnixMillis, Verdict};
+use tenure_attribution::{
+    EngineConfig, LegacyAttributor, LegacyConfig, LegacyEvent, UnixMillis, Verdict,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{CollectorConfig, ExporterConfig, IdentityConfig, KeyConfig, SourceConfig};
@@ -146,8 +148,12 @@ struct Node {
 }
 
 /// Runs the demo; returns the tally (the caller prints the RESULT line).
-pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output = ()>) -> anyhow::Result<Tally> {
-    std::fs::create_dir_all(&options.dir).with_context(|| format!("creating {}", options.dir.display()))?;
+pub async fn run(
+    options: DemoOptions,
+    ctrl_c: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Tally> {
+    std::fs::create_dir_all(&options.dir)
+        .with_context(|| format!("creating {}", options.dir.display()))?;
     let key_hex = random_hex(32);
     let token = random_hex(16);
     let regions: Vec<(String, IpNet)> = vec![
@@ -176,7 +182,10 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
         prefixes_of.entry(r.clone()).or_default().push(*p);
     }
     if capture {
-        prefixes_of.entry("us-east".to_owned()).or_default().push("127.0.0.0/8".parse()?);
+        prefixes_of
+            .entry("us-east".to_owned())
+            .or_default()
+            .push("127.0.0.0/8".parse()?);
     }
 
     // Collectors: the first of us-east is everyone's seed.
@@ -186,25 +195,55 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     for (region, _) in &regions {
         for i in 0..DEMO_COLLECTORS_PER_REGION {
             let node_id = format!("{region}-{i}");
-            let others: BTreeMap<String, Vec<IpNet>> = prefixes_of.iter().filter(|(r, _)| *r != region).map(|(r, p)| (r.clone(), p.clone())).collect();
-            let text = collector_toml(&node_id, region, &prefixes_of[region], &others, seed, &key_hex, &token, &options.dir.join(&node_id));
-            let config: CollectorConfig = crate::config::parse(&text, std::path::Path::new("demo"))?;
+            let others: BTreeMap<String, Vec<IpNet>> = prefixes_of
+                .iter()
+                .filter(|(r, _)| *r != region)
+                .map(|(r, p)| (r.clone(), p.clone()))
+                .collect();
+            let text = collector_toml(
+                &node_id,
+                region,
+                &prefixes_of[region],
+                &others,
+                seed,
+                &key_hex,
+                &token,
+                &options.dir.join(&node_id),
+            );
+            let config: CollectorConfig =
+                crate::config::parse(&text, std::path::Path::new("demo"))?;
             let (bound_tx, bound_rx) = oneshot::channel();
             let (stop_tx, mut stop_rx) = watch::channel(false);
             let tap = tap_tx.clone();
             let task = tokio::spawn(async move {
-                collector::run(config, async move { collector::stopped(&mut stop_rx).await }, Some(bound_tx), Some(tap)).await
+                collector::run(
+                    config,
+                    async move { collector::stopped(&mut stop_rx).await },
+                    Some(bound_tx),
+                    Some(tap),
+                )
+                .await
             });
             let bound = match bound_rx.await {
                 Ok(b) => b,
                 Err(_) => {
-                    let err = task.await.map_err(anyhow::Error::from).and_then(|r| r.err().map_or_else(|| Ok(anyhow::anyhow!("stopped")), Ok))?;
+                    let err = task
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r.err().map_or_else(|| Ok(anyhow::anyhow!("stopped")), Ok))?;
                     return Err(err.context(format!("starting collector {node_id}")));
                 }
             };
             seed.get_or_insert(bound.gossip_addr);
-            println!("node {} region={} http=http://{} data={} gossip={}", bound.node_id, bound.region, bound.http_addr, bound.data_addr, bound.gossip_addr);
-            nodes.push(Node { bound, stop: stop_tx, task });
+            println!(
+                "node {} region={} http=http://{} data={} gossip={}",
+                bound.node_id, bound.region, bound.http_addr, bound.data_addr, bound.gossip_addr
+            );
+            nodes.push(Node {
+                bound,
+                stop: stop_tx,
+                task,
+            });
         }
     }
     drop(tap_tx);
@@ -215,12 +254,33 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     loop {
         let mut ready = 0;
         for node in &nodes {
-            if let Ok((200, body)) = httpc::request(node.bound.http_addr, "GET", "/readyz", None, None, Duration::from_secs(2)).await {
-                if let Ok((200, cluster)) = httpc::request(node.bound.http_addr, "GET", "/v1/cluster", None, None, Duration::from_secs(2)).await {
+            if let Ok((200, body)) = httpc::request(
+                node.bound.http_addr,
+                "GET",
+                "/readyz",
+                None,
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                if let Ok((200, cluster)) = httpc::request(
+                    node.bound.http_addr,
+                    "GET",
+                    "/v1/cluster",
+                    None,
+                    None,
+                    Duration::from_secs(2),
+                )
+                .await
+                {
                     let v: serde_json::Value = serde_json::from_str(&cluster).unwrap_or_default();
                     let wan = v["wan_members"].as_array().map_or(0, Vec::len);
                     let ring = v["ring"]["members"].as_array().map_or(0, Vec::len);
-                    if wan == nodes.len() - 1 && ring == DEMO_COLLECTORS_PER_REGION && body.contains("true") {
+                    if wan == nodes.len() - 1
+                        && ring == DEMO_COLLECTORS_PER_REGION
+                        && body.contains("true")
+                    {
                         ready += 1;
                     }
                 }
@@ -248,13 +308,21 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     let mut exporters = Vec::new();
     for (index, (region, _)) in regions.iter().enumerate() {
         let exporter_id = 1_000 + index as u64;
-        let collectors: Vec<SocketAddr> = nodes.iter().filter(|n| &n.bound.region == region).map(|n| n.bound.data_addr).collect();
+        let collectors: Vec<SocketAddr> = nodes
+            .iter()
+            .filter(|n| &n.bound.region == region)
+            .map(|n| n.bound.data_addr)
+            .collect();
         let config = ExporterConfig {
             exporter_id,
             region: region.clone(),
             collectors,
             heartbeat_interval_ms: DEMO_HEARTBEAT_INTERVAL_MS,
-            key: KeyConfig { key_id: 1, key_hex: Some(key_hex.clone()), key_file: None },
+            key: KeyConfig {
+                key_id: 1,
+                key_hex: Some(key_hex.clone()),
+                key_file: None,
+            },
             identity: None,
             source: SourceConfig::Ebpf,
             buffer_batches_max: 600,
@@ -266,7 +334,13 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
         };
         exporters.push((
             Sender::new(&config),
-            Batcher::new(exporter_id, region, start.0 << 8, config.batch_flows_max, config.buffer_batches_max),
+            Batcher::new(
+                exporter_id,
+                region,
+                start.0 << 8,
+                config.batch_flows_max,
+                config.buffer_batches_max,
+            ),
             Crypto::new(1, &key, None, exporter_id, start.0),
         ));
     }
@@ -278,11 +352,26 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     // Load balancers: IPs with no exporter, known from the event feed.
     for (region, ip, owner) in fleet.load_balancers() {
         let at = start.0.saturating_sub(60_000);
-        legacy.apply(&LegacyEvent::Assign { ip, owner: Arc::from(owner.as_str()), at: UnixMillis(at) });
+        legacy.apply(&LegacyEvent::Assign {
+            ip,
+            owner: Arc::from(owner.as_str()),
+            at: UnixMillis(at),
+        });
         if let Some(node) = nodes.iter().find(|n| n.bound.region == region) {
-            let line = format!("{{\"ip\":\"{ip}\",\"kind\":\"assign\",\"owner\":\"{owner}\",\"at\":{at}}}\n");
+            let line = format!(
+                "{{\"ip\":\"{ip}\",\"kind\":\"assign\",\"owner\":\"{owner}\",\"at\":{at}}}\n"
+            );
             let path = format!("/v1/ip-events?watermark={}", start.0);
-            match httpc::request(node.bound.http_addr, "POST", &path, Some(&line), Some(&token), Duration::from_secs(5)).await {
+            match httpc::request(
+                node.bound.http_addr,
+                "POST",
+                &path,
+                Some(&line),
+                Some(&token),
+                Duration::from_secs(5),
+            )
+            .await
+            {
                 Ok((200, _)) => {}
                 Ok((status, body)) => println!("event feed: {status} {body}"),
                 Err(e) => println!("event feed: {e}"),
@@ -295,14 +384,28 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     let mut host_task = None;
     if capture {
         let map = options.dir.join("host-identity.json");
-        std::fs::write(&map, format!("{{\"127.0.0.1\": {{\"workload\": \"demo-host\", \"since_ms\": {}}}}}", start.0))?;
-        let collectors: Vec<SocketAddr> = nodes.iter().filter(|n| n.bound.region == "us-east").map(|n| n.bound.data_addr).collect();
+        std::fs::write(
+            &map,
+            format!(
+                "{{\"127.0.0.1\": {{\"workload\": \"demo-host\", \"since_ms\": {}}}}}",
+                start.0
+            ),
+        )?;
+        let collectors: Vec<SocketAddr> = nodes
+            .iter()
+            .filter(|n| n.bound.region == "us-east")
+            .map(|n| n.bound.data_addr)
+            .collect();
         let config = ExporterConfig {
             exporter_id: 9_999,
             region: "us-east".to_owned(),
             collectors,
             heartbeat_interval_ms: DEMO_HEARTBEAT_INTERVAL_MS,
-            key: KeyConfig { key_id: 1, key_hex: Some(key_hex.clone()), key_file: None },
+            key: KeyConfig {
+                key_id: 1,
+                key_hex: Some(key_hex.clone()),
+                key_file: None,
+            },
             identity: Some(IdentityConfig::MapFile { path: map }),
             source: SourceConfig::Ebpf,
             buffer_batches_max: 600,
@@ -313,7 +416,11 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
             http_addr: None,
         };
         host_task = Some(tokio::spawn(async move {
-            if let Err(e) = crate::exporter::run(config, false, async move { collector::stopped(&mut host_stop_rx).await }).await {
+            if let Err(e) = crate::exporter::run(config, false, async move {
+                collector::stopped(&mut host_stop_rx).await
+            })
+            .await
+            {
                 println!("capture: the host exporter stopped: {e:#}");
             }
         }));
@@ -341,7 +448,9 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
             }
         }
     };
-    let end_at = options.duration_secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let end_at = options
+        .duration_secs
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut heartbeat = tokio::time::interval(Duration::from_millis(DEMO_HEARTBEAT_INTERVAL_MS));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(ctrl_c);
@@ -376,7 +485,15 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
         for (region, _, _) in fleet.load_balancers() {
             if let Some(node) = nodes.iter().find(|n| n.bound.region == region) {
                 let path = format!("/v1/ip-events?watermark={now}");
-                let _ = httpc::request(node.bound.http_addr, "POST", &path, Some(""), Some(&lb_token), Duration::from_secs(2)).await;
+                let _ = httpc::request(
+                    node.bound.http_addr,
+                    "POST",
+                    &path,
+                    Some(""),
+                    Some(&lb_token),
+                    Duration::from_secs(2),
+                )
+                .await;
             }
         }
         while let Ok(flow) = tap_rx.try_recv() {
@@ -393,14 +510,17 @@ pub async fn run(options: DemoOptions, ctrl_c: impl std::future::Future<Output =
     let now = clock::now().0;
     generated += step_fleet(&mut fleet, now, &mut exporters, &mut scorer, &mut legacy).await;
     let _ = host_stop_tx.send(true);
-    let drain_deadline = tokio::time::Instant::now() + Duration::from_millis(DEMO_PENDING_DEADLINE_MS * 2 + 6_000);
+    let drain_deadline =
+        tokio::time::Instant::now() + Duration::from_millis(DEMO_PENDING_DEADLINE_MS * 2 + 6_000);
     while (scorer.seen.len() as u64) < generated && tokio::time::Instant::now() < drain_deadline {
         for (sender, batcher, crypto) in exporters.iter_mut() {
             if batcher.buffered() > 0 {
                 sender.drain(crypto, batcher).await;
             }
         }
-        if let Ok(Some(flow)) = tokio::time::timeout(Duration::from_millis(200), tap_rx.recv()).await {
+        if let Ok(Some(flow)) =
+            tokio::time::timeout(Duration::from_millis(200), tap_rx.recv()).await
+        {
             scorer.score(&flow);
         }
         while let Ok(flow) = tap_rx.try_recv() {
@@ -467,8 +587,15 @@ async fn step_fleet(
     let mut legacy_out = Vec::new();
     for event in fleet.take_events(now) {
         let e = match event.owner {
-            Some(owner) => LegacyEvent::Assign { ip: event.ip, owner: Arc::from(owner.as_str()), at: UnixMillis(event.at_ms) },
-            None => LegacyEvent::Unassign { ip: event.ip, at: UnixMillis(event.at_ms) },
+            Some(owner) => LegacyEvent::Assign {
+                ip: event.ip,
+                owner: Arc::from(owner.as_str()),
+                at: UnixMillis(event.at_ms),
+            },
+            None => LegacyEvent::Unassign {
+                ip: event.ip,
+                at: UnixMillis(event.at_ms),
+            },
         };
         legacy.apply(&e);
     }
@@ -483,16 +610,27 @@ async fn step_fleet(
         let claims = step
             .claims
             .into_iter()
-            .map(|c| LocalClaim { ip: c.ip, workload: c.workload, since_ms: c.since_ms, until_ms: c.until_ms })
+            .map(|c| LocalClaim {
+                ip: c.ip,
+                workload: c.workload,
+                since_ms: c.since_ms,
+                until_ms: c.until_ms,
+            })
             .collect();
         batcher.push(flows, claims);
         sender.drain(crypto, batcher).await;
     }
-    debug_assert!(legacy_out.is_empty(), "the legacy attributor holds flows back");
+    debug_assert!(
+        legacy_out.is_empty(),
+        "the legacy attributor holds flows back"
+    );
     generated
 }
 
-#[allow(clippy::too_many_arguments, reason = "one call site builds one demo node")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site builds one demo node"
+)]
 fn collector_toml(
     node_id: &str,
     region: &str,
@@ -503,7 +641,12 @@ fn collector_toml(
     token: &str,
     sink_dir: &std::path::Path,
 ) -> String {
-    let list = |nets: &[IpNet]| nets.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    let list = |nets: &[IpNet]| {
+        nets.iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut text = format!(
         "node_id = \"{node_id}\"\nregion = \"{region}\"\nprefixes = [{}]\ngossip_addr = \"127.0.0.1:0\"\ndata_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nseeds = [{}]\nheartbeat_interval_ms = {DEMO_HEARTBEAT_INTERVAL_MS}\nevent_feed_token = \"{token}\"\nforward_ack_timeout_ms = 2000\nshutdown_grace_ms = 3000\nregion_size_hint = 3\nfleet_size_hint = 6\ncluster_key = {{ key_hex = \"{key_hex}\" }}\nsink = {{ kind = \"files\", dir = \"{}\" }}\n",
         list(prefixes),

@@ -22,11 +22,14 @@ pub struct EdgeTotals {
     pub bytes: u64,
 }
 
+/// Edges of one bucket: (caller, callee) → totals.
+type Edges = BTreeMap<(Arc<str>, Arc<str>), EdgeTotals>;
+
 /// The graph. Edges are (caller, callee) workload names; an external callee is
 /// `"external"`.
 #[derive(Debug, Default)]
 pub struct Dependencies {
-    buckets: BTreeMap<u64, BTreeMap<(Arc<str>, Arc<str>), EdgeTotals>>,
+    buckets: BTreeMap<u64, Edges>,
     edges_dropped: u64,
 }
 
@@ -62,7 +65,10 @@ impl Dependencies {
     /// sorted by caller then callee.
     pub fn edges(&self, since_ms: u64, until_ms: u64) -> Vec<(Arc<str>, Arc<str>, EdgeTotals)> {
         let mut total: BTreeMap<(Arc<str>, Arc<str>), EdgeTotals> = BTreeMap::new();
-        for (_, edges) in self.buckets.range(since_ms / BUCKET_MS..=until_ms / BUCKET_MS) {
+        for (_, edges) in self
+            .buckets
+            .range(since_ms / BUCKET_MS..=until_ms / BUCKET_MS)
+        {
             for (key, t) in edges {
                 let e = total.entry(key.clone()).or_default();
                 e.flows += t.flows;

@@ -191,7 +191,9 @@ const STEP_MS: u64 = 10;
 fn ip_in(prefix: &IpNet, index: u32) -> IpAddr {
     match prefix {
         IpNet::V4(net) => IpAddr::V4(Ipv4Addr::from(u32::from(net.network()).wrapping_add(index))),
-        IpNet::V6(net) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(net.network()).wrapping_add(u128::from(index)))),
+        IpNet::V6(net) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(net.network()).wrapping_add(u128::from(index)),
+        )),
     }
 }
 
@@ -255,7 +257,8 @@ impl Fleet {
     /// Advances to `now_ms`: tenures change, flows happen. Returns per region the flows
     /// that ended and the claims each region's hosts would heartbeat now.
     pub fn advance(&mut self, now_ms: u64) -> Vec<RegionStep> {
-        let mut steps: Vec<RegionStep> = self.regions.iter().map(|_| RegionStep::default()).collect();
+        let mut steps: Vec<RegionStep> =
+            self.regions.iter().map(|_| RegionStep::default()).collect();
         let mut t = self.last_ms;
         while t + STEP_MS <= now_ms {
             t += STEP_MS;
@@ -306,9 +309,15 @@ impl Fleet {
 
     fn event_delay(&mut self) -> u64 {
         if self.rng.chance(self.config.event_late_share) {
-            self.rng.range(self.config.event_delay_ms_max, self.config.event_late_delay_ms_max)
+            self.rng.range(
+                self.config.event_delay_ms_max,
+                self.config.event_late_delay_ms_max,
+            )
         } else {
-            self.rng.range(self.config.event_delay_ms_min, self.config.event_delay_ms_max)
+            self.rng.range(
+                self.config.event_delay_ms_min,
+                self.config.event_delay_ms_max,
+            )
         }
     }
 
@@ -316,7 +325,10 @@ impl Fleet {
         let mut new_events = Vec::new();
         for r in 0..self.regions.len() {
             for s in 0..self.regions[r].slots.len() {
-                let ends = self.regions[r].slots[s].holder.as_ref().is_some_and(|h| h.end_ms <= t);
+                let ends = self.regions[r].slots[s]
+                    .holder
+                    .as_ref()
+                    .is_some_and(|h| h.end_ms <= t);
                 if ends {
                     let cooldown = self.rng.range(0, self.config.cooldown_ms_max);
                     let delay = self.event_delay();
@@ -337,8 +349,13 @@ impl Fleet {
                     slot.holder.is_none() && slot.next_start_ms <= t
                 };
                 if starts {
-                    let workload_index = self.rng.range(0, u64::from(self.config.backend_workloads_per_region.max(1)) - 1);
-                    let length = self.rng.range(self.config.tenure_ms_min, self.config.tenure_ms_max);
+                    let workload_index = self.rng.range(
+                        0,
+                        u64::from(self.config.backend_workloads_per_region.max(1)) - 1,
+                    );
+                    let length = self
+                        .rng
+                        .range(self.config.tenure_ms_min, self.config.tenure_ms_max);
                     let delay = self.event_delay();
                     let name = format!("svc-{}-{workload_index:02}", self.regions[r].name);
                     let slot = &mut self.regions[r].slots[s];
@@ -361,12 +378,12 @@ impl Fleet {
 
     fn start_flows(&mut self, t: u64, steps: &mut [RegionStep]) {
         let per_step = f64::from(self.config.flows_per_sec) * STEP_MS as f64 / 1_000.0;
-        for r in 0..self.regions.len() {
+        for (r, step) in steps.iter_mut().enumerate().take(self.regions.len()) {
             let whole = per_step.floor() as u64;
             let extra = u64::from(self.rng.chance(per_step - per_step.floor()));
             for _ in 0..whole + extra {
                 if let Some(flow) = self.one_flow(r, t) {
-                    steps[r].flows.push(flow);
+                    step.flows.push(flow);
                 }
             }
         }
@@ -383,13 +400,19 @@ impl Fleet {
             (ip, None, 443)
         } else if roll < self.config.external_share + self.config.load_balancer_share {
             let region = &self.regions[r];
-            (region.load_balancer, Some(format!("lb-{}", region.name)), 443)
+            (
+                region.load_balancer,
+                Some(format!("lb-{}", region.name)),
+                443,
+            )
         } else {
-            let target = if self.regions.len() > 1 && self.rng.chance(self.config.cross_region_share) {
-                (r + 1 + self.rng.range(0, self.regions.len() as u64 - 2) as usize) % self.regions.len()
-            } else {
-                r
-            };
+            let target =
+                if self.regions.len() > 1 && self.rng.chance(self.config.cross_region_share) {
+                    (r + 1 + self.rng.range(0, self.regions.len() as u64 - 2) as usize)
+                        % self.regions.len()
+                } else {
+                    r
+                };
             let slots = &self.regions[target].slots;
             let pick = self.rng.range(0, slots.len() as u64 - 1) as usize;
             let slot = &slots[pick];
@@ -449,8 +472,15 @@ mod tests {
                 for flow in &region.flows {
                     if let Some(truth) = &flow.truth {
                         if truth.starts_with("svc-") {
-                            let covered = region.claims.iter().any(|c| c.ip == flow.remote_ip && &c.workload == truth)
-                                || sa.iter().flat_map(|s| &s.claims).any(|c| c.ip == flow.remote_ip && &c.workload == truth && c.since_ms <= flow.start_ms);
+                            let covered = region
+                                .claims
+                                .iter()
+                                .any(|c| c.ip == flow.remote_ip && &c.workload == truth)
+                                || sa.iter().flat_map(|s| &s.claims).any(|c| {
+                                    c.ip == flow.remote_ip
+                                        && &c.workload == truth
+                                        && c.since_ms <= flow.start_ms
+                                });
                             assert!(covered, "the truth of a flow is claimed by its holder");
                         }
                     }

@@ -22,7 +22,9 @@ pub async fn request(
     let run = async {
         let mut stream = TcpStream::connect(addr).await?;
         let body = body.unwrap_or("");
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -48,8 +50,14 @@ pub async fn request(
             .nth(1)
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or_else(|| std::io::Error::other("malformed response"))?;
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        let body = if chunked { dechunk(rest) } else { rest.to_owned() };
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        };
         Ok((status, body))
     };
     tokio::time::timeout(timeout, run)

@@ -7,11 +7,11 @@
 
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod deps;
-pub mod shell;
-pub mod sink;
-pub mod time;
 pub mod exporter;
 pub mod fleet;
 pub mod httpc;
-pub mod demo;
+pub mod shell;
+pub mod sink;
+pub mod time;

@@ -10,10 +10,20 @@ use tenure_node::config::{self, CollectorConfig, ExporterConfig, SinkConfig};
 use tenure_node::shell::shutdown_signal;
 
 #[derive(Parser, Debug)]
-#[command(name = "tenure", version, about = "Attributes every TCP flow to the workloads on both ends, correctly even while IPs are reused.")]
+#[command(
+    name = "tenure",
+    version,
+    about = "Attributes every TCP flow to the workloads on both ends, correctly even while IPs are reused."
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, value_enum, default_value = "text", env = "TENURE_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "TENURE_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -88,8 +98,11 @@ enum Output {
 }
 
 fn init_logs(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TENURE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TENURE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -98,7 +111,10 @@ fn init_logs(format: LogFormat, default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tenure: starting the runtime: {e}");
@@ -116,7 +132,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Collector { config: path, node_id, gossip_addr, data_addr, http_addr, seeds, sink_dir } => {
+        Command::Collector {
+            config: path,
+            node_id,
+            gossip_addr,
+            data_addr,
+            http_addr,
+            seeds,
+            sink_dir,
+        } => {
             init_logs(cli.log_format, "info");
             let mut config: CollectorConfig = config::load(&path)?;
             if let Some(v) = node_id {
@@ -139,23 +163,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     *d = dir;
                 }
             }
-            let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<tenure_node::shell::collector::Bound>();
+            let (bound_tx, bound_rx) =
+                tokio::sync::oneshot::channel::<tenure_node::shell::collector::Bound>();
             let printer = tokio::spawn(async move {
                 if let Ok(b) = bound_rx.await {
                     // One line for scripts and tests to read the chosen ports from.
-                    println!("LISTENING node={} region={} gossip={} data={} http={}", b.node_id, b.region, b.gossip_addr, b.data_addr, b.http_addr);
+                    println!(
+                        "LISTENING node={} region={} gossip={} data={} http={}",
+                        b.node_id, b.region, b.gossip_addr, b.data_addr, b.http_addr
+                    );
                 }
             });
-            tenure_node::shell::collector::run(config, shutdown_signal(), Some(bound_tx), None).await?;
+            tenure_node::shell::collector::run(config, shutdown_signal(), Some(bound_tx), None)
+                .await?;
             let _ = printer.await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Exporter { config: path, output, collectors } => {
+        Command::Exporter {
+            config: path,
+            output,
+            collectors,
+        } => {
             init_logs(cli.log_format, "info");
             let to_stdout = output == Output::Stdout;
             let mut config: ExporterConfig = match path {
                 Some(p) => config::load(&p)?,
-                None if to_stdout => config::parse("exporter_id = 0\nregion = \"local\"\n", std::path::Path::new("(defaults)"))?,
+                None if to_stdout => config::parse(
+                    "exporter_id = 0\nregion = \"local\"\n",
+                    std::path::Path::new("(defaults)"),
+                )?,
                 None => anyhow::bail!("--config is required unless --output stdout"),
             };
             if let Some(c) = collectors {
@@ -164,16 +200,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tenure_node::exporter::run(config, to_stdout, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { duration_secs, seed, dir, no_capture } => {
+        Command::Demo {
+            duration_secs,
+            seed,
+            dir,
+            no_capture,
+        } => {
             init_logs(cli.log_format, "warn");
             let dir = match dir {
                 Some(d) => d,
                 None => std::env::temp_dir().join(format!("tenure-demo-{}", std::process::id())),
             };
-            let options = tenure_node::demo::DemoOptions { duration_secs, seed, dir, capture: !no_capture };
-            let tally = tenure_node::demo::run(options, shutdown_signal()).await.context("demo")?;
+            let options = tenure_node::demo::DemoOptions {
+                duration_secs,
+                seed,
+                dir,
+                capture: !no_capture,
+            };
+            let tally = tenure_node::demo::run(options, shutdown_signal())
+                .await
+                .context("demo")?;
             println!("{}", tally.result_line());
-            Ok(if tally.misattributed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if tally.misattributed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
     }
 }

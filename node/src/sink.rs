@@ -169,9 +169,10 @@ impl RollingFiles {
     fn roll(&mut self, now_ms: u64) -> Result<(), SinkError> {
         self.flush()?;
         self.sequence += 1;
-        let path = self
-            .dir
-            .join(format!("flows-{now_ms:013}-{:04}.ndjson", self.sequence % 10_000));
+        let path = self.dir.join(format!(
+            "flows-{now_ms:013}-{:04}.ndjson",
+            self.sequence % 10_000
+        ));
         let file = File::create(&path).map_err(|source| SinkError::File {
             path: path.clone(),
             source,

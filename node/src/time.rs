@@ -30,12 +30,22 @@ pub fn parse_time_ms(input: &str) -> Result<u64, TimeError> {
         }
         part.parse::<i64>().map_err(|_| err("expected digits"))
     };
-    if b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(err("bad layout"));
     }
     let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
     let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return Err(err("field out of range"));
     }
     let mut i = 19;
@@ -50,7 +60,8 @@ pub fn parse_time_ms(input: &str) -> Result<u64, TimeError> {
             return Err(err("empty fraction"));
         }
         let frac = &s[start..i.min(start + 3)];
-        millis = frac.parse::<i64>().map_err(|_| err("bad fraction"))? * 10i64.pow(3 - frac.len() as u32);
+        millis = frac.parse::<i64>().map_err(|_| err("bad fraction"))?
+            * 10i64.pow(3 - frac.len() as u32);
     }
     let offset_min = match b.get(i) {
         Some(b'Z') | Some(b'z') if i + 1 == b.len() => 0,
@@ -95,8 +106,14 @@ mod tests {
         assert_eq!(parse_time_ms("1700000000000"), Ok(1_700_000_000_000));
         assert_eq!(parse_time_ms("1970-01-01T00:00:00Z"), Ok(0));
         assert_eq!(parse_time_ms("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
-        assert_eq!(parse_time_ms("2023-11-14T22:13:20.5Z"), Ok(1_700_000_000_500));
-        assert_eq!(parse_time_ms("2023-11-14T23:13:20+01:00"), Ok(1_700_000_000_000));
+        assert_eq!(
+            parse_time_ms("2023-11-14T22:13:20.5Z"),
+            Ok(1_700_000_000_500)
+        );
+        assert_eq!(
+            parse_time_ms("2023-11-14T23:13:20+01:00"),
+            Ok(1_700_000_000_000)
+        );
         assert!(parse_time_ms("yesterday").is_err());
         assert!(parse_time_ms("2023-13-14T22:13:20Z").is_err());
         assert!(parse_time_ms("").is_err());

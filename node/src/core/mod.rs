@@ -36,8 +36,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-pub use flow::{EmittedFlow, FlowRecord};
 use flow::DictionaryBuilder;
+pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
@@ -104,13 +104,30 @@ impl Dest {
 /// Something that happened in the cluster, for logs and metrics.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Notice {
-    MemberUp { node_id: String, region: String, pool: Pool },
-    MemberDown { node_id: String, region: String, pool: Pool },
-    RingChanged { members: usize, pending_spans: usize },
-    RegionUpdated { region: String, version: u64 },
+    MemberUp {
+        node_id: String,
+        region: String,
+        pool: Pool,
+    },
+    MemberDown {
+        node_id: String,
+        region: String,
+        pool: Pool,
+    },
+    RingChanged {
+        members: usize,
+        pending_spans: usize,
+    },
+    RegionUpdated {
+        region: String,
+        version: u64,
+    },
     Conflict(ConflictFound),
     /// A claim or event was refused (engine limits, bad names) or had nowhere to go.
-    ClaimDropped { ip: IpAddr, why: String },
+    ClaimDropped {
+        ip: IpAddr,
+        why: String,
+    },
     /// Our identity must be renewed by a restart.
     Defunct,
 }
@@ -424,7 +441,12 @@ impl NodeCore {
     }
 
     /// Handles a membership timer that expired.
-    pub fn handle_timer(&mut self, timer: membership::Timer, now: UnixMillis, out: &mut Vec<Output>) {
+    pub fn handle_timer(
+        &mut self,
+        timer: membership::Timer,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         if self.left {
             return;
         }
@@ -493,19 +515,15 @@ impl NodeCore {
         if let Err(e) = self.membership.leave(&mut mo) {
             tracing::debug!(error = %e, "leaving");
         }
-        self.after_membership(mo, now, out);
+        // Set first: leaving makes foca report us defunct, which is expected now.
         self.left = true;
+        self.after_membership(mo, now, out);
         self.ring = Ring::new(&survivors, self.config.ring);
         // Take every pending flow out of the engine: a tick past every deadline returns
         // them all (their verdicts are ignored: the next owner decides).
         let past = now.plus(self.config.engine.pending_deadline_ms.saturating_add(1));
         self.engine.tick(past, &mut self.scratch);
-        let pending: Vec<FlowRecord> = self
-            .scratch
-            .resolved
-            .drain(..)
-            .map(|r| r.payload)
-            .collect();
+        let pending: Vec<FlowRecord> = self.scratch.resolved.drain(..).map(|r| r.payload).collect();
         self.scratch.conflicts.clear();
         let held: Vec<FlowRecord> = self.held.drain(..).collect();
         let mut handed = Vec::new();
@@ -543,11 +561,21 @@ impl NodeCore {
         let id = batch.batch_id;
         if batch.hops == 0 && batch.region != self.region {
             self.stats.batches_rejected += 1;
-            return ack(out, conn, id, AckStatus::Rejected(RejectReason::WrongRegion));
+            return ack(
+                out,
+                conn,
+                id,
+                AckStatus::Rejected(RejectReason::WrongRegion),
+            );
         }
         if batch.hops > HOPS_MAX {
             self.stats.batches_rejected += 1;
-            return ack(out, conn, id, AckStatus::Rejected(RejectReason::TooManyHops));
+            return ack(
+                out,
+                conn,
+                id,
+                AckStatus::Rejected(RejectReason::TooManyHops),
+            );
         }
         if self.left || (batch.hops == 0 && self.is_busy()) {
             self.stats.batches_busy += 1;
@@ -555,7 +583,11 @@ impl NodeCore {
             return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
         }
         self.stats.batches_accepted += 1;
-        let dictionary: Vec<Arc<str>> = batch.dictionary.iter().map(|s| Arc::from(s.as_str())).collect();
+        let dictionary: Vec<Arc<str>> = batch
+            .dictionary
+            .iter()
+            .map(|s| Arc::from(s.as_str()))
+            .collect();
         let origin = if batch.hops == 0 {
             Origin::Exporter
         } else {
@@ -567,7 +599,9 @@ impl NodeCore {
         let flows: Vec<FlowRecord> = batch
             .flows
             .iter()
-            .filter_map(|f| FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops))
+            .filter_map(|f| {
+                FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops)
+            })
             .collect();
         self.stats.flows_received += flows.len() as u64;
         self.route_flows(flows, now, out);
@@ -688,7 +722,9 @@ impl NodeCore {
                 }
             }
             Readiness::Ready { history_floor } => {
-                let earliest = flow.start_ms.saturating_sub(self.config.engine.skew_margin_ms);
+                let earliest = flow
+                    .start_ms
+                    .saturating_sub(self.config.engine.skew_margin_ms);
                 if history_floor.is_some_and(|floor| earliest < floor.0) {
                     // The history before the floor was never fetched: it cannot be told.
                     self.emit(flow, Verdict::Unattributed(Reason::Expired), 0, now, out);
@@ -737,7 +773,13 @@ impl NodeCore {
                     self.inflight_flows = self.inflight_flows.saturating_sub(done.flows.len());
                     tracing::warn!(?reason, peer = %done.node_id, flows = done.flows.len(), "peer rejected forwarded flows");
                     for flow in done.flows {
-                        self.emit(flow, Verdict::Unattributed(Reason::RegionUnreachable), 0, now, out);
+                        self.emit(
+                            flow,
+                            Verdict::Unattributed(Reason::RegionUnreachable),
+                            0,
+                            now,
+                            out,
+                        );
                     }
                 }
             }
@@ -777,7 +819,14 @@ impl NodeCore {
         }
     }
 
-    fn emit(&mut self, record: FlowRecord, verdict: Verdict, waited_ms: u64, now: UnixMillis, out: &mut Vec<Output>) {
+    fn emit(
+        &mut self,
+        record: FlowRecord,
+        verdict: Verdict,
+        waited_ms: u64,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         out.push(Output::Emit(EmittedFlow {
             record,
             verdict,
@@ -857,7 +906,13 @@ impl NodeCore {
         }
     }
 
-    fn apply_claim(&mut self, claim: &wire::Claim, dictionary: &[Arc<str>], now: UnixMillis, out: &mut Vec<Output>) {
+    fn apply_claim(
+        &mut self,
+        claim: &wire::Claim,
+        dictionary: &[Arc<str>],
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         let Some(name) = dictionary.get(claim.workload as usize) else {
             self.stats.claims_dropped += 1;
             return;
@@ -895,8 +950,18 @@ impl NodeCore {
 
     /// Claims from a peer that routed them to us: applied here (the sender judged us an
     /// owner; a claim is a fact, so holding it where it is not needed is harmless).
-    fn on_claim_batch(&mut self, conn: ConnId, batch: wire::ClaimBatch, now: UnixMillis, out: &mut Vec<Output>) {
-        let dictionary: Vec<Arc<str>> = batch.dictionary.iter().map(|s| Arc::from(s.as_str())).collect();
+    fn on_claim_batch(
+        &mut self,
+        conn: ConnId,
+        batch: wire::ClaimBatch,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        let dictionary: Vec<Arc<str>> = batch
+            .dictionary
+            .iter()
+            .map(|s| Arc::from(s.as_str()))
+            .collect();
         self.stats.claims_received += batch.claims.len() as u64;
         for claim in &batch.claims {
             self.apply_claim(claim, &dictionary, now, out);
@@ -907,8 +972,13 @@ impl NodeCore {
     /// Events: applied here for IPs we own; the rest go to their owners. The watermark
     /// applies region-wide, so an event batch from the feed (not from a peer) passes it to
     /// every member of the region.
-    fn on_event_batch(&mut self, batch: wire::IpEventBatch, from_peer: bool, // relayed by a peer
-        now: UnixMillis, out: &mut Vec<Output>) {
+    fn on_event_batch(
+        &mut self,
+        batch: wire::IpEventBatch,
+        from_peer: bool, // relayed by a peer
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         self.stats.events_received += batch.events.len() as u64;
         let me = self.config.identity.node_id().to_owned();
         let mut remote: BTreeMap<Dest, Vec<wire::IpEvent>> = BTreeMap::new();
@@ -929,7 +999,9 @@ impl NodeCore {
                         .map(Dest::peer)
                         .collect(),
                     Route::Forward { via, .. } => vec![Dest::peer(via)],
-                    Route::External | Route::RegionUnreachable { .. } | Route::Misdirected { .. } => Vec::new(),
+                    Route::External
+                    | Route::RegionUnreachable { .. }
+                    | Route::Misdirected { .. } => Vec::new(),
                 }
             };
             let mine = from_peer || self.owners_of(event.ip).iter().any(|o| o.node_id() == me);
@@ -991,7 +1063,8 @@ impl NodeCore {
             },
             wire::IpEventKind::Unassign => IpEvent::Unassign { ip: event.ip, at },
         };
-        self.engine.apply_event(engine_event, now, &mut self.scratch);
+        self.engine
+            .apply_event(engine_event, now, &mut self.scratch);
         self.drain_engine(now, out);
     }
 
@@ -1020,7 +1093,8 @@ impl NodeCore {
                         .collect(),
                 }),
             });
-            self.requests.insert(request_id, Request { spans: pull.spans });
+            self.requests
+                .insert(request_id, Request { spans: pull.spans });
         }
         // Requests nobody answers are retried by handoff under new ids; keep the table
         // bounded by dropping the oldest.
@@ -1031,7 +1105,12 @@ impl NodeCore {
 
     /// Answers a pull only when every span asked for is complete here: a snapshot ends
     /// the asker's wait, so partial history must never be sent as if whole.
-    fn on_range_request(&mut self, conn: ConnId, request: wire::RangeRequest, out: &mut Vec<Output>) {
+    fn on_range_request(
+        &mut self,
+        conn: ConnId,
+        request: wire::RangeRequest,
+        out: &mut Vec<Output>,
+    ) {
         if request.region != self.region {
             return;
         }
@@ -1065,7 +1144,12 @@ impl NodeCore {
         }
     }
 
-    fn on_range_snapshot(&mut self, snapshot: wire::RangeSnapshot, now: UnixMillis, out: &mut Vec<Output>) {
+    fn on_range_snapshot(
+        &mut self,
+        snapshot: wire::RangeSnapshot,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         if !self.requests.contains_key(&snapshot.request_id) {
             return;
         }
@@ -1089,7 +1173,12 @@ impl NodeCore {
 
     // ----- membership -----
 
-    fn after_membership(&mut self, outputs: Vec<membership::Output>, now: UnixMillis, out: &mut Vec<Output>) {
+    fn after_membership(
+        &mut self,
+        outputs: Vec<membership::Output>,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
         let mut lan_changed = false;
         let mut wan_changed = false;
         let mut regions_changed = false;
@@ -1125,7 +1214,11 @@ impl NodeCore {
                     wan_changed |= pool == Pool::Wan;
                 }
                 membership::Output::Rejoined { .. } => {}
-                membership::Output::Defunct { .. } => out.push(Output::Notice(Notice::Defunct)),
+                membership::Output::Defunct { .. } => {
+                    if !self.left {
+                        out.push(Output::Notice(Notice::Defunct));
+                    }
+                }
                 membership::Output::RegionUpdated { record } => {
                     regions_changed = true;
                     out.push(Output::Notice(Notice::RegionUpdated {
@@ -1184,7 +1277,9 @@ impl NodeCore {
         }
         match RegionMap::from_prefixes(pairs.iter().map(|(n, r)| (*n, r.as_str()))) {
             Ok(map) => self.regions = map,
-            Err(e) => tracing::warn!(error = %e, "region directory disagrees with itself; keeping the previous map"),
+            Err(e) => {
+                tracing::warn!(error = %e, "region directory disagrees with itself; keeping the previous map")
+            }
         }
     }
 }

@@ -60,7 +60,13 @@ pub struct Batcher {
 impl Batcher {
     /// `first_batch_id` should differ across restarts (the start time in ms does), so that
     /// a collector never mistakes a new batch for an old one.
-    pub fn new(exporter_id: u64, region: &str, first_batch_id: u64, batch_flows_max: usize, buffer_batches_max: usize) -> Batcher {
+    pub fn new(
+        exporter_id: u64,
+        region: &str,
+        first_batch_id: u64,
+        batch_flows_max: usize,
+        buffer_batches_max: usize,
+    ) -> Batcher {
         Batcher {
             exporter_id,
             region: region.to_owned(),
@@ -162,7 +168,11 @@ impl Batcher {
             if let Some(dropped) = self.buffer.pop_front() {
                 self.stats.batches_dropped += 1;
                 self.stats.flows_dropped += dropped.flows.len() as u64;
-                tracing::warn!(batch = dropped.batch_id, flows = dropped.flows.len(), "exporter buffer full; dropped the oldest batch");
+                tracing::warn!(
+                    batch = dropped.batch_id,
+                    flows = dropped.flows.len(),
+                    "exporter buffer full; dropped the oldest batch"
+                );
             }
         }
     }

@@ -87,27 +87,44 @@ impl IdentitySource {
                 return;
             }
         };
-        let parsed: Result<BTreeMap<IpAddr, (String, Option<u64>)>, serde_json::Error> = match &self.config {
-            Some(IdentityConfig::HostFile { .. }) => serde_json::from_str::<HostFile>(&text)
-                .map(|h| h.ips.into_iter().map(|ip| (ip.to_canonical(), (h.workload.clone(), h.since_ms))).collect()),
-            Some(IdentityConfig::MapFile { .. }) => serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text)
-                .map(|m| m.into_iter().map(|(ip, e)| (ip.to_canonical(), (e.workload, e.since_ms))).collect()),
-            None => return,
-        };
+        let parsed: Result<BTreeMap<IpAddr, (String, Option<u64>)>, serde_json::Error> =
+            match &self.config {
+                Some(IdentityConfig::HostFile { .. }) => serde_json::from_str::<HostFile>(&text)
+                    .map(|h| {
+                        h.ips
+                            .into_iter()
+                            .map(|ip| (ip.to_canonical(), (h.workload.clone(), h.since_ms)))
+                            .collect()
+                    }),
+                Some(IdentityConfig::MapFile { .. }) => {
+                    serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
+                        m.into_iter()
+                            .map(|(ip, e)| (ip.to_canonical(), (e.workload, e.since_ms)))
+                            .collect()
+                    })
+                }
+                None => return,
+            };
         match parsed {
             Ok(map) => {
                 let mut next = BTreeMap::new();
                 for (ip, (workload, since)) in map {
                     // Keep the first-seen time of an unchanged mapping; a new or changed
                     // one starts now unless the file says when.
-                    let kept = self.current.get(&ip).filter(|(w, _)| *w == workload).map(|(_, s)| *s);
+                    let kept = self
+                        .current
+                        .get(&ip)
+                        .filter(|(w, _)| *w == workload)
+                        .map(|(_, s)| *s);
                     let since = since.or(kept).unwrap_or(now_ms);
                     next.insert(ip, (workload, since));
                 }
                 self.current = next;
                 self.modified = modified;
             }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "parsing the identity file"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "parsing the identity file")
+            }
         }
     }
 
@@ -142,19 +159,30 @@ mod tests {
     fn map_file_is_reread_and_since_defaults_to_first_seen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ips.json");
-        std::fs::write(&path, r#"{"10.0.0.1": {"workload": "web", "since_ms": 5}, "10.0.0.2": {"workload": "db"}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"10.0.0.1": {"workload": "web", "since_ms": 5}, "10.0.0.2": {"workload": "db"}}"#,
+        )
+        .unwrap();
         let mut source = IdentitySource::new(IdentityConfig::MapFile { path: path.clone() }, 100);
         let claims = source.claims(200);
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[0].since_ms, 5);
         assert_eq!(claims[1].since_ms, 100, "no since: first seen");
-        std::fs::write(&path, r#"{"10.0.0.2": {"workload": "db"}, "10.0.0.3": {"workload": "x", "since_ms": 150}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"10.0.0.2": {"workload": "db"}, "10.0.0.3": {"workload": "x", "since_ms": 150}}"#,
+        )
+        .unwrap();
         source.modified = None;
         source.refresh(300);
         let claims = source.claims(400);
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[0].since_ms, 100, "unchanged mapping keeps its since");
-        assert_eq!(source.workload_of("10.0.0.3".parse().unwrap()).as_deref(), Some("x"));
+        assert_eq!(
+            source.workload_of("10.0.0.3".parse().unwrap()).as_deref(),
+            Some("x")
+        );
         assert!(source.workload_of("10.0.0.1".parse().unwrap()).is_none());
     }
 }

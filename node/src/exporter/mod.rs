@@ -37,10 +37,19 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(addr: SocketAddr, crypto: &Crypto, timeout: Duration) -> Result<Client, TransportError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        crypto: &Crypto,
+        timeout: Duration,
+    ) -> Result<Client, TransportError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+            .map_err(|_| {
+                TransportError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })??;
         let _ = stream.set_nodelay(true);
         Ok(Client {
             stream,
@@ -82,17 +91,31 @@ impl Client {
 
 /// Where this interval's flows and claims come from.
 enum Source {
-    Synthetic { fleet: Box<Fleet>, region_index: usize },
-    Capture { rx: mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, identity: IdentitySource },
+    Synthetic {
+        fleet: Box<Fleet>,
+        region_index: usize,
+    },
+    Capture {
+        rx: mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>,
+        identity: IdentitySource,
+    },
 }
 
 /// Runs an exporter until `shutdown` resolves. With `to_stdout`, flows are printed as
 /// NDJSON and nothing is sent.
-pub async fn run(config: ExporterConfig, to_stdout: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: ExporterConfig,
+    to_stdout: bool,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     config.validate(to_stdout)?;
     let start = clock::now();
     let mut source = match &config.source {
-        SourceConfig::Synthetic { seed, prefix, flows_per_sec } => {
+        SourceConfig::Synthetic {
+            seed,
+            prefix,
+            flows_per_sec,
+        } => {
             let mut fleet = FleetConfig::demo(*seed, vec![(config.region.clone(), *prefix)]);
             fleet.flows_per_sec = *flows_per_sec;
             fleet.cross_region_share = 0.0;
@@ -105,9 +128,12 @@ pub async fn run(config: ExporterConfig, to_stdout: bool, shutdown: impl Future<
             let identity = match &config.identity {
                 Some(i) => IdentitySource::new(i.clone(), start.0),
                 None if to_stdout => IdentitySource::anonymous(),
-                None => anyhow::bail!("the eBPF source needs an [identity] section (host_file or map_file)"),
+                None => anyhow::bail!(
+                    "the eBPF source needs an [identity] section (host_file or map_file)"
+                ),
             };
-            let rx = start_capture(config.heartbeat_interval_ms).context("starting eBPF capture")?;
+            let rx =
+                start_capture(config.heartbeat_interval_ms).context("starting eBPF capture")?;
             Source::Capture { rx, identity }
         }
     };
@@ -150,9 +176,16 @@ pub async fn run(config: ExporterConfig, to_stdout: bool, shutdown: impl Future<
     // deliver what is buffered.
     let (flows, claims) = collect(&mut source, clock::now().0);
     batcher.push(flows, claims);
-    let _ = tokio::time::timeout(Duration::from_millis(config.ack_timeout_ms * 2), sender.drain(&crypto, &mut batcher)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(config.ack_timeout_ms * 2),
+        sender.drain(&crypto, &mut batcher),
+    )
+    .await;
     if batcher.buffered() > 0 {
-        tracing::warn!(batches = batcher.buffered(), "exiting with unacknowledged batches");
+        tracing::warn!(
+            batches = batcher.buffered(),
+            "exiting with unacknowledged batches"
+        );
     }
     Ok(())
 }
@@ -201,7 +234,10 @@ impl Sender {
                 }
                 Ok(AckStatus::Busy { retry_after_ms }) => {
                     tracing::debug!(retry_after_ms, "collector busy");
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms.min(self.backoff_max_ms))).await;
+                    tokio::time::sleep(Duration::from_millis(
+                        retry_after_ms.min(self.backoff_max_ms),
+                    ))
+                    .await;
                     failures += 1;
                 }
                 Err(e) => {
@@ -217,10 +253,17 @@ impl Sender {
         }
     }
 
-    async fn send_one(&mut self, crypto: &Crypto, batch: tenure_gossip::wire::FlowBatch) -> Result<AckStatus, TransportError> {
+    async fn send_one(
+        &mut self,
+        crypto: &Crypto,
+        batch: tenure_gossip::wire::FlowBatch,
+    ) -> Result<AckStatus, TransportError> {
         let batch_id = batch.batch_id;
         if self.client.is_none() {
-            let addr = *self.collectors.get(self.current).ok_or(TransportError::Closed)?;
+            let addr = *self
+                .collectors
+                .get(self.current)
+                .ok_or(TransportError::Closed)?;
             self.client = Some(Client::connect(addr, crypto, self.ack_timeout).await?);
         }
         let client = self.client.as_mut().ok_or(TransportError::Closed)?;
@@ -229,13 +272,22 @@ impl Sender {
             loop {
                 match client.recv(crypto).await? {
                     Message::Ack(a) if a.batch_id == batch_id => return Ok(a.status),
-                    _ => continue,
+                    Message::Ack(_)
+                    | Message::ClaimBatch(_)
+                    | Message::FlowBatch(_)
+                    | Message::IpEventBatch(_)
+                    | Message::RangeSnapshot(_)
+                    | Message::RangeRequest(_)
+                    | Message::RegionDirectory(_) => continue,
                 }
             }
         };
         match tokio::time::timeout(self.ack_timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no ack in time"))),
+            Err(_) => Err(TransportError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no ack in time",
+            ))),
         }
     }
 }
@@ -243,7 +295,10 @@ impl Sender {
 /// This interval's flows and heartbeats from the source.
 fn collect(source: &mut Source, now_ms: u64) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
     match source {
-        Source::Synthetic { fleet, region_index } => {
+        Source::Synthetic {
+            fleet,
+            region_index,
+        } => {
             let steps = fleet.advance(now_ms);
             let Some(step) = steps.into_iter().nth(*region_index) else {
                 return (Vec::new(), Vec::new());
@@ -297,12 +352,20 @@ pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
 
 /// A captured flow with its local workload from the identity source; `None` when the local
 /// IP belongs to no known workload (nothing to say who it was).
-pub(crate) fn captured_flow(f: &tenure_node_ebpf::CapturedFlow, identity: &IdentitySource) -> Option<LocalFlow> {
+pub(crate) fn captured_flow(
+    f: &tenure_node_ebpf::CapturedFlow,
+    identity: &IdentitySource,
+) -> Option<LocalFlow> {
     let local_ip = f.local.ip().to_canonical();
     let workload = identity.workload_of(local_ip)?;
     // A stable id: the 4-tuple and the start time identify a socket's life.
-    let mut h = crate::shell::collector::fnv64(format!("{}{}{}", f.local, f.remote, f.start_unix_ms).as_bytes()) as u128;
-    h = (h << 64) | u128::from(crate::shell::collector::fnv64(format!("{}{}", f.remote, f.local).as_bytes()));
+    let mut h = crate::shell::collector::fnv64(
+        format!("{}{}{}", f.local, f.remote, f.start_unix_ms).as_bytes(),
+    ) as u128;
+    h = (h << 64)
+        | u128::from(crate::shell::collector::fnv64(
+            format!("{}{}", f.remote, f.local).as_bytes(),
+        ));
     Some(LocalFlow {
         flow_id: h,
         local_ip,
@@ -318,7 +381,9 @@ pub(crate) fn captured_flow(f: &tenure_node_ebpf::CapturedFlow, identity: &Ident
         retransmits: u64::from(f.retransmits),
         direction: match f.direction {
             tenure_node_ebpf::Direction::Inbound => Direction::Inbound,
-            tenure_node_ebpf::Direction::Outbound | tenure_node_ebpf::Direction::Unknown => Direction::Outbound,
+            tenure_node_ebpf::Direction::Outbound | tenure_node_ebpf::Direction::Unknown => {
+                Direction::Outbound
+            }
         },
         ongoing: f.ongoing,
     })
@@ -326,12 +391,15 @@ pub(crate) fn captured_flow(f: &tenure_node_ebpf::CapturedFlow, identity: &Ident
 
 /// Loads the eBPF capture and feeds closed flows, and a snapshot of live ones every
 /// interval, into a bounded channel.
-pub fn start_capture(snapshot_interval_ms: u64) -> Result<mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, tenure_node_ebpf::CaptureError> {
+pub fn start_capture(
+    snapshot_interval_ms: u64,
+) -> Result<mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, tenure_node_ebpf::CaptureError> {
     tenure_node_ebpf::check_privileges()?;
     let mut capture = tenure_node_ebpf::Capture::load(tenure_node_ebpf::CaptureOptions::default())?;
     let (tx, rx) = mpsc::channel(CAPTURE_QUEUE_BATCHES_MAX);
     tokio::spawn(async move {
-        let mut snapshots = tokio::time::interval(Duration::from_millis(snapshot_interval_ms.max(100)));
+        let mut snapshots =
+            tokio::time::interval(Duration::from_millis(snapshot_interval_ms.max(100)));
         let mut dropped = 0u64;
         loop {
             let batch = tokio::select! {
@@ -355,15 +423,24 @@ pub fn start_capture(snapshot_interval_ms: u64) -> Result<mpsc::Receiver<Vec<ten
             }
             if tx.try_send(batch).is_err() {
                 dropped += 1;
-                tracing::warn!(dropped, "capture queue full; a batch of captured flows was dropped");
+                tracing::warn!(
+                    dropped,
+                    "capture queue full; a batch of captured flows was dropped"
+                );
             }
         }
     });
     Ok(rx)
 }
 
-async fn print_flows(config: &ExporterConfig, source: &mut Source, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms.min(1_000)));
+async fn print_flows(
+    config: &ExporterConfig,
+    source: &mut Source,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut interval = tokio::time::interval(Duration::from_millis(
+        config.heartbeat_interval_ms.min(1_000),
+    ));
     let mut stdout = tokio::io::stdout();
     tokio::pin!(shutdown);
     loop {

@@ -25,7 +25,9 @@ use super::clock;
 use super::metrics as m;
 use super::transport::{read_messages, Crypto, TransportError};
 use crate::config::{CollectorConfig, SinkConfig};
-use crate::core::{ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS};
+use crate::core::{
+    ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
+};
 use crate::deps::Dependencies;
 use crate::sink::{self, RollingFiles};
 
@@ -85,7 +87,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     /// Runs `f` on the core with the current time, then acts on its outputs.
-    pub(crate) async fn with_core<R>(self: &Arc<Self>, f: impl FnOnce(&mut NodeCore, UnixMillis, &mut Vec<Output>) -> R) -> R {
+    pub(crate) async fn with_core<R>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut NodeCore, UnixMillis, &mut Vec<Output>) -> R,
+    ) -> R {
         let mut out = Vec::new();
         let result = {
             let mut core = lock(&self.core);
@@ -126,7 +131,8 @@ impl Shared {
             (None, None) => "none",
         };
         metrics::counter!(m::FLOWS_OUT, "node" => node.clone(), "result" => flow.result(), "detail" => detail).increment(1);
-        metrics::histogram!(m::ATTRIBUTION_DELAY, "node" => node).record(flow.delay_ms() as f64 / 1_000.0);
+        metrics::histogram!(m::ATTRIBUTION_DELAY, "node" => node)
+            .record(flow.delay_ms() as f64 / 1_000.0);
         lock(&self.deps).record(&flow);
         if let Some(tap) = &self.tap {
             // The demo's tally: it must see every flow, so wait for room.
@@ -140,21 +146,32 @@ impl Shared {
 
     fn notice(&self, notice: Notice) {
         match notice {
-            Notice::MemberUp { node_id, region, pool } => {
+            Notice::MemberUp {
+                node_id,
+                region,
+                pool,
+            } => {
                 tracing::info!(node = %self.node, member = %node_id, %region, %pool, "member up");
                 if pool == Pool::Wan {
                     lock(&self.roster).insert(node_id, (region, true));
                     self.member_gauges();
                 }
             }
-            Notice::MemberDown { node_id, region, pool } => {
+            Notice::MemberDown {
+                node_id,
+                region,
+                pool,
+            } => {
                 tracing::info!(node = %self.node, member = %node_id, %region, %pool, "member down");
                 if pool == Pool::Wan {
                     lock(&self.roster).insert(node_id, (region, false));
                     self.member_gauges();
                 }
             }
-            Notice::RingChanged { members, pending_spans } => {
+            Notice::RingChanged {
+                members,
+                pending_spans,
+            } => {
                 tracing::info!(node = %self.node, members, pending_spans, "ring changed");
             }
             Notice::RegionUpdated { region, version } => {
@@ -167,7 +184,9 @@ impl Shared {
             Notice::ClaimDropped { ip, why } => {
                 tracing::debug!(node = %self.node, %ip, %why, "claim dropped");
             }
-            Notice::Defunct => tracing::error!(node = %self.node, "declared down and cannot renew; restart this node"),
+            Notice::Defunct => {
+                tracing::error!(node = %self.node, "declared down and cannot renew; restart this node")
+            }
         }
     }
 
@@ -219,7 +238,11 @@ impl Shared {
         lock(&self.peers).insert(addr, id);
         let shared = self.clone();
         tokio::spawn(async move {
-            let connect = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), TcpStream::connect(addr)).await;
+            let connect = tokio::time::timeout(
+                Duration::from_millis(CONNECT_TIMEOUT_MS),
+                TcpStream::connect(addr),
+            )
+            .await;
             match connect {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
@@ -236,7 +259,12 @@ impl Shared {
 
     /// Serves one connection (either direction): writes queued frames, reads messages
     /// into the core.
-    async fn serve(self: Arc<Self>, id: ConnId, stream: TcpStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+    async fn serve(
+        self: Arc<Self>,
+        id: ConnId,
+        stream: TcpStream,
+        mut rx: mpsc::Receiver<Vec<u8>>,
+    ) {
         let (reader, mut writer) = stream.into_split();
         let write = async move {
             while let Some(bytes) = rx.recv().await {
@@ -270,21 +298,26 @@ impl Shared {
 
     async fn on_message(self: &Arc<Self>, conn: ConnId, message: Message) {
         if let Message::FlowBatch(batch) = &message {
-            metrics::counter!(m::FLOWS_IN, "node" => self.node.clone()).increment(batch.flows.len() as u64);
+            metrics::counter!(m::FLOWS_IN, "node" => self.node.clone())
+                .increment(batch.flows.len() as u64);
             // The sink queue is the last queue: when it is nearly full, exporters wait.
             if batch.hops == 0 && self.sink.capacity() < self.sink.max_capacity() / 8 {
-                metrics::counter!(m::BATCHES, "node" => self.node.clone(), "status" => "busy").increment(1);
+                metrics::counter!(m::BATCHES, "node" => self.node.clone(), "status" => "busy")
+                    .increment(1);
                 self.send_frame(
                     Dest::Conn(conn),
                     &Message::Ack(wire::Ack {
                         batch_id: batch.batch_id,
-                        status: AckStatus::Busy { retry_after_ms: 1_000 },
+                        status: AckStatus::Busy {
+                            retry_after_ms: 1_000,
+                        },
                     }),
                 );
                 return;
             }
         }
-        self.with_core(|core, now, out| core.handle_message(conn, message, now, out)).await;
+        self.with_core(|core, now, out| core.handle_message(conn, message, now, out))
+            .await;
         self.update_gauges();
     }
 
@@ -293,7 +326,8 @@ impl Shared {
         let memory = core.engine().memory();
         let stats = core.engine().stats();
         let node = self.node.clone();
-        metrics::gauge!(m::FLOWS_PENDING, "node" => node.clone()).set((memory.pending_flows + core.held_len()) as f64);
+        metrics::gauge!(m::FLOWS_PENDING, "node" => node.clone())
+            .set((memory.pending_flows + core.held_len()) as f64);
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
@@ -320,9 +354,17 @@ pub async fn run(
         None => None,
     };
 
-    let udp = Arc::new(UdpSocket::bind(config.gossip_addr).await.with_context(|| format!("binding gossip {}", config.gossip_addr))?);
-    let data = TcpListener::bind(config.data_addr).await.with_context(|| format!("binding data {}", config.data_addr))?;
-    let http = TcpListener::bind(config.http_addr).await.with_context(|| format!("binding http {}", config.http_addr))?;
+    let udp = Arc::new(
+        UdpSocket::bind(config.gossip_addr)
+            .await
+            .with_context(|| format!("binding gossip {}", config.gossip_addr))?,
+    );
+    let data = TcpListener::bind(config.data_addr)
+        .await
+        .with_context(|| format!("binding data {}", config.data_addr))?;
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding http {}", config.http_addr))?;
     let advertise = |addr: SocketAddr| match config.advertise_host {
         Some(host) => SocketAddr::new(host, addr.port()),
         None => addr,
@@ -332,7 +374,13 @@ pub async fn run(
     let http_addr = http.local_addr()?;
 
     let start = clock::now();
-    let identity = NodeIdentity::new(&config.node_id, &config.region, gossip_addr, data_addr, start.0)?;
+    let identity = NodeIdentity::new(
+        &config.node_id,
+        &config.region,
+        gossip_addr,
+        data_addr,
+        start.0,
+    )?;
     let sender_id = fnv64(config.node_id.as_bytes());
     let crypto = Crypto::new(
         config.cluster_key.key_id,
@@ -346,7 +394,8 @@ pub async fn run(
         identity,
         seeds: config.seeds.clone(),
         rng_seed: start.0 ^ sender_id,
-        region_size_hint: NonZeroU32::new(config.region_size_hint.max(1)).unwrap_or(NonZeroU32::MIN),
+        region_size_hint: NonZeroU32::new(config.region_size_hint.max(1))
+            .unwrap_or(NonZeroU32::MIN),
         fleet_size_hint: NonZeroU32::new(config.fleet_size_hint.max(1)).unwrap_or(NonZeroU32::MIN),
         region_prefixes: config.prefixes.clone(),
         region_version: config.region_version,
@@ -404,9 +453,21 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let sink_task = tokio::spawn(sink_writer(config.sink.clone(), sink_rx, stop_rx.clone()));
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(gossip_reader(shared.clone(), udp, stop_rx.clone())));
-    tasks.push(tokio::spawn(accept_loop(shared.clone(), data, stop_rx.clone())));
-    tasks.push(tokio::spawn(timer_loop(shared.clone(), timer_rx, stop_rx.clone())));
+    tasks.push(tokio::spawn(gossip_reader(
+        shared.clone(),
+        udp,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(accept_loop(
+        shared.clone(),
+        data,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(timer_loop(
+        shared.clone(),
+        timer_rx,
+        stop_rx.clone(),
+    )));
     let http_shared = shared.clone();
     let mut http_stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -419,7 +480,9 @@ pub async fn run(
         }
     }));
 
-    shared.with_core(|core, now, out| core.start(now, out)).await;
+    shared
+        .with_core(|core, now, out| core.start(now, out))
+        .await;
     tracing::info!(node = %bound.node_id, region = %bound.region, gossip = %gossip_addr, data = %data_addr, http = %http_addr, "collector started");
     if let Some(tx) = bound_tx {
         let _ = tx.send(bound.clone());
@@ -427,7 +490,9 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!(node = %bound.node_id, "leaving the cluster");
-    shared.with_core(|core, now, out| core.leave(now, out)).await;
+    shared
+        .with_core(|core, now, out| core.leave(now, out))
+        .await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let deadline = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < deadline {
@@ -438,7 +503,9 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(TICK_INTERVAL_MS)).await;
         shared.with_core(|core, now, out| core.tick(now, out)).await;
     }
-    shared.with_core(|core, now, out| core.abandon_inflight(now, out)).await;
+    shared
+        .with_core(|core, now, out| core.abandon_inflight(now, out))
+        .await;
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
@@ -488,7 +555,9 @@ async fn gossip_reader(shared: Arc<Shared>, udp: Arc<UdpSocket>, mut stop: watch
             continue;
         }
         let bytes = plaintext.to_vec();
-        let result = shared.with_core(|core, now, out| core.handle_datagram(from, &bytes, now, out)).await;
+        let result = shared
+            .with_core(|core, now, out| core.handle_datagram(from, &bytes, now, out))
+            .await;
         if let Err(e) = result {
             metrics::counter!(m::FRAMES_REJECTED, "node" => shared.node.clone(), "reason" => "gossip").increment(1);
             tracing::debug!(%from, error = %e, "gossip datagram refused");
@@ -525,7 +594,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
     }
 }
 
-async fn timer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<(u64, membership::Timer)>, mut stop: watch::Receiver<bool>) {
+async fn timer_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(u64, membership::Timer)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut queue: BTreeMap<(tokio::time::Instant, u64), membership::Timer> = BTreeMap::new();
     let mut seq = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_INTERVAL_MS));
@@ -571,9 +644,17 @@ async fn sink_writer(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut files = match &config {
-        SinkConfig::Files { dir, roll_interval_ms, roll_bytes_max, files_max } => {
-            Some(RollingFiles::new(dir, *roll_interval_ms, *roll_bytes_max, *files_max)?)
-        }
+        SinkConfig::Files {
+            dir,
+            roll_interval_ms,
+            roll_bytes_max,
+            files_max,
+        } => Some(RollingFiles::new(
+            dir,
+            *roll_interval_ms,
+            *roll_bytes_max,
+            *files_max,
+        )?),
         SinkConfig::Stdout => None,
     };
     let mut flush = tokio::time::interval(Duration::from_millis(SINK_FLUSH_INTERVAL_MS));

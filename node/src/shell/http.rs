@@ -46,9 +46,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-fn parse_ip(raw: &str) -> Result<IpAddr, Response> {
+fn parse_ip(raw: &str) -> Result<IpAddr, Box<Response>> {
     raw.parse::<IpAddr>()
-        .map_err(|_| bad_request(format!("{raw:?} is not an IP address")))
+        .map_err(|_| Box::new(bad_request(format!("{raw:?} is not an IP address"))))
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -133,7 +133,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
 async fn ranges(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Response {
     let ip = match parse_ip(&raw) {
         Ok(ip) => ip,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let core = lock(&shared.core);
     let owners: Vec<&str> = core.owners_of(ip).iter().map(|o| o.node_id()).collect();
@@ -165,10 +165,14 @@ struct AtQuery {
     at: Option<String>,
 }
 
-async fn owner(State(shared): State<Arc<Shared>>, Path(raw): Path<String>, Query(q): Query<AtQuery>) -> Response {
+async fn owner(
+    State(shared): State<Arc<Shared>>,
+    Path(raw): Path<String>,
+    Query(q): Query<AtQuery>,
+) -> Response {
     let ip = match parse_ip(&raw) {
         Ok(ip) => ip,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(at_raw) = q.at else {
         return bad_request("missing query parameter `at` (Unix ms or RFC 3339)");
@@ -271,7 +275,10 @@ async fn ip_events(
     body: String,
 ) -> Response {
     let Some(token) = shared.event_token.as_deref() else {
-        return error(StatusCode::FORBIDDEN, "the event feed is disabled: set event_feed_token in the configuration");
+        return error(
+            StatusCode::FORBIDDEN,
+            "the event feed is disabled: set event_feed_token in the configuration",
+        );
     };
     let given = headers
         .get("authorization")
@@ -291,7 +298,10 @@ async fn ip_events(
             continue;
         }
         if events.len() >= EVENTS_PER_REQUEST_MAX {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {EVENTS_PER_REQUEST_MAX} events per request"));
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("at most {EVENTS_PER_REQUEST_MAX} events per request"),
+            );
         }
         let parsed: EventLine = match serde_json::from_str(line) {
             Ok(e) => e,
@@ -310,7 +320,10 @@ async fn ip_events(
 }
 
 fn event_from_line(line: EventLine) -> Result<IpEvent, String> {
-    let ip: IpAddr = line.ip.parse().map_err(|_| format!("{:?} is not an IP address", line.ip))?;
+    let ip: IpAddr = line
+        .ip
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", line.ip))?;
     let at_ms = match &line.at {
         Value::Number(n) => n.as_u64().ok_or("at must be a non-negative integer")?,
         Value::String(s) => parse_time_ms(s).map_err(|e| e.to_string())?,
@@ -321,10 +334,17 @@ fn event_from_line(line: EventLine) -> Result<IpEvent, String> {
     let (kind, owner) = match line.kind.as_str() {
         "assign" => (
             IpEventKind::Assign,
-            line.owner.filter(|o| !o.is_empty() && o.len() <= 256).ok_or("assign needs an owner of 1 to 256 bytes")?,
+            line.owner
+                .filter(|o| !o.is_empty() && o.len() <= 256)
+                .ok_or("assign needs an owner of 1 to 256 bytes")?,
         ),
         "unassign" => (IpEventKind::Unassign, line.owner.unwrap_or_default()),
         other => return Err(format!("kind must be assign or unassign, got {other:?}")),
     };
-    Ok(IpEvent { at_ms, ip, kind, owner })
+    Ok(IpEvent {
+        at_ms,
+        ip,
+        kind,
+        owner,
+    })
 }

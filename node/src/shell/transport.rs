@@ -33,8 +33,14 @@ impl TransportError {
     pub fn reason(&self) -> &'static str {
         match self {
             TransportError::Frame(_) => "frame",
-            TransportError::Seal(SealError::Replayed { .. } | SealError::TooOld { .. } | SealError::StaleEpoch { .. }) => "replay",
-            TransportError::Seal(SealError::UnknownKey { .. } | SealError::AuthenticationFailed { .. }) => "auth",
+            TransportError::Seal(
+                SealError::Replayed { .. }
+                | SealError::TooOld { .. }
+                | SealError::StaleEpoch { .. },
+            ) => "replay",
+            TransportError::Seal(
+                SealError::UnknownKey { .. } | SealError::AuthenticationFailed { .. },
+            ) => "auth",
             TransportError::Seal(
                 SealError::Truncated { .. }
                 | SealError::Oversized { .. }
@@ -69,14 +75,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Crypto {
     /// `sender_id` names this node in envelopes; `epoch` must grow on every restart (the
     /// start time in ms does).
-    pub fn new(key_id: u32, key: &SecretKey, exporter: Option<(u32, &SecretKey)>, sender_id: u64, epoch: u64) -> Crypto {
+    pub fn new(
+        key_id: u32,
+        key: &SecretKey,
+        exporter: Option<(u32, &SecretKey)>,
+        sender_id: u64,
+        epoch: u64,
+    ) -> Crypto {
         let limits = FrameLimits::default();
         Crypto {
             keyring: Keyring::new(key_id, key),
             exporter_keyring: exporter.map(|(id, k)| Keyring::new(id, k)),
-            data: Mutex::new((Sealer::new(Channel::Data, sender_id, epoch), rand::make_rng())),
+            data: Mutex::new((
+                Sealer::new(Channel::Data, sender_id, epoch),
+                rand::make_rng(),
+            )),
             gossip: Mutex::new((
-                Sealer::new(Channel::Gossip, sender_id, epoch).with_sealed_bytes_max(limits.datagram_bytes_max),
+                Sealer::new(Channel::Gossip, sender_id, epoch)
+                    .with_sealed_bytes_max(limits.datagram_bytes_max),
                 rand::make_rng(),
             )),
             opener: Mutex::new(Opener::new(OpenerConfig::default())),
@@ -90,10 +106,14 @@ impl Crypto {
         let mut out = Vec::with_capacity(plain.len() + 128);
         let mut guard = lock(&self.data);
         let (sealer, rng) = &mut *guard;
-        frame::encode_frame_with::<TransportError, _>(&mut out, self.limits.frame_bytes_max, |body| {
-            sealer.seal(&self.keyring, rng, &plain, body)?;
-            Ok(())
-        })?;
+        frame::encode_frame_with::<TransportError, _>(
+            &mut out,
+            self.limits.frame_bytes_max,
+            |body| {
+                sealer.seal(&self.keyring, rng, &plain, body)?;
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -111,19 +131,29 @@ impl Crypto {
     }
 
     /// Opens a received datagram into `plaintext`.
-    pub fn open_datagram(&self, datagram: &[u8], plaintext: &mut AlignedVec) -> Result<(), TransportError> {
+    pub fn open_datagram(
+        &self,
+        datagram: &[u8],
+        plaintext: &mut AlignedVec,
+    ) -> Result<(), TransportError> {
         let body = frame::decode_datagram(datagram, self.limits.datagram_bytes_max)?;
         lock(&self.opener).open(&self.keyring, Channel::Gossip, body, plaintext)?;
         Ok(())
     }
 
     /// Opens a frame body and decodes the message inside.
-    pub fn open_frame(&self, body: &[u8], plaintext: &mut AlignedVec) -> Result<Message, TransportError> {
+    pub fn open_frame(
+        &self,
+        body: &[u8],
+        plaintext: &mut AlignedVec,
+    ) -> Result<Message, TransportError> {
         let opened = {
             let mut opener = lock(&self.opener);
             match opener.open(&self.keyring, Channel::Data, body, plaintext) {
                 Ok(o) => Ok(o),
-                Err(e @ (SealError::UnknownKey { .. } | SealError::AuthenticationFailed { .. })) => match &self.exporter_keyring {
+                Err(
+                    e @ (SealError::UnknownKey { .. } | SealError::AuthenticationFailed { .. }),
+                ) => match &self.exporter_keyring {
                     Some(k) => opener.open(k, Channel::Data, body, plaintext),
                     None => Err(e),
                 },
