@@ -492,3 +492,31 @@ mod tests {
         assert!(parse_key(&"a".repeat(64)).is_ok());
     }
 }
+
+#[cfg(test)]
+mod deploy_examples {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_configs_parse_and_validate() {
+        for (name, text) in [
+            (
+                "collector-us-east-a.toml",
+                include_str!("../deploy/collector-us-east-a.toml"),
+            ),
+            (
+                "collector-eu-west-a.toml",
+                include_str!("../deploy/collector-eu-west-a.toml"),
+            ),
+        ] {
+            let config: CollectorConfig = parse(text, Path::new(name)).unwrap();
+            config.validate().unwrap();
+        }
+        let exporter: ExporterConfig = parse(
+            include_str!("../deploy/exporter.toml"),
+            Path::new("exporter.toml"),
+        )
+        .unwrap();
+        exporter.validate(false).unwrap();
+    }
+}
