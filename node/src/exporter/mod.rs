@@ -153,6 +153,25 @@ pub async fn run(
         config.buffer_batches_max,
     );
     let _ = m::handle();
+    if let Some(addr) = config.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding http {addr}"))?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(|| async { m::handle().render() }),
+            )
+            .route(
+                "/healthz",
+                axum::routing::get(|| async { "{\"status\":\"ok\"}" }),
+            );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "exporter http server");
+            }
+        });
+    }
     let label = config.exporter_id.to_string();
     let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
