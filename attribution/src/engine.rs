@@ -349,6 +349,19 @@ impl<F> Engine<F> {
         self.pending.len()
     }
 
+    /// Takes every waiting flow out of the engine, oldest first, without a verdict: for a
+    /// node that leaves the cluster and hands its pending flows to their next owner.
+    pub fn take_pending(&mut self) -> Vec<F> {
+        let mut flows = Vec::with_capacity(self.pending.len());
+        while let Some(slot) = self.pending.next_due(UnixMillis::MAX) {
+            match self.pending.remove(slot) {
+                Some(entry) => flows.push(entry.payload),
+                None => break,
+            }
+        }
+        flows
+    }
+
     /// When the next pending flow is due: the caller should call [`Engine::tick`] then.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
         self.pending.next_deadline()

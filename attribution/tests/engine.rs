@@ -339,3 +339,14 @@ fn memory_is_reported_per_range() {
     assert_eq!((memory.ips, memory.segments), (100, 100));
     assert!(memory.bytes_per_range() >= 16.0, "{memory:?}");
 }
+
+#[test]
+fn pending_flows_can_be_taken_out_for_handoff() {
+    let mut h = Harness::new();
+    h.flow(1, "10.0.0.1", 10, 11);
+    h.flow(2, "10.0.0.2", 12, 13);
+    assert_eq!(h.engine.take_pending(), vec![1, 2]);
+    assert_eq!(h.engine.pending_len(), 0);
+    h.heartbeat("10.0.0.1", "api", 0, 30);
+    assert_eq!(h.verdict(1), None, "a flow taken out is not emitted again");
+}
