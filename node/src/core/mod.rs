@@ -20,7 +20,38 @@
 //!   the next owners (or emit them when there is none).
 //!
 //! Outputs: frames for a peer or for the connection a message came on, gossip datagrams,
-//! timers, attributed flows for the sinks, and notices for logs and metrics.
+//! timers, attributed flows for the sinks, journal operations, and notices for logs and
+//! metrics.
+//!
+//! # The journal: no accepted flow is lost
+//!
+//! A collector acknowledges a flow batch only once the flows are on disk, so that a
+//! `kill -9` loses nothing an exporter (or a peer) was told is safe. The core does no IO;
+//! it speaks through [`Output::Journal`] and two inputs:
+//!
+//! - Every flow batch accepted from an exporter or a peer with at least one flow yields
+//!   [`JournalOp::Append`] `{ id, flows }` *before* any output that emits or forwards
+//!   those flows. Ids grow by one per append.
+//! - The batch's `Accepted` ack is **withheld** until the caller reports, with
+//!   [`NodeCore::journal_synced`]`(upto_id)`, that every append up to `upto_id` is durable
+//!   (group commit: one fsync covers many appends). Refusals (`busy`, `rejected`), claim
+//!   and event batches are acknowledged at once: they carry nothing to lose.
+//! - Each journaled flow carries its append id ([`JournaledFlow`]) wherever it waits
+//!   (pending, held for handoff, forwarded). It is *settled* when it is emitted (an
+//!   [`Output::Emit`], whatever the verdict) or when the peer it was forwarded to
+//!   acknowledges it (the peer acks only after its own journal holds it). When every flow
+//!   of an append is settled, [`JournalOp::Release`] names it, after the emits that settled
+//!   it. The caller must make those emits durable before it makes the release durable.
+//! - After a restart, [`NodeCore::recover`] takes the unreleased appends and routes their
+//!   flows again like new ones. Emission is therefore **at least once**: a flow emitted
+//!   before the crash whose release did not reach the disk comes out again, with the same
+//!   `flow_id`, and so may a flow forwarded to a peer that took it before our release.
+//!
+//! Invariants: an ack for a batch never precedes the sync of its append; an append is
+//! released only when none of its flows can still be lost by this node; ids issued after
+//! [`NodeCore::recover`] are above every recovered id (a journal that still holds
+//! released appends passes its largest id as an entry with no flows, so that no id it
+//! holds is issued again).
 //!
 //! Routing: a flow goes to the owner of its *remote* IP (forwarded across regions once;
 //! `external` attributed at once; an unreachable region gives `region_unreachable`, never
@@ -28,6 +59,7 @@
 //! handoff has not completed waits here until it is ready.
 
 mod flow;
+mod journal;
 #[cfg(test)]
 mod tests;
 
@@ -39,6 +71,8 @@ use std::sync::Arc;
 use flow::DictionaryBuilder;
 pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
+use journal::Ledger;
+pub use journal::{JournalOp, JournaledFlow};
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
     Reason, RegionMap, Resolved, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
@@ -148,6 +182,8 @@ pub enum Output {
     Emit(EmittedFlow),
     /// For logs and metrics.
     Notice(Notice),
+    /// Write to (or release from) the journal; see the module documentation.
+    Journal(JournalOp),
 }
 
 /// Errors building a core. Nothing was built.
@@ -199,7 +235,7 @@ struct Inflight {
     to: Dest,
     node_id: String,
     sent_at: UnixMillis,
-    flows: Vec<FlowRecord>,
+    flows: Vec<JournaledFlow>,
 }
 
 /// A range request we sent, awaiting its snapshots.
@@ -222,6 +258,10 @@ pub struct CoreStats {
     pub events_received: u64,
     pub snapshots_sent: u64,
     pub snapshots_merged: u64,
+    /// Journal appends issued, and flows replayed from the journal by
+    /// [`NodeCore::recover`].
+    pub journal_appends: u64,
+    pub flows_recovered: u64,
 }
 
 /// The node's core. See the module documentation.
@@ -229,20 +269,21 @@ pub struct CoreStats {
 pub struct NodeCore {
     config: CoreConfig,
     region: String,
-    engine: Engine<FlowRecord>,
+    engine: Engine<JournaledFlow>,
     membership: Membership,
     handoff: Handoff,
     ring: Ring,
     remote_rings: BTreeMap<String, Ring>,
     regions: RegionMap,
-    held: VecDeque<FlowRecord>,
+    held: VecDeque<JournaledFlow>,
     inflight: BTreeMap<u64, Inflight>,
     inflight_flows: usize,
     requests: BTreeMap<u64, Request>,
     next_id: u64,
     left: bool,
     stats: CoreStats,
-    scratch: tenure_attribution::Outputs<FlowRecord>,
+    journal: Ledger,
+    scratch: tenure_attribution::Outputs<JournaledFlow>,
 }
 
 impl NodeCore {
@@ -294,6 +335,7 @@ impl NodeCore {
             next_id: (config.rng_seed & 0xffff_ffff) << 20,
             left: false,
             stats: CoreStats::default(),
+            journal: Ledger::default(),
             scratch: tenure_attribution::Outputs::default(),
             config,
         })
@@ -315,7 +357,7 @@ impl NodeCore {
         &self.config.identity
     }
 
-    pub fn engine(&self) -> &Engine<FlowRecord> {
+    pub fn engine(&self) -> &Engine<JournaledFlow> {
         &self.engine
     }
 
@@ -352,6 +394,21 @@ impl NodeCore {
     /// Flows accepted and not yet emitted or acknowledged by a peer.
     pub fn unsettled_flows(&self) -> usize {
         self.engine.pending_len() + self.held.len() + self.inflight_flows
+    }
+
+    /// Journal appends with flows not yet settled.
+    pub fn journal_open_appends(&self) -> usize {
+        self.journal.open_len()
+    }
+
+    /// Batches whose ack waits for [`NodeCore::journal_synced`].
+    pub fn journal_withheld_acks(&self) -> usize {
+        self.journal.withheld_len()
+    }
+
+    /// The id the next [`JournalOp::Append`] will carry.
+    pub fn journal_next_id(&self) -> u64 {
+        self.journal.next_id()
     }
 
     /// Whether the core has left the cluster.
@@ -424,6 +481,7 @@ impl NodeCore {
             // Directories travel over gossip; a data-plane copy adds nothing.
             Message::RegionDirectory(_) => {}
         }
+        self.journal.flush(out);
     }
 
     /// Handles an opened gossip datagram from `from`.
@@ -437,6 +495,7 @@ impl NodeCore {
         let mut mo = Vec::new();
         let result = self.membership.handle_datagram(bytes, from, &mut mo);
         self.after_membership(mo, now, out);
+        self.journal.flush(out);
         result
     }
 
@@ -455,6 +514,7 @@ impl NodeCore {
             tracing::debug!(error = %e, "membership timer");
         }
         self.after_membership(mo, now, out);
+        self.journal.flush(out);
     }
 
     /// Events from the event feed (HTTP), with the feed's watermark: every event at or
@@ -472,6 +532,7 @@ impl NodeCore {
             events,
         };
         self.on_event_batch(batch, false, now, out);
+        self.journal.flush(out);
     }
 
     /// Time passed: emit flows whose deadline came, retry held flows, pull handoff spans,
@@ -491,6 +552,7 @@ impl NodeCore {
         for id in overdue {
             self.reroute_inflight(id, now, out);
         }
+        self.journal.flush(out);
     }
 
     /// Leaves the cluster: peers learn at once, and every flow waiting here is handed to
@@ -523,17 +585,53 @@ impl NodeCore {
         // them all (their verdicts are ignored: the next owner decides).
         let past = now.plus(self.config.engine.pending_deadline_ms.saturating_add(1));
         self.engine.tick(past, &mut self.scratch);
-        let pending: Vec<FlowRecord> = self.scratch.resolved.drain(..).map(|r| r.payload).collect();
+        let pending: Vec<JournaledFlow> =
+            self.scratch.resolved.drain(..).map(|r| r.payload).collect();
         self.scratch.conflicts.clear();
-        let held: Vec<FlowRecord> = self.held.drain(..).collect();
+        let held: Vec<JournaledFlow> = self.held.drain(..).collect();
         let mut handed = Vec::new();
         for flow in pending.into_iter().chain(held) {
-            match self.ring.primary(flow.remote_ip) {
+            match self.ring.primary(flow.record.remote_ip) {
                 Some(next) => handed.push((Dest::peer(next), next.node_id().to_owned(), flow)),
                 None => self.emit(flow, Verdict::Unattributed(Reason::NoOwner), 0, now, out),
             }
         }
         self.send_flows(handed, now, out);
+        self.journal.flush(out);
+    }
+
+    /// The caller's journal is durable up to append `upto_id` (every [`JournalOp::Append`]
+    /// with an id at most `upto_id` was fsynced): the acks withheld for those batches go
+    /// out now. A caller without a journal calls it with `u64::MAX` after every input,
+    /// which gives up durability but not correctness.
+    pub fn journal_synced(&mut self, upto_id: u64, _now: UnixMillis, out: &mut Vec<Output>) {
+        self.journal.synced(upto_id, out);
+    }
+
+    /// Replays flows journaled before a restart: `entries` are the appends (id, flows)
+    /// never released, in any order. Each is tracked under its old id (released again
+    /// when its flows settle, with no new append) and its flows are routed like new ones.
+    /// Appends issued afterwards get larger ids. Call it once, after
+    /// [`NodeCore::start`]; a flow emitted before the crash whose release was lost is
+    /// emitted again, with the same `flow_id`.
+    pub fn recover(
+        &mut self,
+        entries: Vec<(u64, Vec<FlowRecord>)>,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        let mut flows = Vec::new();
+        for (journal_id, records) in entries {
+            self.journal.recovered(journal_id, records.len());
+            self.stats.flows_recovered += records.len() as u64;
+            flows.extend(
+                records
+                    .into_iter()
+                    .map(|record| JournaledFlow { journal_id, record }),
+            );
+        }
+        self.route_flows(flows, now, out);
+        self.journal.flush(out);
     }
 
     /// Emits every forwarded flow still unacknowledged, unattributed with reason
@@ -547,6 +645,7 @@ impl NodeCore {
                 self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
             }
         }
+        self.journal.flush(out);
     }
 
     // ----- flows -----
@@ -604,17 +703,28 @@ impl NodeCore {
             })
             .collect();
         self.stats.flows_received += flows.len() as u64;
+        if flows.is_empty() {
+            // Nothing to make durable: claims are restated by every heartbeat.
+            return ack(out, conn, id, AckStatus::Accepted);
+        }
+        // Journaled before anything else happens to the flows; the ack waits for
+        // `journal_synced`.
+        self.stats.journal_appends += 1;
+        let journal_id = self.journal.append(&flows, conn, id, out);
+        let flows = flows
+            .into_iter()
+            .map(|record| JournaledFlow { journal_id, record })
+            .collect();
         self.route_flows(flows, now, out);
-        ack(out, conn, id, AckStatus::Accepted);
     }
 
     /// Routes flows to the owners of their remote IPs: here, a peer, another region, or a
     /// verdict at once.
-    fn route_flows(&mut self, flows: Vec<FlowRecord>, now: UnixMillis, out: &mut Vec<Output>) {
-        let mut remote: Vec<(Dest, String, FlowRecord)> = Vec::new();
+    fn route_flows(&mut self, flows: Vec<JournaledFlow>, now: UnixMillis, out: &mut Vec<Output>) {
+        let mut remote: Vec<(Dest, String, JournaledFlow)> = Vec::new();
         let me = self.config.identity.node_id().to_owned();
         for flow in flows {
-            let origin = if flow.hops == 0 {
+            let origin = if flow.record.hops == 0 {
                 Origin::Exporter
             } else {
                 Origin::Forwarded
@@ -625,9 +735,9 @@ impl NodeCore {
                 local_ring: &self.ring,
                 remote_rings: &self.remote_rings,
             };
-            let decision = match route_flow(&ctx, flow.remote_ip, origin) {
+            let decision = match route_flow(&ctx, flow.record.remote_ip, origin) {
                 Route::Owners(owners) => match owners.first() {
-                    Some(o) if o.node_id() == me || flow.hops >= HOPS_MAX => None,
+                    Some(o) if o.node_id() == me || flow.record.hops >= HOPS_MAX => None,
                     Some(o) => Some(Ok((Dest::peer(o), o.node_id().to_owned()))),
                     None => Some(Err(Verdict::Unattributed(Reason::RegionUnreachable))),
                 },
@@ -649,11 +759,11 @@ impl NodeCore {
     /// Sends flows to peers, one batch per peer, tracked until acknowledged.
     fn send_flows(
         &mut self,
-        flows: Vec<(Dest, String, FlowRecord)>,
+        flows: Vec<(Dest, String, JournaledFlow)>,
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
-        let mut by_peer: BTreeMap<(Dest, String), Vec<FlowRecord>> = BTreeMap::new();
+        let mut by_peer: BTreeMap<(Dest, String), Vec<JournaledFlow>> = BTreeMap::new();
         for (dest, node_id, flow) in flows {
             by_peer.entry((dest, node_id)).or_default().push(flow);
         }
@@ -663,10 +773,12 @@ impl NodeCore {
                 self.stats.flows_forwarded += chunk.len() as u64;
                 let batch_id = self.next_id();
                 // Flows of one batch share hops and region on the wire; group by them.
-                let mut groups: BTreeMap<(u8, u64, Arc<str>), Vec<&FlowRecord>> = BTreeMap::new();
+                let mut groups: BTreeMap<(u8, u64, Arc<str>), Vec<&JournaledFlow>> =
+                    BTreeMap::new();
                 for f in &chunk {
+                    let r = &f.record;
                     groups
-                        .entry((f.hops, f.exporter_id, f.exporter_region.clone()))
+                        .entry((r.hops, r.exporter_id, r.exporter_region.clone()))
                         .or_default()
                         .push(f);
                 }
@@ -679,8 +791,8 @@ impl NodeCore {
                     let wire_flows = group
                         .iter()
                         .map(|f| {
-                            let i = dict.index_of(&f.local_workload);
-                            f.to_wire(i)
+                            let i = dict.index_of(&f.record.local_workload);
+                            f.record.to_wire(i)
                         })
                         .collect();
                     out.push(Output::Frame {
@@ -695,7 +807,7 @@ impl NodeCore {
                             claims: Vec::new(),
                         }),
                     });
-                    let flows: Vec<FlowRecord> = group.into_iter().cloned().collect();
+                    let flows: Vec<JournaledFlow> = group.into_iter().cloned().collect();
                     self.inflight_flows += flows.len();
                     self.inflight.insert(
                         id,
@@ -712,8 +824,8 @@ impl NodeCore {
     }
 
     /// A flow whose remote IP we own: to the engine when its span is ready, else held.
-    fn deliver_local(&mut self, flow: FlowRecord, now: UnixMillis, out: &mut Vec<Output>) {
-        match self.handoff.readiness(flow.remote_ip) {
+    fn deliver_local(&mut self, flow: JournaledFlow, now: UnixMillis, out: &mut Vec<Output>) {
+        match self.handoff.readiness(flow.record.remote_ip) {
             Readiness::Pending => {
                 if self.held.len() >= self.config.held_flows_max {
                     self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
@@ -723,6 +835,7 @@ impl NodeCore {
             }
             Readiness::Ready { history_floor } => {
                 let earliest = flow
+                    .record
                     .start_ms
                     .saturating_sub(self.config.engine.skew_margin_ms);
                 if history_floor.is_some_and(|floor| earliest < floor.0) {
@@ -730,10 +843,11 @@ impl NodeCore {
                     self.emit(flow, Verdict::Unattributed(Reason::Expired), 0, now, out);
                     return;
                 }
-                let window = Window::new(UnixMillis(flow.start_ms), UnixMillis(flow.end_ms))
-                    .unwrap_or(Window::at(UnixMillis(flow.start_ms)));
+                let r = &flow.record;
+                let window = Window::new(UnixMillis(r.start_ms), UnixMillis(r.end_ms))
+                    .unwrap_or(Window::at(UnixMillis(r.start_ms)));
                 let query = tenure_attribution::FlowQuery {
-                    remote: flow.remote_ip,
+                    remote: r.remote_ip,
                     window,
                     payload: flow,
                 };
@@ -747,7 +861,7 @@ impl NodeCore {
         if self.held.is_empty() {
             return;
         }
-        let held: Vec<FlowRecord> = self.held.drain(..).collect();
+        let held: Vec<JournaledFlow> = self.held.drain(..).collect();
         for flow in held {
             if self.left {
                 self.held.push_back(flow);
@@ -763,6 +877,10 @@ impl NodeCore {
             AckStatus::Accepted => {
                 if let Some(done) = self.inflight.remove(&a.batch_id) {
                     self.inflight_flows = self.inflight_flows.saturating_sub(done.flows.len());
+                    // The peer made them durable before acknowledging: ours may go.
+                    for flow in &done.flows {
+                        self.journal.settle(flow.journal_id);
+                    }
                 }
             }
             AckStatus::Busy { .. } => {
@@ -797,7 +915,7 @@ impl NodeCore {
             // Only survivors remain on our ring: send there again.
             let mut again = Vec::new();
             for flow in inflight.flows {
-                match self.ring.primary(flow.remote_ip) {
+                match self.ring.primary(flow.record.remote_ip) {
                     Some(next) => again.push((Dest::peer(next), next.node_id().to_owned(), flow)),
                     None => self.emit(flow, Verdict::Unattributed(Reason::NoOwner), 0, now, out),
                 }
@@ -813,22 +931,24 @@ impl NodeCore {
             tracing::warn!(ip = %conflict.ip, existing = %conflict.existing, claimant = %conflict.claimant, "conflicting claims");
             out.push(Output::Notice(Notice::Conflict(conflict)));
         }
-        let resolved: Vec<Resolved<FlowRecord>> = self.scratch.resolved.drain(..).collect();
+        let resolved: Vec<Resolved<JournaledFlow>> = self.scratch.resolved.drain(..).collect();
         for r in resolved {
             self.emit(r.payload, r.verdict, r.waited_ms, now, out);
         }
     }
 
+    /// Emits a flow and settles it in the journal (the release follows the emit in `out`).
     fn emit(
         &mut self,
-        record: FlowRecord,
+        flow: JournaledFlow,
         verdict: Verdict,
         waited_ms: u64,
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
+        self.journal.settle(flow.journal_id);
         out.push(Output::Emit(EmittedFlow {
-            record,
+            record: flow.record,
             verdict,
             waited_ms,
             emitted_ms: now.0,

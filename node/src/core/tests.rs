@@ -9,7 +9,7 @@ use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::ring::RingConfig;
 use tenure_gossip::wire::{self, AckStatus, Direction, Message, RejectReason};
 
-use super::{CoreConfig, NodeCore, Output};
+use super::{CoreConfig, FlowRecord, JournalOp, NodeCore, Output};
 
 const START: u64 = 1_700_000_000_000;
 
@@ -86,7 +86,8 @@ fn emitted(out: &[Output]) -> Vec<(u128, Verdict)> {
             Output::Frame { .. }
             | Output::Datagram { .. }
             | Output::Timer { .. }
-            | Output::Notice(_) => None,
+            | Output::Notice(_)
+            | Output::Journal(_) => None,
         })
         .collect()
 }
@@ -102,7 +103,8 @@ fn acks(out: &[Output]) -> Vec<AckStatus> {
             | Output::Datagram { .. }
             | Output::Timer { .. }
             | Output::Emit(_)
-            | Output::Notice(_) => None,
+            | Output::Notice(_)
+            | Output::Journal(_) => None,
         })
         .collect()
 }
@@ -130,6 +132,8 @@ fn a_lone_node_holds_flows_until_handoff_then_attributes_by_time() {
         UnixMillis(START + 100),
         &mut out,
     );
+    assert!(acks(&out).is_empty(), "the ack waits for the journal");
+    core.journal_synced(u64::MAX, UnixMillis(START + 100), &mut out);
     assert_eq!(acks(&out), vec![AckStatus::Accepted]);
     assert!(emitted(&out).is_empty());
     assert_eq!(core.held_len(), 1);
@@ -214,4 +218,201 @@ fn leaving_alone_emits_what_waits_instead_of_losing_it() {
         vec![(1, Verdict::Unattributed(Reason::NoOwner))]
     );
     assert_eq!(core.unsettled_flows(), 0);
+}
+
+fn journal(out: &[Output]) -> Vec<JournalOp> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Journal(op) => Some(op.clone()),
+            Output::Frame { .. }
+            | Output::Datagram { .. }
+            | Output::Timer { .. }
+            | Output::Emit(_)
+            | Output::Notice(_) => None,
+        })
+        .collect()
+}
+
+/// A disk as the journal sees it: appends written, the prefix fsynced, releases.
+#[derive(Default)]
+struct Disk {
+    written: Vec<(u64, Vec<FlowRecord>)>,
+    synced_upto: u64,
+    released: Vec<u64>,
+}
+
+impl Disk {
+    fn apply(&mut self, out: &[Output]) {
+        for op in journal(out) {
+            match op {
+                JournalOp::Append { id, flows } => self.written.push((id, flows)),
+                JournalOp::Release { ids } => self.released.extend(ids),
+            }
+        }
+    }
+
+    fn sync(&mut self) -> u64 {
+        self.synced_upto = self.written.last().map_or(0, |(id, _)| *id);
+        self.synced_upto
+    }
+
+    /// What survives a `kill -9`: fsynced appends not released (a release that was
+    /// written may or may not survive; assume the worst, that none did).
+    fn after_crash(&self) -> Vec<(u64, Vec<FlowRecord>)> {
+        self.written
+            .iter()
+            .filter(|(id, _)| *id <= self.synced_upto)
+            .cloned()
+            .collect()
+    }
+}
+
+/// A ready lone node: its handoff is complete.
+fn ready_core(at: u64) -> NodeCore {
+    let mut core = core();
+    let mut out = Vec::new();
+    core.start(UnixMillis(at), &mut out);
+    core.tick(UnixMillis(at + 3_500), &mut out);
+    assert!(core.is_ready());
+    core
+}
+
+#[test]
+fn the_ack_follows_the_sync_and_the_release_follows_the_emit() {
+    let mut core = ready_core(START);
+    let now = UnixMillis(START + 4_000);
+    let mut out = Vec::new();
+    // One flow decided at once (external), one pending (nobody claims 10.1.0.9 yet).
+    let flows = vec![
+        flow(1, "198.51.100.1", START + 4_000),
+        flow(2, "10.1.0.9", START + 4_000),
+    ];
+    core.handle_message(7, batch(70, "a", flows, Vec::new()), now, &mut out);
+    let ops = journal(&out);
+    let JournalOp::Append { id, flows } = &ops[0] else {
+        panic!("the first journal op is the append: {ops:?}");
+    };
+    assert_eq!(flows.len(), 2);
+    assert_eq!(ops.len(), 1, "one flow is still pending: no release yet");
+    assert!(acks(&out).is_empty(), "no ack before the sync");
+    assert_eq!(core.journal_withheld_acks(), 1);
+
+    // A sync below the append acknowledges nothing; at it, the batch.
+    let mut out = Vec::new();
+    core.journal_synced(id - 1, now, &mut out);
+    assert!(acks(&out).is_empty());
+    core.journal_synced(*id, now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(core.journal_withheld_acks(), 0);
+
+    // The pending flow goes out at its deadline; then, and only then, the release.
+    let mut out = Vec::new();
+    core.tick(UnixMillis(START + 7_000), &mut out);
+    assert_eq!(
+        emitted(&out),
+        vec![(2, Verdict::Unattributed(Reason::NoOwner))]
+    );
+    let emit_at = out.iter().position(|o| matches!(o, Output::Emit(_)));
+    let release_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Journal(JournalOp::Release { .. })));
+    assert!(emit_at < release_at, "the release follows the emit");
+    assert_eq!(journal(&out), vec![JournalOp::Release { ids: vec![*id] }]);
+    assert_eq!(core.journal_open_appends(), 0);
+}
+
+#[test]
+fn a_crash_between_append_and_sync_loses_no_acked_flow() {
+    let mut disk = Disk::default();
+    let mut acked: Vec<u128> = Vec::new();
+    let mut core = ready_core(START);
+    let now = UnixMillis(START + 4_000);
+
+    // Batch 1 is appended, synced and acknowledged; its flow waits for a claim.
+    let mut out = Vec::new();
+    core.handle_message(
+        1,
+        batch(1, "a", vec![flow(1, "10.1.0.9", START + 4_000)], Vec::new()),
+        now,
+        &mut out,
+    );
+    disk.apply(&out);
+    let upto = disk.sync();
+    core.journal_synced(upto, now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    acked.push(1);
+
+    // Batch 2 is appended, and the node dies before the fsync: no ack went out.
+    let mut out = Vec::new();
+    core.handle_message(
+        1,
+        batch(2, "a", vec![flow(2, "10.1.0.9", START + 4_000)], Vec::new()),
+        now,
+        &mut out,
+    );
+    disk.apply(&out);
+    assert!(acks(&out).is_empty(), "batch 2 was never acknowledged");
+    drop(core);
+
+    // The restarted node replays what the disk kept: every acknowledged flow.
+    let survivors = disk.after_crash();
+    let mut core = ready_core(START + 10_000);
+    let mut out = Vec::new();
+    core.recover(survivors, UnixMillis(START + 13_500), &mut out);
+    assert!(
+        journal(&out)
+            .iter()
+            .all(|op| !matches!(op, JournalOp::Append { .. })),
+        "replayed flows are already journaled"
+    );
+    core.tick(UnixMillis(START + 20_000), &mut out);
+    let ids: Vec<u128> = emitted(&out).into_iter().map(|(id, _)| id).collect();
+    for id in &acked {
+        assert!(
+            ids.contains(id),
+            "acknowledged flow {id} lost; emitted {ids:?}"
+        );
+    }
+    assert_eq!(
+        journal(&out).last(),
+        Some(&JournalOp::Release { ids: vec![upto] })
+    );
+}
+
+#[test]
+fn recover_re_emits_and_new_appends_get_larger_ids() {
+    let mut core = ready_core(START);
+    let now = UnixMillis(START + 4_000);
+    let mut out = Vec::new();
+    core.handle_message(
+        1,
+        batch(1, "a", vec![flow(9, "198.51.100.1", START)], Vec::new()),
+        now,
+        &mut out,
+    );
+    // Emitted at once, released in the same output: a restart after a lost release
+    // emits it again, with the same flow id.
+    assert_eq!(emitted(&out).len(), 1);
+    let Some(JournalOp::Append { id, flows }) = journal(&out).into_iter().next() else {
+        panic!("no append");
+    };
+    assert_eq!(journal(&out)[1], JournalOp::Release { ids: vec![id] });
+
+    let mut core = ready_core(START);
+    let mut out = Vec::new();
+    core.recover(vec![(id + 40, flows), (id + 41, Vec::new())], now, &mut out);
+    assert_eq!(
+        emitted(&out),
+        vec![(9, Verdict::Attributed(Attribution::External))]
+    );
+    assert_eq!(
+        journal(&out),
+        vec![JournalOp::Release {
+            ids: vec![id + 40, id + 41]
+        }]
+    );
+    assert!(
+        core.journal_next_id() > id + 41,
+        "recovered ids are never issued again"
+    );
 }

@@ -94,7 +94,11 @@ impl Shared {
         let mut out = Vec::new();
         let result = {
             let mut core = lock(&self.core);
-            f(&mut core, clock::now(), &mut out)
+            let now = clock::now();
+            let result = f(&mut core, now, &mut out);
+            // No journal yet: acknowledge at once (durability comes with the file journal).
+            core.journal_synced(u64::MAX, now, &mut out);
+            result
         };
         self.dispatch(out).await;
         result
@@ -119,6 +123,7 @@ impl Shared {
                 }
                 Output::Emit(flow) => self.emit(flow).await,
                 Output::Notice(notice) => self.notice(notice),
+                Output::Journal(_) => {}
             }
         }
     }
