@@ -1,0 +1,293 @@
+//! Ground truth per flow and the checks of the contract: no misattribution (checked on
+//! every emitted flow, against the oracle), no accepted flow lost, the unattributed share
+//! after healing, and the legacy baseline scored against the same truth.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tenure_attribution::{Attribution, Reason, Verdict};
+use tenure_node::core::EmittedFlow;
+
+use crate::fleet::Fleet;
+
+/// Who truly holds a flow's remote IP.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Owner {
+    /// An owner name index of the fleet.
+    Named(u32),
+    /// An address of no region.
+    External,
+}
+
+/// How a verdict compares with the truth.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Class {
+    /// Not scored yet.
+    #[default]
+    Unscored,
+    Correct,
+    Wrong,
+    /// No owner given.
+    Unattributed,
+}
+
+/// One generated flow and what became of it. Times are true times.
+#[derive(Clone, Debug)]
+pub struct FlowTruth {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub remote: IpAddr,
+    pub owner: Owner,
+    pub caller: u32,
+    /// Well inside a heartbeat-covered tenure, after healing: held to the unattributed
+    /// bound.
+    pub bounded: bool,
+    /// An exporter got an `Accepted` ack for a batch holding it.
+    pub accepted: bool,
+    pub emitted: u32,
+    pub tenure: Class,
+    pub reason: Option<Reason>,
+    /// One class per legacy attributor.
+    pub legacy: Vec<Class>,
+}
+
+/// A broken promise: the run stops.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Violation {
+    Misattributed {
+        flow_id: u128,
+        remote: IpAddr,
+        said: String,
+        truth: String,
+        at_ms: u64,
+    },
+    UnknownFlow {
+        flow_id: u128,
+    },
+    Lost {
+        count: u64,
+        first_flow_id: u128,
+    },
+    UnattributedShare {
+        share: f64,
+        bound: f64,
+        flows: u64,
+    },
+    NotConverged {
+        node: String,
+        what: String,
+        bound_ms: u64,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::Misattributed {
+                flow_id,
+                remote,
+                said,
+                truth,
+                at_ms,
+            } => write!(
+                f,
+                "misattribution: flow {flow_id:#x} to {remote} emitted at {at_ms} as {said}, truth {truth}"
+            ),
+            Violation::UnknownFlow { flow_id } => {
+                write!(f, "a flow the fleet never generated was emitted: {flow_id:#x}")
+            }
+            Violation::Lost {
+                count,
+                first_flow_id,
+            } => write!(
+                f,
+                "{count} accepted flows were never emitted (first: {first_flow_id:#x})"
+            ),
+            Violation::UnattributedShare {
+                share,
+                bound,
+                flows,
+            } => write!(
+                f,
+                "unattributed share {share:.4} of {flows} well-covered healed flows is above {bound}"
+            ),
+            Violation::NotConverged {
+                node,
+                what,
+                bound_ms,
+            } => write!(
+                f,
+                "membership did not converge within {bound_ms} ms after healing: {node}: {what}"
+            ),
+        }
+    }
+}
+
+/// Per-minute counts for the report's plots.
+#[derive(Clone, Debug, Default)]
+pub struct Minute {
+    pub flows: u64,
+    pub tenure_wrong: u64,
+    pub tenure_unattributed: u64,
+    pub legacy_wrong: Vec<u64>,
+}
+
+/// The truth of a run, filled as flows are generated, emitted and scored.
+#[derive(Debug, Default)]
+pub struct Truths {
+    pub flows: Vec<FlowTruth>,
+    /// The high 64 bits of every flow id of this run.
+    pub id_prefix: u64,
+    pub duplicates: u64,
+    pub by_reason: [u64; Reason::ALL.len()],
+}
+
+fn reason_index(r: Reason) -> usize {
+    Reason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+impl Truths {
+    pub fn flow_id(&self, index: usize) -> u128 {
+        (u128::from(self.id_prefix) << 64) | index as u128
+    }
+
+    fn index_of(&self, flow_id: u128) -> Option<usize> {
+        let index = (flow_id & u128::from(u64::MAX)) as usize;
+        ((flow_id >> 64) as u64 == self.id_prefix && index < self.flows.len()).then_some(index)
+    }
+
+    /// Scores one emitted flow; a misattribution is a violation.
+    pub fn on_emit(
+        &mut self,
+        flow: &EmittedFlow,
+        fleet: &Fleet,
+        now_ms: u64,
+    ) -> Result<(), Violation> {
+        let flow_id = flow.record.flow_id;
+        let Some(index) = self.index_of(flow_id) else {
+            return Err(Violation::UnknownFlow { flow_id });
+        };
+        let truth = &mut self.flows[index];
+        truth.emitted += 1;
+        if truth.emitted > 1 {
+            self.duplicates += 1;
+        }
+        let class = match &flow.verdict {
+            Verdict::Attributed(Attribution::Heartbeat(w) | Attribution::Event(w)) => {
+                // The oracle, asked afresh: who held the IP throughout the flow?
+                let owner = fleet.owner_throughout(truth.remote, truth.start_ms, truth.end_ms);
+                match owner {
+                    Some(o) if *fleet.names[o as usize] == **w => Class::Correct,
+                    Some(_) | None => {
+                        return Err(Violation::Misattributed {
+                            flow_id,
+                            remote: truth.remote,
+                            said: w.to_string(),
+                            truth: describe(truth.owner, fleet),
+                            at_ms: now_ms,
+                        })
+                    }
+                }
+            }
+            Verdict::Attributed(Attribution::External) => match truth.owner {
+                Owner::External => Class::Correct,
+                Owner::Named(_) => {
+                    return Err(Violation::Misattributed {
+                        flow_id,
+                        remote: truth.remote,
+                        said: "external".to_owned(),
+                        truth: describe(truth.owner, fleet),
+                        at_ms: now_ms,
+                    })
+                }
+            },
+            Verdict::Unattributed(reason) => {
+                if truth.emitted == 1 {
+                    self.by_reason[reason_index(*reason)] += 1;
+                    truth.reason = Some(*reason);
+                }
+                Class::Unattributed
+            }
+        };
+        // The first verdict counts; a later duplicate may only improve an unattributed one.
+        if truth.tenure == Class::Unscored
+            || (truth.tenure == Class::Unattributed && class == Class::Correct)
+        {
+            truth.tenure = class;
+        }
+        Ok(())
+    }
+
+    /// Scores a legacy verdict.
+    pub fn on_legacy(
+        &mut self,
+        variant: usize,
+        index: usize,
+        said: Option<&Arc<str>>,
+        fleet: &Fleet,
+    ) {
+        let truth = &mut self.flows[index];
+        let class = match (said, truth.owner) {
+            (Some(s), Owner::Named(o)) if **s == *fleet.names[o as usize] => Class::Correct,
+            (Some(_), Owner::Named(_) | Owner::External) => Class::Wrong,
+            (None, Owner::External) => Class::Correct,
+            (None, Owner::Named(_)) => Class::Unattributed,
+        };
+        truth.legacy[variant] = class;
+    }
+
+    /// Accepted flows never emitted.
+    pub fn lost(&self) -> Option<Violation> {
+        let mut count = 0;
+        let mut first = None;
+        for (i, t) in self.flows.iter().enumerate() {
+            if t.accepted && t.emitted == 0 {
+                count += 1;
+                first.get_or_insert(i);
+            }
+        }
+        first.map(|i| Violation::Lost {
+            count,
+            first_flow_id: self.flow_id(i),
+        })
+    }
+}
+
+fn describe(owner: Owner, fleet: &Fleet) -> String {
+    match owner {
+        Owner::Named(o) => fleet.names[o as usize].to_string(),
+        Owner::External => "external".to_owned(),
+    }
+}
+
+/// Dependencies of the gateway workloads (all workloads when none is a gateway): the
+/// edges (caller, remote owner) each attributor reported, kept as they are reported.
+#[derive(Clone, Debug, Default)]
+pub struct Edges {
+    pub truth: BTreeSet<(u32, u32)>,
+    /// Tenure first, then each legacy attributor.
+    pub reported: Vec<BTreeSet<(u32, u32)>>,
+}
+
+impl Edges {
+    pub fn new(attributors: usize) -> Edges {
+        Edges {
+            truth: BTreeSet::new(),
+            reported: vec![BTreeSet::new(); attributors],
+        }
+    }
+
+    /// (reported, wrong) per attributor: a reported edge is wrong when the caller never
+    /// truly called that owner.
+    pub fn scores(&self) -> Vec<(u64, u64)> {
+        self.reported
+            .iter()
+            .map(|r| {
+                let wrong = r.iter().filter(|e| !self.truth.contains(e)).count();
+                (r.len() as u64, wrong as u64)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,1654 @@
+//! One simulated run: the event loop, the collectors (the real [`NodeCore`]s), the
+//! exporters (the real sans-io [`Batcher`]), the fleet, the event feed, the legacy
+//! baselines, the faults and the checks.
+//!
+//! Determinism: one seeded [`StdRng`] draws everything, in the order the events are
+//! processed; events are ordered by (time, sequence); every map whose order reaches the
+//! trace is ordered. The trace hash covers every processed event and every verdict.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::hash::Hasher;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use siphasher::sip::SipHasher13;
+use tenure_attribution::{
+    EngineConfig, LegacyAttributor, LegacyConfig, LegacyEvent, Reason, UnixMillis, Verdict,
+};
+use tenure_gossip::frame::{self, FrameDecoder, FrameLimits};
+use tenure_gossip::handoff::HandoffConfig;
+use tenure_gossip::identity::NodeIdentity;
+use tenure_gossip::membership::{self, Timer};
+use tenure_gossip::ring::RingConfig;
+use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, Sealer, SecretKey};
+use tenure_gossip::wire::{self, AckStatus, AlignedVec, Direction, Message, WireLimits};
+use tenure_node::core::{
+    ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
+};
+use tenure_node::exporter::batcher::{Batcher, LocalClaim, LocalFlow};
+
+use crate::check::{Class, Edges, FlowTruth, Minute, Owner, Truths, Violation};
+use crate::fault::{self, Fault, Planned};
+use crate::fleet::{external_ip, Fleet, FleetChange, NEVER_MS};
+use crate::net::{Endpoint, LinkState, Network};
+use crate::scenario::Scenario;
+
+/// How often flows are started, in simulated ms.
+pub const FLOW_STEP_MS: u64 = 100;
+/// How long after a failed IP allocation an instance tries again, in ms.
+const NO_IP_RETRY_MS: u64 = 1_000;
+/// The longest gap between an instance's end and its replacement, in ms.
+const REPLACEMENT_GAP_MS_MAX: u64 = 2_000;
+/// Events processed in one run at most: a bound on the loop (a run far beyond any
+/// scenario's size means a bug, e.g. a timer loop at zero delay).
+const EVENTS_PER_RUN_MAX: u64 = 2_000_000_000;
+/// The key of the trace hash: fixed, so that traces compare across runs and machines.
+const TRACE_KEY: (u64, u64) = (0x7465_6e75_7265_2d73, 0x696d_2d74_7261_6365);
+/// Sender ids of exporters start here in sealed envelopes (collectors count from 1).
+const EXPORTER_SENDER_ID_BASE: u64 = 1 << 32;
+
+/// A derived bound on membership convergence after healing, in ms: a member declared
+/// down is announced to the WAN pool every `WAN_ANNOUNCE_TO_DOWN_INTERVAL_MS`, LAN
+/// members re-announce every `LAN_ANNOUNCE_INTERVAL_MS`, a rejoin retries every
+/// `JOIN_RETRY_INTERVAL_MS`, and handoff may wait a rebuild (two heartbeat intervals plus
+/// replication delay) once the ring settles.
+pub fn convergence_bound_ms(heartbeat_interval_ms: u64) -> u64 {
+    membership::WAN_ANNOUNCE_TO_DOWN_INTERVAL_MS
+        + membership::LAN_ANNOUNCE_INTERVAL_MS
+        + 2 * membership::JOIN_RETRY_INTERVAL_MS
+        + 2 * heartbeat_interval_ms
+        + HandoffConfig::default().replication_delay_ms
+}
+
+#[derive(Debug)]
+enum Ev {
+    Tick {
+        node: u16,
+        generation: u32,
+    },
+    Timer {
+        node: u16,
+        generation: u32,
+        timer: Timer,
+    },
+    Datagram {
+        to: u16,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    Frame {
+        from: Endpoint,
+        to: Endpoint,
+        bytes: Vec<u8>,
+    },
+    Heartbeat {
+        host: u32,
+    },
+    AckTimeout {
+        host: u32,
+        batch_id: u64,
+    },
+    ExporterRetry {
+        host: u32,
+    },
+    InstanceStart {
+        workload: u32,
+    },
+    InstanceEnd {
+        instance: u32,
+    },
+    FlowStep,
+    Legacy(LegacyEvent),
+    FeedPush {
+        region: usize,
+    },
+    FaultStart(u32),
+    FaultEnd(u32),
+    Heal,
+    ConvergenceCheck,
+    End,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+struct Collector {
+    node_id: String,
+    region: usize,
+    gossip_addr: SocketAddr,
+    data_addr: SocketAddr,
+    core: Option<NodeCore>,
+    generation: u32,
+    data_sealer: Sealer,
+    gossip_sealer: Sealer,
+    opener: Opener,
+    decoder: FrameDecoder,
+    offset_ms: i64,
+    paused: bool,
+    backlog: Vec<Ev>,
+}
+
+struct Exporter {
+    region: usize,
+    batcher: Batcher,
+    sealer: Sealer,
+    opener: Opener,
+    decoder: FrameDecoder,
+    offset_ms: i64,
+    collectors: Vec<u16>,
+    current: usize,
+    inflight: Option<u64>,
+    down: u32,
+    /// Flows generated here, by true end time, not yet reported.
+    closed: Vec<(u64, LocalFlow)>,
+    delayed_claims: Vec<LocalClaim>,
+}
+
+/// Counters of a run.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    pub flows: u64,
+    pub accepted: u64,
+    pub emitted: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    pub attributed: u64,
+    pub unattributed: u64,
+    pub by_reason: Vec<(Reason, u64)>,
+    pub bounded_flows: u64,
+    pub bounded_unattributed: u64,
+    /// Generated but never acknowledged by a collector (exporter buffers).
+    pub undelivered: u64,
+    /// Per legacy hold-back: (hold-back ms, flows scored, wrong, unattributed).
+    pub legacy: Vec<(u64, u64, u64, u64)>,
+    /// Tenure first, then each legacy attributor: (dependencies reported, wrong).
+    pub dependencies: Vec<(u64, u64)>,
+    pub true_dependencies: u64,
+    pub frames: u64,
+    pub datagrams: u64,
+    pub refused: u64,
+    pub conflicts: u64,
+    pub defunct: u64,
+    pub faults: Vec<String>,
+    pub simulated_ms: u64,
+}
+
+impl RunStats {
+    pub fn unattributed_share(&self) -> f64 {
+        ratio(self.bounded_unattributed, self.bounded_flows)
+    }
+}
+
+pub fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub seed: u64,
+    pub stats: RunStats,
+    pub violation: Option<Violation>,
+    pub trace_hash: u64,
+    pub timeline: Vec<Minute>,
+}
+
+/// The simulated world of one run.
+#[allow(
+    missing_debug_implementations,
+    reason = "holds the cores and the queue; a dump would be megabytes"
+)]
+pub struct World<'s> {
+    scenario: &'s Scenario,
+    seed: u64,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    rng: StdRng,
+    trace: SipHasher13,
+    keyring: Keyring,
+    net: Network,
+    collectors: Vec<Collector>,
+    by_node_id: BTreeMap<String, u16>,
+    by_gossip: BTreeMap<SocketAddr, u16>,
+    exporters: Vec<Exporter>,
+    fleet: Fleet,
+    truths: Truths,
+    name_index: BTreeMap<Arc<str>, u32>,
+    edges: Edges,
+    legacy: Vec<LegacyAttributor<u32>>,
+    legacy_out: Vec<(u32, Option<Arc<str>>)>,
+    faults: Vec<Planned>,
+    /// Per link direction: when its last frame arrives (frames of a connection keep order).
+    link_last: BTreeMap<(Endpoint, Endpoint), u64>,
+    /// Per region: whose turn it is to receive the event feed's push.
+    feed_turn: Vec<usize>,
+    timeline: Vec<Minute>,
+    stats: RunStats,
+    out: Vec<Output>,
+    plaintext: AlignedVec,
+    limits: WireLimits,
+    start: u64,
+    flows_start: u64,
+    heal_at: u64,
+    bounded_from: u64,
+    flows_end: u64,
+    end_at: u64,
+    engine: EngineConfig,
+    violation: Option<Violation>,
+}
+
+fn collector_addr(region: usize, index: u16, port: u16) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(
+            172,
+            16 + region as u8,
+            (index >> 8) as u8,
+            index as u8,
+        )),
+        port,
+    )
+}
+
+impl<'s> World<'s> {
+    /// Builds the world of `seed`; nothing has run yet.
+    pub fn new(scenario: &'s Scenario, seed: u64) -> World<'s> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let key = SecretKey::generate(&mut rng);
+        let start = scenario.run.start_unix_ms;
+        let hb = scenario.heartbeat.interval_ms;
+        let flows_start = start + scenario.run.warmup_s * 1_000;
+        let heal_at = flows_start + scenario.run.fault_phase_s * 1_000;
+        let flows_end = heal_at + scenario.run.healed_phase_s * 1_000;
+        let pending = scenario.pending_deadline_ms();
+        let drain = 2 * pending + 2 * hb + 30_000;
+        let engine = EngineConfig {
+            skew_margin_ms: scenario.cluster.skew_margin_ms,
+            pending_deadline_ms: pending,
+            ..EngineConfig::default()
+        };
+        let fleet = Fleet::new(scenario, start);
+        let mut collectors = Vec::new();
+        let mut by_node_id = BTreeMap::new();
+        let mut by_gossip = BTreeMap::new();
+        let per_region = scenario.cluster.collectors_per_region;
+        let skew = scenario.clocks.collector_skew_ms_max as i64;
+        for (r, region) in scenario.regions.iter().enumerate() {
+            for k in 0..per_region {
+                let index = collectors.len() as u16;
+                let node_id = format!("{}-c{k}", region.name);
+                let gossip_addr = collector_addr(r, k + 1, 7946);
+                by_node_id.insert(node_id.clone(), index);
+                by_gossip.insert(gossip_addr, index);
+                collectors.push(Collector {
+                    node_id,
+                    region: r,
+                    gossip_addr,
+                    data_addr: collector_addr(r, k + 1, 7947),
+                    core: None,
+                    generation: 0,
+                    data_sealer: Sealer::new(Channel::Data, u64::from(index) + 1, 0),
+                    gossip_sealer: Sealer::new(Channel::Gossip, u64::from(index) + 1, 0),
+                    opener: Opener::new(OpenerConfig::default()),
+                    decoder: FrameDecoder::new(FrameLimits::default()),
+                    offset_ms: rng.random_range(-skew..=skew),
+                    paused: false,
+                    backlog: Vec::new(),
+                });
+            }
+        }
+        let host_skew = scenario.clocks.host_skew_ms_max as i64;
+        let mut exporters = Vec::new();
+        for (h, host) in fleet.hosts.iter().enumerate() {
+            let region = host.region;
+            let mine: Vec<u16> = collectors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.region == region)
+                .map(|(i, _)| i as u16)
+                .collect();
+            let exporter_id = h as u64 + 1;
+            exporters.push(Exporter {
+                region,
+                batcher: Batcher::new(
+                    exporter_id,
+                    &scenario.regions[region].name,
+                    exporter_id << 32,
+                    wire::FLOWS_PER_BATCH_MAX_DEFAULT,
+                    scenario.heartbeat.buffer_batches_max,
+                ),
+                sealer: Sealer::new(Channel::Data, EXPORTER_SENDER_ID_BASE + h as u64, 1),
+                opener: Opener::new(OpenerConfig::default()),
+                decoder: FrameDecoder::new(FrameLimits::default()),
+                offset_ms: rng.random_range(-host_skew..=host_skew),
+                current: h % mine.len().max(1),
+                collectors: mine,
+                inflight: None,
+                down: 0,
+                closed: Vec::new(),
+                delayed_claims: Vec::new(),
+            });
+        }
+        let net = Network {
+            config: scenario.network.clone(),
+            cuts: Vec::new(),
+            degraded: Vec::new(),
+            collector_region: collectors.iter().map(|c| c.region).collect(),
+            exporter_region: exporters.iter().map(|e| e.region).collect(),
+        };
+        let name_index = fleet
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as u32))
+            .collect();
+        let legacy = scenario
+            .legacy
+            .hold_back_ms
+            .iter()
+            .map(|&hold_back_ms| {
+                LegacyAttributor::new(LegacyConfig {
+                    hold_back_ms,
+                    held_flows_max: 50_000_000,
+                })
+            })
+            .collect();
+        let faults = fault::plan(scenario, &mut rng, flows_start, collectors.len(), &fleet);
+        let attributors = 1 + scenario.legacy.hold_back_ms.len();
+        World {
+            scenario,
+            seed,
+            now: start,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            rng,
+            trace: SipHasher13::new_with_keys(TRACE_KEY.0, TRACE_KEY.1),
+            keyring: Keyring::new(1, &key),
+            net,
+            by_node_id,
+            by_gossip,
+            exporters,
+            truths: Truths {
+                id_prefix: seed,
+                ..Truths::default()
+            },
+            name_index,
+            edges: Edges::new(attributors),
+            legacy,
+            legacy_out: Vec::new(),
+            faults,
+            link_last: BTreeMap::new(),
+            feed_turn: vec![0; scenario.regions.len()],
+            timeline: Vec::new(),
+            stats: RunStats::default(),
+            out: Vec::new(),
+            plaintext: AlignedVec::new(),
+            limits: WireLimits::default(),
+            start,
+            flows_start,
+            heal_at,
+            bounded_from: heal_at + scenario.run.settle_s * 1_000,
+            flows_end,
+            end_at: flows_end + drain,
+            engine,
+            violation: None,
+            fleet,
+            collectors,
+        }
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn trace(&mut self, tag: u8, a: u64, b: u64) {
+        self.trace.write_u64(self.now);
+        self.trace.write_u8(tag);
+        self.trace.write_u64(a);
+        self.trace.write_u64(b);
+    }
+
+    /// Runs to the end or to the first violation.
+    pub fn run(mut self) -> RunOutcome {
+        self.setup();
+        let mut processed = 0u64;
+        while let Some(Reverse(item)) = self.queue.pop() {
+            if item.at > self.end_at || processed >= EVENTS_PER_RUN_MAX {
+                break;
+            }
+            processed += 1;
+            self.now = item.at;
+            self.handle(item.ev);
+            if self.violation.is_some() {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    fn setup(&mut self) {
+        let start = self.start;
+        for i in 0..self.collectors.len() {
+            self.boot(i as u16);
+        }
+        // Non-workload IPs: assigned long before the run, known to both attributors.
+        for r in 0..self.fleet.non_workload.len() {
+            for &ip in &self.fleet.non_workload[r].clone() {
+                let slot = &self.fleet.ips[ip as usize];
+                let owner = self.fleet.names[slot.history[0].2 as usize].clone();
+                let event = LegacyEvent::Assign {
+                    ip: slot.addr,
+                    owner,
+                    at: UnixMillis(start - 3_600_000),
+                };
+                for l in &mut self.legacy {
+                    l.apply(&event);
+                }
+            }
+            let first = self
+                .rng
+                .random_range(0..self.scenario.event_feed.push_interval_ms);
+            self.push(start + first, Ev::FeedPush { region: r });
+        }
+        for w in 0..self.fleet.workloads.len() as u32 {
+            for _ in 0..self.fleet.workloads[w as usize].instances {
+                self.start_instance(w, true);
+            }
+        }
+        let hb = self.scenario.heartbeat.interval_ms;
+        for h in 0..self.exporters.len() as u32 {
+            let phase = self.rng.random_range(0..hb);
+            self.push(start + phase, Ev::Heartbeat { host: h });
+        }
+        self.push(self.flows_start, Ev::FlowStep);
+        for (id, f) in self.faults.clone().iter().enumerate() {
+            self.push(f.start_ms, Ev::FaultStart(id as u32));
+            self.push(f.end_ms, Ev::FaultEnd(id as u32));
+        }
+        self.stats.faults = fault::describe_enabled(&self.faults);
+        self.push(self.heal_at, Ev::Heal);
+        self.push(self.end_at, Ev::End);
+    }
+
+    fn collector_now(&self, i: u16) -> UnixMillis {
+        UnixMillis(
+            self.now
+                .saturating_add_signed(self.collectors[i as usize].offset_ms),
+        )
+    }
+
+    fn host_now(&self, h: u32) -> u64 {
+        self.now
+            .saturating_add_signed(self.exporters[h as usize].offset_ms)
+    }
+
+    /// Starts (or restarts, with a new generation: fresh state, a higher incarnation and
+    /// sealing epoch) collector `i`.
+    fn boot(&mut self, i: u16) {
+        let now = self.collector_now(i);
+        let scenario = self.scenario;
+        let c = &mut self.collectors[i as usize];
+        c.generation += 1;
+        let generation = c.generation;
+        let identity = match NodeIdentity::new(
+            &c.node_id,
+            &scenario.regions[c.region].name,
+            c.gossip_addr,
+            c.data_addr,
+            u64::from(generation),
+        ) {
+            Ok(id) => id,
+            Err(e) => unreachable!("identities are validated with the scenario: {e}"),
+        };
+        c.data_sealer = Sealer::new(Channel::Data, u64::from(i) + 1, u64::from(generation));
+        c.gossip_sealer = Sealer::new(Channel::Gossip, u64::from(i) + 1, u64::from(generation))
+            .with_sealed_bytes_max(FrameLimits::default().datagram_bytes_max);
+        c.opener = Opener::new(OpenerConfig::default());
+        c.decoder = FrameDecoder::new(FrameLimits::default());
+        c.paused = false;
+        c.backlog.clear();
+        let region = c.region;
+        let seeds: Vec<SocketAddr> = (0..scenario.regions.len())
+            .map(|r| collector_addr(r, 1, 7946))
+            .collect();
+        let static_regions = scenario
+            .regions
+            .iter()
+            .filter(|r| r.name != scenario.regions[region].name)
+            .map(|r| (r.cidr, r.name.clone()))
+            .collect();
+        let per_region = u32::from(scenario.cluster.collectors_per_region);
+        let config = CoreConfig {
+            identity,
+            seeds,
+            rng_seed: self.rng.random::<u64>(),
+            region_size_hint: NonZeroU32::new(per_region).unwrap_or(NonZeroU32::MIN),
+            fleet_size_hint: NonZeroU32::new(per_region * scenario.regions.len() as u32)
+                .unwrap_or(NonZeroU32::MIN),
+            region_prefixes: vec![scenario.regions[region].cidr],
+            region_version: 1,
+            static_regions,
+            engine: self.engine.clone(),
+            ring: RingConfig {
+                replication: NonZeroUsize::new(scenario.cluster.replication)
+                    .unwrap_or(NonZeroUsize::MIN),
+                ..RingConfig::default()
+            },
+            handoff: HandoffConfig {
+                heartbeat_interval_ms: scenario.heartbeat.interval_ms,
+                retention_ms: self.engine.retention_ms,
+                ..HandoffConfig::default()
+            },
+            forward_ack_timeout_ms: scenario.cluster.forward_ack_timeout_ms,
+            held_flows_max: 1_000_000,
+            inflight_flows_max: 1_000_000,
+            busy_flows_threshold: 2_000_000,
+            busy_retry_after_ms: scenario.heartbeat.interval_ms.min(5_000),
+        };
+        let mut core = match NodeCore::new(config, now) {
+            Ok(core) => core,
+            Err(e) => {
+                unreachable!("the core configuration is built from a validated scenario: {e}")
+            }
+        };
+        let mut out = std::mem::take(&mut self.out);
+        core.start(now, &mut out);
+        self.collectors[i as usize].core = Some(core);
+        self.dispatch(i, &mut out);
+        self.out = out;
+        let phase = self.rng.random_range(1..=TICK_INTERVAL_MS);
+        self.push(
+            self.now + phase,
+            Ev::Tick {
+                node: i,
+                generation,
+            },
+        );
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Tick { node, generation } => {
+                self.trace(1, u64::from(node), 0);
+                let c = &self.collectors[node as usize];
+                if c.generation != generation || c.core.is_none() || c.paused {
+                    return; // a resumed or restarted node arms a new tick
+                }
+                self.with_core(node, |core, now, out| core.tick(now, out));
+                self.push(self.now + TICK_INTERVAL_MS, Ev::Tick { node, generation });
+            }
+            Ev::Timer {
+                node,
+                generation,
+                timer,
+            } => {
+                self.trace(2, u64::from(node), 0);
+                let c = &mut self.collectors[node as usize];
+                if c.generation != generation || c.core.is_none() {
+                    return;
+                }
+                if c.paused {
+                    c.backlog.push(Ev::Timer {
+                        node,
+                        generation,
+                        timer,
+                    });
+                    return;
+                }
+                self.with_core(node, |core, now, out| core.handle_timer(timer, now, out));
+            }
+            Ev::Datagram { to, from, bytes } => {
+                self.trace(3, u64::from(to), bytes.len() as u64);
+                self.on_datagram(to, from, bytes);
+            }
+            Ev::Frame { from, to, bytes } => {
+                self.trace(4, endpoint_code(to), bytes.len() as u64);
+                match to {
+                    Endpoint::Collector(i) => self.on_collector_frame(i, from, bytes),
+                    Endpoint::Exporter(h) => self.on_exporter_frame(h, bytes),
+                }
+            }
+            Ev::Heartbeat { host } => {
+                self.trace(5, u64::from(host), 0);
+                self.on_heartbeat(host);
+                let next = self.now + self.scenario.heartbeat.interval_ms;
+                self.push(next, Ev::Heartbeat { host });
+            }
+            Ev::AckTimeout { host, batch_id } => {
+                self.trace(6, u64::from(host), batch_id);
+                let e = &mut self.exporters[host as usize];
+                if e.inflight == Some(batch_id) {
+                    e.inflight = None;
+                    e.current = (e.current + 1) % e.collectors.len().max(1);
+                    self.try_send(host);
+                }
+            }
+            Ev::ExporterRetry { host } => {
+                self.trace(7, u64::from(host), 0);
+                self.try_send(host);
+            }
+            Ev::InstanceStart { workload } => {
+                self.trace(8, u64::from(workload), 0);
+                self.start_instance(workload, false);
+            }
+            Ev::InstanceEnd { instance } => {
+                self.trace(9, u64::from(instance), 0);
+                self.end_instance(instance);
+            }
+            Ev::FlowStep => {
+                self.trace(10, 0, 0);
+                self.flow_step();
+                if self.now + FLOW_STEP_MS < self.flows_end {
+                    self.push(self.now + FLOW_STEP_MS, Ev::FlowStep);
+                }
+            }
+            Ev::Legacy(event) => {
+                self.trace(11, 0, 0);
+                for l in &mut self.legacy {
+                    l.apply(&event);
+                }
+            }
+            Ev::FeedPush { region } => {
+                self.trace(12, region as u64, 0);
+                self.feed_push(region);
+                let next = self.now + self.scenario.event_feed.push_interval_ms;
+                self.push(next, Ev::FeedPush { region });
+            }
+            Ev::FaultStart(id) => {
+                self.trace(13, u64::from(id), 0);
+                self.fault_start(id);
+            }
+            Ev::FaultEnd(id) => {
+                self.trace(14, u64::from(id), 0);
+                self.fault_end(id);
+            }
+            Ev::Heal => {
+                self.trace(15, 0, 0);
+                let bound = convergence_bound_ms(self.scenario.heartbeat.interval_ms);
+                self.push(self.now + bound, Ev::ConvergenceCheck);
+            }
+            Ev::ConvergenceCheck => {
+                self.trace(16, 0, 0);
+                self.check_convergence();
+            }
+            Ev::End => self.trace(17, 0, 0),
+        }
+    }
+
+    /// Calls into a live, unpaused collector's core and acts on its outputs.
+    fn with_core(&mut self, i: u16, f: impl FnOnce(&mut NodeCore, UnixMillis, &mut Vec<Output>)) {
+        let now = self.collector_now(i);
+        let mut out = std::mem::take(&mut self.out);
+        let Some(core) = self.collectors[i as usize].core.as_mut() else {
+            self.out = out;
+            return;
+        };
+        f(core, now, &mut out);
+        self.dispatch(i, &mut out);
+        self.out = out;
+    }
+
+    fn dispatch(&mut self, i: u16, out: &mut Vec<Output>) {
+        for output in out.drain(..) {
+            match output {
+                Output::Frame { to, message } => {
+                    let to = match to {
+                        Dest::Conn(conn) => endpoint_of_conn(conn),
+                        Dest::Peer { node_id, .. } => match self.by_node_id.get(&node_id) {
+                            Some(&j) => Endpoint::Collector(j),
+                            None => continue,
+                        },
+                    };
+                    self.send_frame(Endpoint::Collector(i), to, &message);
+                }
+                Output::Datagram { to, bytes } => self.send_datagram(i, to, &bytes),
+                Output::Timer { after_ms, timer } => {
+                    let generation = self.collectors[i as usize].generation;
+                    self.push(
+                        self.now + after_ms,
+                        Ev::Timer {
+                            node: i,
+                            generation,
+                            timer,
+                        },
+                    );
+                }
+                Output::Emit(flow) => self.on_emit(&flow),
+                Output::Notice(notice) => match notice {
+                    Notice::Conflict(_) => self.stats.conflicts += 1,
+                    Notice::Defunct => self.stats.defunct += 1,
+                    Notice::MemberUp { .. }
+                    | Notice::MemberDown { .. }
+                    | Notice::RingChanged { .. }
+                    | Notice::RegionUpdated { .. }
+                    | Notice::ClaimDropped { .. } => {}
+                },
+            }
+        }
+    }
+
+    fn on_emit(&mut self, flow: &EmittedFlow) {
+        let verdict_code = match &flow.verdict {
+            Verdict::Attributed(_) => 0,
+            Verdict::Unattributed(r) => 1 + r.as_str().len() as u64,
+        };
+        self.trace(20, flow.record.flow_id as u64, verdict_code);
+        if let Err(v) = self.truths.on_emit(flow, &self.fleet, self.now) {
+            self.violation = Some(v);
+            return;
+        }
+        let index = (flow.record.flow_id & u128::from(u64::MAX)) as usize;
+        let truth = &self.truths.flows[index];
+        let (emitted, start, class) = (truth.emitted, truth.start_ms, truth.tenure);
+        if emitted == 1 && class == Class::Unattributed {
+            self.minute(start).tenure_unattributed += 1;
+        }
+        let caller = self.truths.flows[index].caller;
+        if let (Some(w), true) = (flow.remote_workload(), self.counted(caller)) {
+            if let Some(&o) = self.name_index.get(w) {
+                self.edges.reported[0].insert((caller, o));
+            }
+        }
+    }
+
+    /// Whether the dependencies of `caller` are scored: the gateways', or everyone's when
+    /// the scenario names no gateway.
+    fn counted(&self, caller: u32) -> bool {
+        self.fleet.workloads[caller as usize].gateway
+            || !self.fleet.workloads.iter().any(|w| w.gateway)
+    }
+
+    fn minute(&mut self, true_ms: u64) -> &mut Minute {
+        let m = (true_ms.saturating_sub(self.flows_start) / 60_000) as usize;
+        let variants = self.legacy.len();
+        while self.timeline.len() <= m {
+            self.timeline.push(Minute {
+                legacy_wrong: vec![0; variants],
+                ..Minute::default()
+            });
+        }
+        &mut self.timeline[m]
+    }
+
+    // ----- network -----
+
+    fn send_frame(&mut self, from: Endpoint, to: Endpoint, message: &Message) {
+        let plain = match wire::encode(message) {
+            Ok(p) => p,
+            Err(e) => unreachable!(
+                "the core and the batcher build messages within the wire's limits: {e}"
+            ),
+        };
+        let limits = FrameLimits::default();
+        let mut bytes = Vec::with_capacity(plain.len() + 128);
+        let keyring = &self.keyring;
+        let rng = &mut self.rng;
+        let sealer = match from {
+            Endpoint::Collector(i) => &mut self.collectors[i as usize].data_sealer,
+            Endpoint::Exporter(h) => &mut self.exporters[h as usize].sealer,
+        };
+        let sealed =
+            frame::encode_frame_with::<SendError, _>(&mut bytes, limits.frame_bytes_max, |body| {
+                Ok(sealer.seal(keyring, rng, &plain, body)?)
+            });
+        if sealed.is_err() {
+            self.stats.refused += 1;
+            return;
+        }
+        self.stats.frames += 1;
+        if !self.net.reachable(from, to) || self.net.frame_lost(&mut self.rng) {
+            return;
+        }
+        // One connection per pair: frames arrive in order, so the delay is drawn once per
+        // link direction and frames queue behind each other.
+        let delay = self.net.delay_ms(from, to, &mut self.rng);
+        let last = self.link_last.entry((from, to)).or_insert(0);
+        let at = (self.now + delay).max(*last);
+        *last = at;
+        self.push(at, Ev::Frame { from, to, bytes });
+    }
+
+    fn send_datagram(&mut self, from: u16, to: SocketAddr, plaintext: &[u8]) {
+        let Some(&j) = self.by_gossip.get(&to) else {
+            return;
+        };
+        let mut sealed = Vec::with_capacity(plaintext.len() + 128);
+        let c = &mut self.collectors[from as usize];
+        if c.gossip_sealer
+            .seal(&self.keyring, &mut self.rng, plaintext, &mut sealed)
+            .is_err()
+        {
+            self.stats.refused += 1;
+            return;
+        }
+        let mut bytes = Vec::with_capacity(sealed.len() + frame::FRAME_HEADER_BYTES);
+        if frame::encode_datagram(
+            &sealed,
+            FrameLimits::default().datagram_bytes_max,
+            &mut bytes,
+        )
+        .is_err()
+        {
+            self.stats.refused += 1;
+            return;
+        }
+        self.stats.datagrams += 1;
+        let (src, dst) = (Endpoint::Collector(from), Endpoint::Collector(j));
+        if !self.net.reachable(src, dst) || self.net.datagram_lost(&mut self.rng) {
+            return;
+        }
+        let gossip_from = c.gossip_addr;
+        let copies = if self.net.datagram_duplicated(&mut self.rng) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.net.delay_ms(src, dst, &mut self.rng);
+            self.push(
+                self.now + delay,
+                Ev::Datagram {
+                    to: j,
+                    from: gossip_from,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    fn on_datagram(&mut self, to: u16, from: SocketAddr, bytes: Vec<u8>) {
+        let c = &mut self.collectors[to as usize];
+        if c.core.is_none() {
+            return;
+        }
+        if c.paused {
+            c.backlog.push(Ev::Datagram { to, from, bytes });
+            return;
+        }
+        let body = match frame::decode_datagram(&bytes, FrameLimits::default().datagram_bytes_max) {
+            Ok(b) => b,
+            Err(_) => {
+                self.stats.refused += 1;
+                return;
+            }
+        };
+        let mut plaintext = std::mem::take(&mut self.plaintext);
+        if c.opener
+            .open(&self.keyring, Channel::Gossip, body, &mut plaintext)
+            .is_err()
+        {
+            // Duplicates end here: the replay window refuses them.
+            self.stats.refused += 1;
+            self.plaintext = plaintext;
+            return;
+        }
+        let now = self.collector_now(to);
+        let mut out = std::mem::take(&mut self.out);
+        if let Some(core) = self.collectors[to as usize].core.as_mut() {
+            if core
+                .handle_datagram(from, &plaintext, now, &mut out)
+                .is_err()
+            {
+                self.stats.refused += 1;
+            }
+        }
+        self.dispatch(to, &mut out);
+        self.out = out;
+        self.plaintext = plaintext;
+    }
+
+    /// Opens a sealed frame into a message, as a receiver does: frame, seal, validation.
+    fn open_frame(
+        decoder: &mut FrameDecoder,
+        opener: &mut Opener,
+        keyring: &Keyring,
+        limits: &WireLimits,
+        bytes: &[u8],
+        plaintext: &mut AlignedVec,
+    ) -> Option<Message> {
+        let mut input = bytes;
+        let body = decoder.decode(&mut input).ok()??;
+        opener.open(keyring, Channel::Data, body, plaintext).ok()?;
+        let archived = wire::decode(plaintext, limits).ok()?;
+        wire::to_owned(archived).ok()
+    }
+
+    fn on_collector_frame(&mut self, i: u16, from: Endpoint, bytes: Vec<u8>) {
+        let c = &mut self.collectors[i as usize];
+        if c.core.is_none() {
+            return;
+        }
+        if c.paused {
+            c.backlog.push(Ev::Frame {
+                from,
+                to: Endpoint::Collector(i),
+                bytes,
+            });
+            return;
+        }
+        let mut plaintext = std::mem::take(&mut self.plaintext);
+        let message = World::open_frame(
+            &mut c.decoder,
+            &mut c.opener,
+            &self.keyring,
+            &self.limits,
+            &bytes,
+            &mut plaintext,
+        );
+        self.plaintext = plaintext;
+        let Some(message) = message else {
+            self.stats.refused += 1;
+            return;
+        };
+        let conn = conn_of(from);
+        self.with_core(i, |core, now, out| {
+            core.handle_message(conn, message, now, out)
+        });
+    }
+
+    // ----- exporters -----
+
+    fn on_exporter_frame(&mut self, h: u32, bytes: Vec<u8>) {
+        let e = &mut self.exporters[h as usize];
+        let mut plaintext = std::mem::take(&mut self.plaintext);
+        let message = World::open_frame(
+            &mut e.decoder,
+            &mut e.opener,
+            &self.keyring,
+            &self.limits,
+            &bytes,
+            &mut plaintext,
+        );
+        self.plaintext = plaintext;
+        let ack = match message {
+            Some(Message::Ack(ack)) => ack,
+            Some(
+                Message::ClaimBatch(_)
+                | Message::FlowBatch(_)
+                | Message::IpEventBatch(_)
+                | Message::RangeSnapshot(_)
+                | Message::RangeRequest(_)
+                | Message::RegionDirectory(_),
+            ) => return,
+            None => {
+                self.stats.refused += 1;
+                return;
+            }
+        };
+        let e = &mut self.exporters[h as usize];
+        let front = e.batcher.front().map(|b| b.batch_id);
+        match ack.status {
+            AckStatus::Accepted => {
+                if front == Some(ack.batch_id) {
+                    if let Some(batch) = e.batcher.front() {
+                        for f in &batch.flows {
+                            let index = (f.flow_id & u128::from(u64::MAX)) as usize;
+                            if let Some(t) = self.truths.flows.get_mut(index) {
+                                if !t.accepted {
+                                    t.accepted = true;
+                                    self.stats.accepted += 1;
+                                }
+                            }
+                        }
+                    }
+                    e.batcher.acked(ack.batch_id);
+                }
+                if e.inflight == Some(ack.batch_id) || front == Some(ack.batch_id) {
+                    e.inflight = None;
+                    self.try_send(h);
+                }
+            }
+            AckStatus::Busy { retry_after_ms } => {
+                if e.inflight == Some(ack.batch_id) {
+                    e.inflight = None;
+                    self.push(
+                        self.now + retry_after_ms.max(1),
+                        Ev::ExporterRetry { host: h },
+                    );
+                }
+            }
+            AckStatus::Rejected(_) => {
+                e.batcher.rejected(ack.batch_id);
+                if e.inflight == Some(ack.batch_id) {
+                    e.inflight = None;
+                    self.try_send(h);
+                }
+            }
+        }
+    }
+
+    fn try_send(&mut self, h: u32) {
+        let e = &self.exporters[h as usize];
+        if e.down > 0 || e.inflight.is_some() || e.collectors.is_empty() {
+            return;
+        }
+        let Some(batch) = e.batcher.front() else {
+            return;
+        };
+        let batch_id = batch.batch_id;
+        let message = Message::FlowBatch(batch.clone());
+        let to = Endpoint::Collector(e.collectors[e.current]);
+        self.exporters[h as usize].inflight = Some(batch_id);
+        self.send_frame(Endpoint::Exporter(h), to, &message);
+        let timeout = self.scenario.heartbeat.ack_timeout_ms;
+        self.push(self.now + timeout, Ev::AckTimeout { host: h, batch_id });
+    }
+
+    fn on_heartbeat(&mut self, h: u32) {
+        if self.exporters[h as usize].down > 0 {
+            return;
+        }
+        let host_now = self.host_now(h);
+        let now = self.now;
+        // Flows that ended by now.
+        let e = &mut self.exporters[h as usize];
+        let mut flows = Vec::new();
+        let mut i = 0;
+        while i < e.closed.len() {
+            if e.closed[i].0 <= now {
+                flows.push(e.closed.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        flows.sort_by_key(|f| f.flow_id);
+        for f in &flows {
+            let index = (f.flow_id & u128::from(u64::MAX)) as u32;
+            for (variant, l) in self.legacy.iter_mut().enumerate() {
+                // The variant rides in the payload's high bits (see `drain_legacy`).
+                let payload = (variant as u32) << 28 | index;
+                l.submit(f.remote_ip, payload, UnixMillis(now), &mut self.legacy_out);
+            }
+        }
+        self.drain_legacy();
+        // Claims: one per IP held here, and a final one per instance that ended.
+        let hb = &self.scenario.heartbeat;
+        let host = &mut self.fleet.hosts[h as usize];
+        let mut claims = std::mem::take(&mut self.exporters[h as usize].delayed_claims);
+        let mut delayed = Vec::new();
+        let ended: Vec<u32> = host.ended.drain(..).collect();
+        let live = host.instances.clone();
+        for (inst, final_claim) in live
+            .iter()
+            .map(|&i| (i, false))
+            .chain(ended.iter().map(|&i| (i, true)))
+        {
+            let instance = &self.fleet.instances[inst as usize];
+            let until = if final_claim {
+                instance.end_stamped_ms.unwrap_or(host_now)
+            } else {
+                host_now
+            };
+            let claim = LocalClaim {
+                ip: self.fleet.ips[instance.ip as usize].addr,
+                workload: self.fleet.names[instance.workload as usize].to_string(),
+                since_ms: instance.since_stamped_ms,
+                until_ms: until,
+            };
+            if hb.loss > 0.0 && self.rng.random_bool(hb.loss) {
+                continue;
+            }
+            if hb.delay > 0.0 && self.rng.random_bool(hb.delay) {
+                delayed.push(claim);
+                continue;
+            }
+            if hb.duplication > 0.0 && self.rng.random_bool(hb.duplication) {
+                claims.push(claim.clone());
+            }
+            claims.push(claim);
+        }
+        let e = &mut self.exporters[h as usize];
+        e.delayed_claims = delayed;
+        let dropped_before = e.batcher.stats().flows_dropped;
+        e.batcher.push(flows, claims);
+        let dropped = e.batcher.stats().flows_dropped - dropped_before;
+        self.stats.undelivered += dropped;
+        self.try_send(h);
+    }
+
+    /// Scores what the legacy attributors answered. Payloads are flow indexes below
+    /// 2^28 with the attributor's position above.
+    fn drain_legacy(&mut self) {
+        let out = std::mem::take(&mut self.legacy_out);
+        // Variant numbers are carried in the high bits of the payload.
+        for (payload, said) in &out {
+            let variant = (payload >> 28) as usize;
+            let index = (payload & 0x0fff_ffff) as usize;
+            self.score_legacy(variant, index, said.as_ref());
+        }
+        self.legacy_out = out;
+        self.legacy_out.clear();
+    }
+
+    fn score_legacy(&mut self, variant: usize, index: usize, said: Option<&Arc<str>>) {
+        self.truths.on_legacy(variant, index, said, &self.fleet);
+        let t = &self.truths.flows[index];
+        let (caller, start, class) = (t.caller, t.start_ms, t.legacy[variant]);
+        if class == Class::Wrong {
+            self.minute(start).legacy_wrong[variant] += 1;
+        }
+        if let (Some(o), true) = (
+            said.and_then(|s| self.name_index.get(s)),
+            self.counted(caller),
+        ) {
+            self.edges.reported[1 + variant].insert((caller, *o));
+        }
+    }
+
+    // ----- fleet -----
+
+    fn start_instance(&mut self, workload: u32, first: bool) {
+        let offsets: Vec<i64> = self.exporters.iter().map(|e| e.offset_ms).collect();
+        let change = self
+            .fleet
+            .start_instance(workload, self.now, first, &mut self.rng, |h| {
+                offsets[h as usize]
+            });
+        match change {
+            FleetChange::Started { instance } => {
+                let inst = &self.fleet.instances[instance as usize];
+                let (end, ip, at) = (inst.end_ms, inst.ip, inst.start_ms);
+                if end != NEVER_MS {
+                    self.push(end, Ev::InstanceEnd { instance });
+                }
+                let event = LegacyEvent::Assign {
+                    ip: self.fleet.ips[ip as usize].addr,
+                    owner: self.fleet.names[workload as usize].clone(),
+                    at: UnixMillis(at),
+                };
+                let delay = self.event_delay();
+                self.push(self.now + delay, Ev::Legacy(event));
+            }
+            FleetChange::NoIp { workload } => {
+                self.push(self.now + NO_IP_RETRY_MS, Ev::InstanceStart { workload });
+            }
+        }
+    }
+
+    fn end_instance(&mut self, instance: u32) {
+        let host = self.fleet.instances[instance as usize].host;
+        let offset = self.exporters[host as usize].offset_ms;
+        self.fleet.end_instance(instance, offset);
+        let inst = &self.fleet.instances[instance as usize];
+        let (workload, ip, end) = (inst.workload, inst.ip, inst.end_ms);
+        let event = LegacyEvent::Unassign {
+            ip: self.fleet.ips[ip as usize].addr,
+            at: UnixMillis(end),
+        };
+        let delay = self.event_delay();
+        self.push(self.now + delay, Ev::Legacy(event));
+        let gap = self.rng.random_range(0..=REPLACEMENT_GAP_MS_MAX);
+        self.push(self.now + gap, Ev::InstanceStart { workload });
+    }
+
+    /// A delivery delay of the IP-assignment feed: most within the body, some in the tail.
+    fn event_delay(&mut self) -> u64 {
+        let f = &self.scenario.event_feed;
+        if f.tail_share > 0.0 && self.rng.random_bool(f.tail_share) {
+            self.rng.random_range(f.delay_ms_max..=f.tail_delay_ms_max)
+        } else {
+            self.rng.random_range(f.delay_ms_min..=f.delay_ms_max)
+        }
+    }
+
+    fn flow_step(&mut self) {
+        // Legacy hold-backs release as time passes.
+        for (variant, l) in self.legacy.iter_mut().enumerate() {
+            let mut out = Vec::new();
+            l.tick(UnixMillis(self.now), &mut out);
+            for (index, said) in out {
+                self.legacy_out.push(((variant as u32) << 28 | index, said));
+            }
+        }
+        self.drain_legacy();
+        let scenario = self.scenario;
+        for call in &scenario.calls {
+            let expected = call.flows_per_s * FLOW_STEP_MS as f64 / 1_000.0;
+            let whole = expected.floor() as u64;
+            let extra = u64::from(
+                self.rng
+                    .random_bool((expected - expected.floor()).clamp(0.0, 1.0)),
+            );
+            for _ in 0..whole + extra {
+                self.one_flow(call);
+            }
+        }
+    }
+
+    fn group(&self, name: &str) -> Vec<u32> {
+        let prefix = format!("{name}-");
+        (0..self.fleet.workloads.len() as u32)
+            .filter(|&w| {
+                let n = &*self.fleet.workloads[w as usize].name;
+                n == name
+                    || (n.starts_with(&prefix)
+                        && n[prefix.len()..].bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect()
+    }
+
+    fn one_flow(&mut self, call: &crate::scenario::CallConfig) {
+        let callers = self.group(&call.from);
+        let caller_w = callers[self.rng.random_range(0..callers.len())];
+        let live = &self.fleet.workloads[caller_w as usize].live;
+        if live.is_empty() {
+            return;
+        }
+        let caller = live[self.rng.random_range(0..live.len())];
+        let duration = self.rng.random_range(1..=call.flow_ms_max);
+        let start = self.now + self.rng.random_range(0..FLOW_STEP_MS);
+        let end = start + duration;
+        let ci = &self.fleet.instances[caller as usize];
+        if ci.end_ms <= end {
+            return;
+        }
+        let (host, local_ip, region) = (
+            ci.host,
+            self.fleet.ips[ci.ip as usize].addr,
+            self.fleet.workloads[caller_w as usize].region,
+        );
+        let roll: f64 = self.rng.random();
+        let delta = self.scenario.cluster.skew_margin_ms;
+        let hb = self.scenario.heartbeat.interval_ms;
+        let (remote, owner, bounded) = if roll < call.external_share {
+            (external_ip(&mut self.rng), Owner::External, false)
+        } else if roll < call.external_share + call.non_workload_share {
+            let nw = &self.fleet.non_workload[region];
+            if nw.is_empty() {
+                return;
+            }
+            let ip = nw[self.rng.random_range(0..nw.len())];
+            let slot = &self.fleet.ips[ip as usize];
+            (slot.addr, Owner::Named(slot.history[0].2), false)
+        } else {
+            let targets: Vec<u32> = call.to.iter().flat_map(|t| self.group(t)).collect();
+            let target_w = targets[self.rng.random_range(0..targets.len())];
+            let live = &self.fleet.workloads[target_w as usize].live;
+            if live.is_empty() {
+                return;
+            }
+            let target = live[self.rng.random_range(0..live.len())];
+            let ti = &self.fleet.instances[target as usize];
+            // A connection lives inside the tenure of the IP it reaches.
+            if ti.start_ms > start || ti.end_ms <= end {
+                return;
+            }
+            let margin = delta + hb;
+            let bounded = start >= self.bounded_from
+                && start >= ti.start_ms + margin
+                && end.saturating_add(margin) <= ti.end_ms;
+            (
+                self.fleet.ips[ti.ip as usize].addr,
+                Owner::Named(target_w),
+                bounded,
+            )
+        };
+        let index = self.truths.flows.len();
+        if index >= 0x0fff_ffff {
+            return; // the legacy payload's index bits are full: stop generating
+        }
+        let flow_id = self.truths.flow_id(index);
+        let offset = self.exporters[host as usize].offset_ms;
+        self.truths.flows.push(FlowTruth {
+            start_ms: start,
+            end_ms: end,
+            remote,
+            owner,
+            caller: caller_w,
+            bounded,
+            accepted: false,
+            emitted: 0,
+            tenure: Class::Unscored,
+            reason: None,
+            legacy: vec![Class::Unscored; self.legacy.len()],
+        });
+        self.stats.flows += 1;
+        self.minute(start).flows += 1;
+        if let (Owner::Named(o), true) = (owner, self.counted(caller_w)) {
+            self.edges.truth.insert((caller_w, o));
+        }
+        let local_port = 30_000 + (index % 30_000) as u16;
+        let flow = LocalFlow {
+            flow_id,
+            local_ip,
+            local_port,
+            local_workload: self.fleet.names[caller_w as usize].to_string(),
+            remote_ip: remote,
+            remote_port: 8080,
+            start_ms: start.saturating_add_signed(offset),
+            end_ms: end.saturating_add_signed(offset),
+            bytes_sent: 100 + (index as u64 % 5_000),
+            bytes_received: 200 + (index as u64 % 50_000),
+            packets: 10,
+            retransmits: 0,
+            direction: Direction::Outbound,
+            ongoing: false,
+        };
+        self.exporters[host as usize].closed.push((end, flow));
+    }
+
+    // ----- event feed -----
+
+    fn feed_push(&mut self, region: usize) {
+        let collectors: Vec<u16> = (0..self.collectors.len() as u16)
+            .filter(|&i| self.collectors[i as usize].region == region)
+            .collect();
+        // The feed posts to the next collector that answers (a paused or crashed one
+        // does not).
+        for _ in 0..collectors.len() {
+            let turn = self.feed_turn[region] % collectors.len();
+            self.feed_turn[region] += 1;
+            let i = collectors[turn];
+            let c = &self.collectors[i as usize];
+            if c.core.is_none() || c.paused {
+                continue;
+            }
+            let start = self.start;
+            let events: Vec<wire::IpEvent> = self.fleet.non_workload[region]
+                .iter()
+                .map(|&ip| {
+                    let slot = &self.fleet.ips[ip as usize];
+                    wire::IpEvent {
+                        ip: slot.addr,
+                        kind: wire::IpEventKind::Assign,
+                        owner: self.fleet.names[slot.history[0].2 as usize].to_string(),
+                        at_ms: start - 3_600_000,
+                    }
+                })
+                .collect();
+            let watermark = self.now;
+            self.with_core(i, |core, now, out| {
+                core.handle_events(events, watermark, now, out)
+            });
+            return;
+        }
+    }
+
+    // ----- faults -----
+
+    fn fault_start(&mut self, id: u32) {
+        let planned = self.faults[id as usize].clone();
+        match planned.fault {
+            Fault::Degrade { loss, delay_ms_max } => self.net.degraded.push((
+                id,
+                LinkState {
+                    extra_delay_ms_max: delay_ms_max,
+                    loss_extra: loss,
+                },
+            )),
+            Fault::Cut { cuts } => {
+                for c in cuts {
+                    self.net.cuts.push((id, c));
+                }
+            }
+            Fault::Pause { node } => self.collectors[node as usize].paused = true,
+            Fault::Crash { node } => {
+                let c = &mut self.collectors[node as usize];
+                c.core = None;
+                c.backlog.clear();
+                c.paused = false;
+            }
+            Fault::ClockJump {
+                collector,
+                collector_offset_ms,
+                ref hosts,
+            } => {
+                self.collectors[collector as usize].offset_ms = collector_offset_ms;
+                for &(h, offset) in hosts {
+                    self.exporters[h as usize].offset_ms = offset;
+                }
+            }
+            Fault::ExporterOutage { ref hosts } => {
+                for &h in hosts {
+                    self.exporters[h as usize].down += 1;
+                }
+            }
+        }
+    }
+
+    fn fault_end(&mut self, id: u32) {
+        let planned = self.faults[id as usize].clone();
+        match planned.fault {
+            Fault::Degrade { .. } => self.net.degraded.retain(|(f, _)| *f != id),
+            Fault::Cut { .. } => self.net.cuts.retain(|(f, _)| *f != id),
+            Fault::Pause { node } => {
+                let c = &mut self.collectors[node as usize];
+                if !c.paused || c.core.is_none() {
+                    return;
+                }
+                c.paused = false;
+                let backlog = std::mem::take(&mut c.backlog);
+                let generation = c.generation;
+                for ev in backlog {
+                    self.handle(ev);
+                }
+                self.push(self.now + 1, Ev::Tick { node, generation });
+            }
+            Fault::Crash { node } => {
+                if self.collectors[node as usize].core.is_none() {
+                    self.boot(node);
+                }
+            }
+            Fault::ClockJump { .. } => {}
+            Fault::ExporterOutage { ref hosts } => {
+                for &h in hosts {
+                    let e = &mut self.exporters[h as usize];
+                    e.down = e.down.saturating_sub(1);
+                    if e.down == 0 {
+                        e.inflight = None;
+                        self.try_send(h);
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- checks -----
+
+    fn check_convergence(&mut self) {
+        let bound = convergence_bound_ms(self.scenario.heartbeat.interval_ms);
+        let live: Vec<u16> = (0..self.collectors.len() as u16)
+            .filter(|&i| self.collectors[i as usize].core.is_some())
+            .collect();
+        for &i in &live {
+            let c = &self.collectors[i as usize];
+            let Some(core) = c.core.as_ref() else {
+                continue;
+            };
+            let mut wan: Vec<&str> = core
+                .membership()
+                .wan_members()
+                .map(|m| m.node_id())
+                .collect();
+            wan.push(&c.node_id);
+            wan.sort_unstable();
+            let mut want: Vec<&str> = live
+                .iter()
+                .map(|&j| self.collectors[j as usize].node_id.as_str())
+                .collect();
+            want.sort_unstable();
+            let mut ring: Vec<&str> = core.ring().members().iter().map(|m| m.node_id()).collect();
+            ring.sort_unstable();
+            let want_lan: Vec<&str> = want
+                .iter()
+                .copied()
+                .filter(|n| self.collectors[self.by_node_id[*n] as usize].region == c.region)
+                .collect();
+            let what = if wan != want {
+                Some(format!("WAN members {wan:?}, live {want:?}"))
+            } else if ring != want_lan {
+                Some(format!("ring {ring:?}, live in region {want_lan:?}"))
+            } else if !core.is_ready() {
+                Some(format!(
+                    "handoff still has {} pending spans",
+                    core.handoff().pending_spans()
+                ))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                self.violation = Some(Violation::NotConverged {
+                    node: c.node_id.clone(),
+                    what,
+                    bound_ms: bound,
+                });
+                return;
+            }
+        }
+    }
+
+    fn finish(mut self) -> RunOutcome {
+        if self.violation.is_none() {
+            for (variant, l) in self.legacy.iter_mut().enumerate() {
+                let mut out = Vec::new();
+                l.flush(&mut out);
+                for (index, said) in out {
+                    self.legacy_out.push(((variant as u32) << 28 | index, said));
+                }
+            }
+            self.drain_legacy();
+            if let Some(v) = self.truths.lost() {
+                self.violation = Some(v);
+            }
+        }
+        let s = &mut self.stats;
+        s.simulated_ms = self.now - self.start;
+        s.duplicates = self.truths.duplicates;
+        s.by_reason = Reason::ALL
+            .iter()
+            .zip(self.truths.by_reason)
+            .map(|(r, n)| (*r, n))
+            .collect();
+        s.legacy = self
+            .scenario
+            .legacy
+            .hold_back_ms
+            .iter()
+            .map(|&h| (h, 0, 0, 0))
+            .collect();
+        for t in &self.truths.flows {
+            if t.emitted > 0 {
+                s.emitted += 1;
+            }
+            if t.accepted && t.emitted == 0 {
+                s.lost += 1;
+            }
+            if !t.accepted && t.emitted == 0 {
+                s.undelivered += 1;
+            }
+            match t.tenure {
+                Class::Correct | Class::Wrong => s.attributed += 1,
+                Class::Unattributed => s.unattributed += 1,
+                Class::Unscored => {}
+            }
+            if t.bounded && t.emitted > 0 {
+                s.bounded_flows += 1;
+                if t.tenure == Class::Unattributed {
+                    s.bounded_unattributed += 1;
+                }
+            }
+            for (v, class) in t.legacy.iter().enumerate() {
+                let entry = &mut s.legacy[v];
+                match class {
+                    Class::Correct => entry.1 += 1,
+                    Class::Wrong => {
+                        entry.1 += 1;
+                        entry.2 += 1;
+                    }
+                    Class::Unattributed => {
+                        entry.1 += 1;
+                        entry.3 += 1;
+                    }
+                    Class::Unscored => {}
+                }
+            }
+        }
+        s.dependencies = self.edges.scores();
+        s.true_dependencies = self.edges.truth.len() as u64;
+        if self.violation.is_none() && s.bounded_flows > 0 {
+            let share = s.unattributed_share();
+            let bound = self.scenario.checks.unattributed_share_max;
+            if share > bound {
+                self.violation = Some(Violation::UnattributedShare {
+                    share,
+                    bound,
+                    flows: s.bounded_flows,
+                });
+            }
+        }
+        RunOutcome {
+            seed: self.seed,
+            stats: self.stats,
+            violation: self.violation,
+            trace_hash: self.trace.finish(),
+            timeline: self.timeline,
+        }
+    }
+}
+
+/// Why a frame could not be built (counted as refused; the message stays unsent).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("framing: {0}")]
+    Frame(#[from] tenure_gossip::frame::FrameError),
+    #[error("sealing: {0}")]
+    Seal(#[from] tenure_gossip::seal::SealError),
+}
+
+fn endpoint_code(e: Endpoint) -> u64 {
+    conn_of(e)
+}
+
+/// Connections are named by the endpoint at their other end.
+fn conn_of(e: Endpoint) -> ConnId {
+    match e {
+        Endpoint::Exporter(h) => u64::from(h),
+        Endpoint::Collector(i) => (1 << 40) | u64::from(i),
+    }
+}
+
+fn endpoint_of_conn(conn: ConnId) -> Endpoint {
+    if conn & (1 << 40) != 0 {
+        Endpoint::Collector((conn & 0xffff) as u16)
+    } else {
+        Endpoint::Exporter(conn as u32)
+    }
+}
+
+/// Runs one seed of `scenario`.
+pub fn run(scenario: &Scenario, seed: u64) -> RunOutcome {
+    World::new(scenario, seed).run()
+}
