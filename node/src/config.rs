@@ -238,6 +238,16 @@ pub struct CollectorConfig {
     /// Default 5,000.
     #[serde(default = "default_forward_ack_timeout_ms")]
     pub forward_ack_timeout_ms: u64,
+    /// Where the collector keeps its state: the journal of accepted flows not yet settled
+    /// lives in `<data_dir>/<node_id>/journal`, so that a restarted collector (on the same
+    /// directory) emits every flow it had acknowledged. Default `./tenure-data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How often the journal is fsynced (group commit), in ms; acknowledgements to
+    /// exporters and peers wait for it, so it bounds their added latency. 1 to 1,000.
+    /// Default 10.
+    #[serde(default = "default_journal_fsync_interval_ms")]
+    pub journal_fsync_interval_ms: u64,
     /// Flows waiting for the sink writer; when full the data plane waits. Default 65,536.
     #[serde(default = "default_sink_queue_flows_max")]
     pub sink_queue_flows_max: usize,
@@ -282,6 +292,12 @@ fn default_inflight_flows_max() -> usize {
 fn default_forward_ack_timeout_ms() -> u64 {
     5_000
 }
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("tenure-data")
+}
+fn default_journal_fsync_interval_ms() -> u64 {
+    10
+}
 fn default_sink_queue_flows_max() -> usize {
     65_536
 }
@@ -318,6 +334,9 @@ impl CollectorConfig {
             || self.sink_queue_flows_max == 0
         {
             return Err(invalid("limits", "flow limits must be above 0"));
+        }
+        if !(1..=1_000).contains(&self.journal_fsync_interval_ms) {
+            return Err(invalid("journal_fsync_interval_ms", "must be 1 to 1,000"));
         }
         if let Some(engine) = &self.engine {
             engine

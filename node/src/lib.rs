@@ -12,6 +12,7 @@ pub mod deps;
 pub mod exporter;
 pub mod fleet;
 pub mod httpc;
+pub mod journal;
 pub mod shell;
 pub mod sink;
 pub mod time;

@@ -61,6 +61,7 @@ event_feed_token = "{TOKEN}"
 shutdown_grace_ms = 2000
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
 sink = {{ kind = "files", dir = "{sink}", roll_interval_ms = 3600000 }}
+data_dir = "{sink}-data"
 
 [engine]
 skew_margin_ms = 200

@@ -26,9 +26,10 @@ use super::metrics as m;
 use super::transport::{read_messages, Crypto, TransportError};
 use crate::config::{CollectorConfig, SinkConfig};
 use crate::core::{
-    ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
+    ConnId, CoreConfig, Dest, EmittedFlow, JournalOp, NodeCore, Notice, Output, TICK_INTERVAL_MS,
 };
 use crate::deps::Dependencies;
+use crate::journal::Journal;
 use crate::sink::{self, RollingFiles};
 
 /// Frames queued for one connection; past it frames to it are dropped and counted (the
@@ -73,6 +74,19 @@ pub(crate) struct Shared {
     /// node id → (region, up), from membership notices, for metrics and /v1/cluster.
     pub(crate) roster: Mutex<BTreeMap<String, (String, bool)>>,
     pub(crate) started: UnixMillis,
+    durability: Durability,
+}
+
+/// The journal and what orders its releases after the sink.
+struct Durability {
+    journal: Mutex<Journal>,
+    /// Flows handed to the sink queue so far.
+    emitted: AtomicU64,
+    /// Flows the sink writer has written and flushed (the first `n` queued).
+    sink_durable: Arc<AtomicU64>,
+    /// Releases waiting until `sink_durable` reaches the count of flows emitted before
+    /// them: a release must not outlive a flow the sink has not written.
+    releases: Mutex<Vec<(u64, Vec<u64>)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -94,11 +108,7 @@ impl Shared {
         let mut out = Vec::new();
         let result = {
             let mut core = lock(&self.core);
-            let now = clock::now();
-            let result = f(&mut core, now, &mut out);
-            // No journal yet: acknowledge at once (durability comes with the file journal).
-            core.journal_synced(u64::MAX, now, &mut out);
-            result
+            f(&mut core, clock::now(), &mut out)
         };
         self.dispatch(out).await;
         result
@@ -121,9 +131,23 @@ impl Shared {
                         tracing::warn!("timer queue full; a membership timer was lost");
                     }
                 }
-                Output::Emit(flow) => self.emit(flow).await,
+                Output::Emit(flow) => {
+                    self.emit(flow).await;
+                    self.durability.emitted.fetch_add(1, Ordering::SeqCst);
+                }
                 Output::Notice(notice) => self.notice(notice),
-                Output::Journal(_) => {}
+                Output::Journal(JournalOp::Append { id, flows }) => {
+                    if let Err(e) = lock(&self.durability.journal).append(id, &flows) {
+                        // Its ack is never sent: the exporter re-sends the batch.
+                        metrics::counter!("tenure_journal_errors_total", "node" => self.node.clone()).increment(1);
+                        tracing::error!(node = %self.node, error = %e, "journal append failed");
+                    }
+                }
+                Output::Journal(JournalOp::Release { ids }) => {
+                    // Released once the sink holds every flow emitted up to now.
+                    let emitted = self.durability.emitted.load(Ordering::SeqCst);
+                    lock(&self.durability.releases).push((emitted, ids));
+                }
             }
         }
     }
@@ -426,6 +450,18 @@ pub async fn run(
         busy_retry_after_ms: config.heartbeat_interval_ms.min(5_000),
     };
     let core = NodeCore::new(core_config, start)?;
+    let journal_dir = config.data_dir.join(&config.node_id).join("journal");
+    let (journal, replay) = Journal::open(&journal_dir)
+        .with_context(|| format!("opening the journal in {}", journal_dir.display()))?;
+    metrics::counter!("tenure_journal_corrupt_records_total", "node" => config.node_id.clone())
+        .increment(replay.corrupt_records);
+    let recovered_flows: usize = replay.entries.iter().map(|(_, f)| f.len()).sum();
+    metrics::counter!("tenure_journal_recovered_flows_total", "node" => config.node_id.clone())
+        .increment(recovered_flows as u64);
+    if replay.corrupt_records > 0 || recovered_flows > 0 {
+        tracing::warn!(node = %config.node_id, flows = recovered_flows, appends = replay.entries.len(), corrupt = replay.corrupt_records, "replaying the journal");
+    }
+    let sink_durable = Arc::new(AtomicU64::new(0));
 
     let (sink_tx, sink_rx) = mpsc::channel(config.sink_queue_flows_max);
     let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE_MAX);
@@ -452,11 +488,22 @@ pub async fn run(
         event_token: config.event_feed_token.clone(),
         roster: Mutex::new(BTreeMap::new()),
         started: start,
+        durability: Durability {
+            journal: Mutex::new(journal),
+            emitted: AtomicU64::new(0),
+            sink_durable: sink_durable.clone(),
+            releases: Mutex::new(Vec::new()),
+        },
     });
     let _ = m::handle();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sink_task = tokio::spawn(sink_writer(config.sink.clone(), sink_rx, stop_rx.clone()));
+    let sink_task = tokio::spawn(sink_writer(
+        config.sink.clone(),
+        sink_rx,
+        stop_rx.clone(),
+        sink_durable,
+    ));
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(gossip_reader(
         shared.clone(),
@@ -488,6 +535,18 @@ pub async fn run(
     shared
         .with_core(|core, now, out| core.start(now, out))
         .await;
+    // Flows journaled before a restart go out again; the largest id seen keeps new
+    // appends from reusing an id the journal still holds.
+    let mut entries = replay.entries;
+    entries.push((replay.max_id, Vec::new()));
+    shared
+        .with_core(|core, now, out| core.recover(entries, now, out))
+        .await;
+    tasks.push(tokio::spawn(group_commit(
+        shared.clone(),
+        config.journal_fsync_interval_ms,
+        stop_rx.clone(),
+    )));
     tracing::info!(node = %bound.node_id, region = %bound.region, gossip = %gossip_addr, data = %data_addr, http = %http_addr, "collector started");
     if let Some(tx) = bound_tx {
         let _ = tx.send(bound.clone());
@@ -642,12 +701,65 @@ async fn timer_loop(
     }
 }
 
-/// Writes emitted flows to the configured sink until every sender is gone.
+/// The journal's group commit: every `interval_ms`, one fsync covers every append written
+/// since the last, then the acks they were holding go out; releases whose flows the sink
+/// has flushed are written.
+async fn group_commit(shared: Arc<Shared>, interval_ms: u64, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked_upto = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        // fsync blocks: keep it off the threads that serve connections.
+        let s = shared.clone();
+        let synced = tokio::task::spawn_blocking(move || lock(&s.durability.journal).sync()).await;
+        match synced {
+            Ok(Ok(upto)) if upto > acked_upto => {
+                acked_upto = upto;
+                shared
+                    .with_core(|core, now, out| core.journal_synced(upto, now, out))
+                    .await;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                metrics::counter!("tenure_journal_errors_total", "node" => shared.node.clone())
+                    .increment(1);
+                tracing::error!(node = %shared.node, error = %e, "journal fsync failed; acknowledgements stop");
+            }
+            Err(e) => tracing::error!(node = %shared.node, error = %e, "journal fsync task"),
+        }
+        let d = &shared.durability;
+        let durable = d.sink_durable.load(Ordering::SeqCst);
+        let ready: Vec<u64> = {
+            let mut releases = lock(&d.releases);
+            let cut = releases.partition_point(|(emitted, _)| *emitted <= durable);
+            releases.drain(..cut).flat_map(|(_, ids)| ids).collect()
+        };
+        if !ready.is_empty() {
+            let s = shared.clone();
+            let released =
+                tokio::task::spawn_blocking(move || lock(&s.durability.journal).release(&ready))
+                    .await;
+            if let Ok(Err(e)) = released {
+                tracing::warn!(node = %shared.node, error = %e, "journal release failed");
+            }
+        }
+    }
+}
+
+/// Writes emitted flows to the configured sink until every sender is gone. After every
+/// flush it publishes how many flows are written (`durable`), which orders journal
+/// releases after the sink.
 async fn sink_writer(
     config: SinkConfig,
     mut rx: mpsc::Receiver<EmittedFlow>,
     mut stop: watch::Receiver<bool>,
+    durable: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
+    let mut written: u64 = 0;
     let mut files = match &config {
         SinkConfig::Files {
             dir,
@@ -670,10 +782,14 @@ async fn sink_writer(
                 let Some(flow) = received else { break };
                 lines.clear();
                 sink::write_line(&flow, &mut lines);
+                written += 1;
                 // Take whatever else is queued, up to a bound, in one write.
                 for _ in 0..1_024 {
                     match rx.try_recv() {
-                        Ok(f) => sink::write_line(&f, &mut lines),
+                        Ok(f) => {
+                            sink::write_line(&f, &mut lines);
+                            written += 1;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -690,6 +806,8 @@ async fn sink_writer(
                 if let Some(f) = files.as_mut() {
                     f.flush()?;
                 }
+                // Written to the kernel: survives `kill -9` of this process.
+                durable.store(written, Ordering::SeqCst);
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.

@@ -1,0 +1,207 @@
+//! Crash tests of the journal: a failpoint at every step, then a restart.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tenure_gossip::wire::Direction;
+
+use super::codec::{self, DecodeError, Record};
+use super::{Journal, JournalError, Step};
+use crate::core::FlowRecord;
+
+fn flow(id: u128, v6: bool) -> FlowRecord {
+    FlowRecord {
+        flow_id: id,
+        local_ip: "10.1.0.1".parse().unwrap(),
+        local_port: 40_000,
+        remote_ip: if v6 {
+            "fd00::7".parse().unwrap()
+        } else {
+            "10.1.0.7".parse().unwrap()
+        },
+        remote_port: 443,
+        local_workload: Arc::from("gateway"),
+        start_ms: 1_700_000_000_000 + id as u64,
+        end_ms: 1_700_000_000_100 + id as u64,
+        bytes_sent: 10,
+        bytes_received: 20,
+        packets: 3,
+        retransmits: 1,
+        direction: if v6 {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        },
+        ongoing: v6,
+        exporter_id: 9,
+        exporter_region: Arc::from("us-east"),
+        hops: 1,
+    }
+}
+
+fn flows_of(id: u64) -> Vec<FlowRecord> {
+    (0..3)
+        .map(|i| flow(u128::from(id) * 10 + i, i == 1))
+        .collect()
+}
+
+#[test]
+fn records_round_trip_and_every_truncation_is_torn() {
+    let records = [
+        Record::Append {
+            id: 7,
+            flows: flows_of(7),
+        },
+        Record::Release { ids: vec![1, 5, 7] },
+    ];
+    for record in records {
+        let mut bytes = Vec::new();
+        codec::encode(&record, &mut bytes);
+        assert_eq!(codec::decode(&bytes), Ok((record.clone(), bytes.len())));
+        for cut in 0..bytes.len() {
+            assert!(
+                matches!(codec::decode(&bytes[..cut]), Err(DecodeError::Torn { .. })),
+                "a record cut at {cut} is torn"
+            );
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                codec::decode(&bad).is_err(),
+                "a bit flip at {i} is detected"
+            );
+        }
+    }
+}
+
+/// One run of a script against a journal whose failpoint fires at check number `crash_at`.
+/// Returns the ids acknowledged (synced) and those released before the crash.
+fn run_until_crash(dir: &std::path::Path, crash_at: usize) -> (BTreeSet<u64>, BTreeSet<u64>, bool) {
+    let (mut journal, replay) = Journal::open(dir).unwrap();
+    assert!(replay.entries.is_empty());
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counter = checks.clone();
+    journal.set_failpoint(Box::new(move |_step: Step| {
+        counter.fetch_add(1, Ordering::SeqCst) == crash_at
+    }));
+    let mut acked = BTreeSet::new();
+    let mut released = BTreeSet::new();
+    let mut crashed = false;
+    // append 1, 2; sync (ack); release 1; append 3; sync; release 2, 3; append 4; sync.
+    let mut script = || -> Result<(), JournalError> {
+        journal.append(1, &flows_of(1))?;
+        journal.append(2, &flows_of(2))?;
+        let upto = journal.sync()?;
+        acked.extend((1..=upto).filter(|i| *i <= 2));
+        journal.release(&[1])?;
+        released.insert(1);
+        journal.append(3, &flows_of(3))?;
+        let upto = journal.sync()?;
+        acked.extend((1..=upto).filter(|i| *i <= 3));
+        journal.release(&[2, 3])?;
+        released.extend([2, 3]);
+        journal.append(4, &flows_of(4))?;
+        let upto = journal.sync()?;
+        acked.extend((1..=upto).filter(|i| *i <= 4));
+        Ok(())
+    };
+    match script() {
+        Ok(()) => {}
+        Err(JournalError::Crashed(_)) => crashed = true,
+        Err(e) => panic!("unexpected journal error: {e}"),
+    }
+    // The process dies here: the journal is dropped without any further write.
+    (acked, released, crashed)
+}
+
+#[test]
+fn a_crash_at_any_step_loses_no_acknowledged_flow() {
+    let mut crashes = 0;
+    for crash_at in 0.. {
+        let dir = tempfile::tempdir().unwrap();
+        let (acked, released, crashed) = run_until_crash(dir.path(), crash_at);
+        let (_journal, replay) = Journal::open(dir.path()).unwrap();
+        let live: BTreeSet<u64> = replay.entries.iter().map(|(id, _)| *id).collect();
+        for id in acked.difference(&released) {
+            assert!(
+                live.contains(id),
+                "crash at check {crash_at}: acknowledged append {id} lost; replayed {live:?}"
+            );
+        }
+        for (id, flows) in &replay.entries {
+            assert_eq!(flows, &flows_of(*id), "append {id} replayed intact");
+        }
+        if !crashed {
+            assert_eq!(live, BTreeSet::from([4]));
+            break;
+        }
+        crashes += 1;
+    }
+    assert!(crashes >= 8, "every step was crashed at: {crashes}");
+}
+
+#[test]
+fn a_torn_tail_is_counted_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut journal, _) = Journal::open(dir.path()).unwrap();
+        journal.append(1, &flows_of(1)).unwrap();
+        journal.sync().unwrap();
+        journal.set_failpoint(Box::new(|step| step == Step::AppendTorn));
+        assert!(matches!(
+            journal.append(2, &flows_of(2)),
+            Err(JournalError::Crashed(Step::AppendTorn))
+        ));
+    }
+    let (mut journal, replay) = Journal::open(dir.path()).unwrap();
+    assert_eq!(replay.corrupt_records, 1);
+    assert_eq!(replay.entries, vec![(1, flows_of(1))]);
+    // The journal goes on in a new segment; the torn one stays until 1 is released.
+    journal.append(2, &flows_of(2)).unwrap();
+    journal.sync().unwrap();
+    journal.release(&[1]).unwrap();
+    assert_eq!(
+        journal.segments(),
+        1,
+        "the fully released segment is deleted"
+    );
+    drop(journal);
+    let (_journal, replay) = Journal::open(dir.path()).unwrap();
+    assert_eq!(replay.corrupt_records, 0);
+    assert_eq!(replay.entries, vec![(2, flows_of(2))]);
+    assert_eq!(replay.max_id, 2);
+}
+
+#[test]
+fn a_corrupted_segment_is_detected_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut journal, _) = Journal::open(dir.path()).unwrap();
+        for id in 1..=3 {
+            journal.append(id, &flows_of(id)).unwrap();
+        }
+        journal.sync().unwrap();
+    }
+    let segment = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() > 8)
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let (_journal, replay) = Journal::open(dir.path()).unwrap();
+    assert_eq!(replay.corrupt_records, 1, "the corruption is detected");
+    assert!(
+        replay.entries.iter().all(|(id, f)| *f == flows_of(*id)),
+        "nothing corrupt is replayed"
+    );
+    assert_eq!(
+        replay.entries.first().map(|e| e.0),
+        Some(1),
+        "records before it survive"
+    );
+}
