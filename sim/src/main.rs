@@ -109,6 +109,12 @@ fn run() -> anyhow::Result<bool> {
             print_one(o, wall_s);
         }
     }
+    if summary.not_converged > 0 {
+        println!(
+            "membership not converged within the bound after healing on {} of {} seeds",
+            summary.not_converged, summary.seeds
+        );
+    }
     for (seed, violation) in &summary.failures {
         println!("FAILED seed={seed}: {violation}");
         println!(
@@ -139,7 +145,7 @@ fn run() -> anyhow::Result<bool> {
 fn print_one(o: &RunOutcome, wall_s: f64) {
     let s = &o.stats;
     println!(
-        "seed={} faults=[{}] flows={} accepted={} emitted={} duplicates={} undelivered={} attributed={} unattributed={} conflicts={} frames={} datagrams={} refused={} wall={wall_s:.2}s",
+        "seed={} faults=[{}] flows={} accepted={} emitted={} duplicates={} undelivered={} attributed={} unattributed={} conflicts={} frames={} datagrams={} refused={} defunct={} wall={wall_s:.2}s",
         o.seed,
         s.faults.join(","),
         s.flows,
@@ -152,7 +158,8 @@ fn print_one(o: &RunOutcome, wall_s: f64) {
         s.conflicts,
         s.frames,
         s.datagrams,
-        s.refused
+        s.refused,
+        s.defunct
     );
     let reasons: Vec<String> = s
         .by_reason

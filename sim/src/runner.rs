@@ -67,6 +67,8 @@ pub struct Summary {
     /// Tenure first, then each legacy attributor: (dependencies reported, wrong).
     pub dependencies: Vec<(u64, u64)>,
     pub trace_hash: u64,
+    /// Seeds whose membership had not converged within the bound after healing.
+    pub not_converged: u64,
     pub failures: Vec<(u64, Violation)>,
 }
 
@@ -99,6 +101,12 @@ impl Summary {
                     s.misattributed += 1;
                 }
                 s.failures.push((o.seed, v.clone()));
+            }
+            if let Some(v) = &o.convergence {
+                s.not_converged += 1;
+                if o.violation.is_none() {
+                    s.failures.push((o.seed, v.clone()));
+                }
             }
             combined.write_u64(o.seed);
             combined.write_u64(o.trace_hash);

@@ -216,7 +216,10 @@ pub fn ratio(a: u64, b: u64) -> f64 {
 pub struct RunOutcome {
     pub seed: u64,
     pub stats: RunStats,
+    /// The violation that stopped the run, or one found at its end.
     pub violation: Option<Violation>,
+    /// Membership or ring not converged within the bound after healing (the run went on).
+    pub convergence: Option<Violation>,
     pub trace_hash: u64,
     pub timeline: Vec<Minute>,
 }
@@ -247,6 +250,8 @@ pub struct World<'s> {
     legacy: Vec<LegacyAttributor<u32>>,
     legacy_out: Vec<(u32, Option<Arc<str>>)>,
     faults: Vec<Planned>,
+    /// Per call: the caller workloads and the callee workloads.
+    call_groups: Vec<(Vec<u32>, Vec<u32>)>,
     /// Per link direction: when its last frame arrives (frames of a connection keep order).
     link_last: BTreeMap<(Endpoint, Endpoint), u64>,
     /// Per region: whose turn it is to receive the event feed's push.
@@ -264,6 +269,7 @@ pub struct World<'s> {
     end_at: u64,
     engine: EngineConfig,
     violation: Option<Violation>,
+    convergence: Option<Violation>,
 }
 
 fn collector_addr(region: usize, index: u16, port: u16) -> SocketAddr {
@@ -405,6 +411,16 @@ impl<'s> World<'s> {
             legacy,
             legacy_out: Vec::new(),
             faults,
+            call_groups: scenario
+                .calls
+                .iter()
+                .map(|c| {
+                    (
+                        World::group(&fleet, &c.from),
+                        c.to.iter().flat_map(|t| World::group(&fleet, t)).collect(),
+                    )
+                })
+                .collect(),
             link_last: BTreeMap::new(),
             feed_turn: vec![0; scenario.regions.len()],
             timeline: Vec::new(),
@@ -420,6 +436,7 @@ impl<'s> World<'s> {
             end_at: flows_end + drain,
             engine,
             violation: None,
+            convergence: None,
             fleet,
             collectors,
         }
@@ -1235,7 +1252,7 @@ impl<'s> World<'s> {
         }
         self.drain_legacy();
         let scenario = self.scenario;
-        for call in &scenario.calls {
+        for (c, call) in scenario.calls.iter().enumerate() {
             let expected = call.flows_per_s * FLOW_STEP_MS as f64 / 1_000.0;
             let whole = expected.floor() as u64;
             let extra = u64::from(
@@ -1243,16 +1260,17 @@ impl<'s> World<'s> {
                     .random_bool((expected - expected.floor()).clamp(0.0, 1.0)),
             );
             for _ in 0..whole + extra {
-                self.one_flow(call);
+                self.one_flow(c, call);
             }
         }
     }
 
-    fn group(&self, name: &str) -> Vec<u32> {
+    /// The workloads a call's `from` or `to` name stands for.
+    fn group(fleet: &Fleet, name: &str) -> Vec<u32> {
         let prefix = format!("{name}-");
-        (0..self.fleet.workloads.len() as u32)
+        (0..fleet.workloads.len() as u32)
             .filter(|&w| {
-                let n = &*self.fleet.workloads[w as usize].name;
+                let n = &*fleet.workloads[w as usize].name;
                 n == name
                     || (n.starts_with(&prefix)
                         && n[prefix.len()..].bytes().all(|b| b.is_ascii_digit()))
@@ -1260,8 +1278,8 @@ impl<'s> World<'s> {
             .collect()
     }
 
-    fn one_flow(&mut self, call: &crate::scenario::CallConfig) {
-        let callers = self.group(&call.from);
+    fn one_flow(&mut self, c: usize, call: &crate::scenario::CallConfig) {
+        let callers = &self.call_groups[c].0;
         let caller_w = callers[self.rng.random_range(0..callers.len())];
         let live = &self.fleet.workloads[caller_w as usize].live;
         if live.is_empty() {
@@ -1294,7 +1312,7 @@ impl<'s> World<'s> {
             let slot = &self.fleet.ips[ip as usize];
             (slot.addr, Owner::Named(slot.history[0].2), false)
         } else {
-            let targets: Vec<u32> = call.to.iter().flat_map(|t| self.group(t)).collect();
+            let targets = &self.call_groups[c].1;
             let target_w = targets[self.rng.random_range(0..targets.len())];
             let live = &self.fleet.workloads[target_w as usize].live;
             if live.is_empty() {
@@ -1520,7 +1538,9 @@ impl<'s> World<'s> {
                 None
             };
             if let Some(what) = what {
-                self.violation = Some(Violation::NotConverged {
+                // Recorded, not stopping: the run goes on so that the other invariants
+                // (no misattribution, no loss) are still checked on this seed.
+                self.convergence = Some(Violation::NotConverged {
                     node: c.node_id.clone(),
                     what,
                     bound_ms: bound,
@@ -1531,7 +1551,8 @@ impl<'s> World<'s> {
     }
 
     fn finish(mut self) -> RunOutcome {
-        if self.violation.is_none() {
+        let completed = self.violation.is_none();
+        if completed {
             for (variant, l) in self.legacy.iter_mut().enumerate() {
                 let mut out = Vec::new();
                 l.flush(&mut out);
@@ -1563,7 +1584,8 @@ impl<'s> World<'s> {
             if t.emitted > 0 {
                 s.emitted += 1;
             }
-            if t.accepted && t.emitted == 0 {
+            // A run stopped early has not drained: its unemitted flows are not lost.
+            if completed && t.accepted && t.emitted == 0 {
                 s.lost += 1;
             }
             if !t.accepted && t.emitted == 0 {
@@ -1613,6 +1635,7 @@ impl<'s> World<'s> {
             seed: self.seed,
             stats: self.stats,
             violation: self.violation,
+            convergence: self.convergence,
             trace_hash: self.trace.finish(),
             timeline: self.timeline,
         }

@@ -1,0 +1,77 @@
+//! The simulator's promises, checked the way CI runs them: many seeds of the default
+//! scenario with faults on, and one seed replayed to the same trace.
+
+use std::path::PathBuf;
+
+use tenure_sim::runner::{run_seeds, Summary};
+use tenure_sim::scenario::Scenario;
+use tenure_sim::world::run;
+
+/// Seeds CI runs of the default scenario.
+const CI_SEEDS: u64 = 200;
+
+fn default_scenario() -> Scenario {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/default.toml");
+    Scenario::load(&path).expect("the default scenario is valid")
+}
+
+#[test]
+fn two_hundred_faulty_seeds_misattribute_nothing_and_lose_nothing() {
+    let scenario = default_scenario();
+    assert!(
+        scenario.faults.enabled,
+        "the default scenario has faults on"
+    );
+    let seeds: Vec<u64> = (0..CI_SEEDS).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let outcomes = run_seeds(&scenario, &seeds, threads, &|_| {});
+    let summary = Summary::of(&outcomes);
+    println!("{}", summary.result_line());
+    for (seed, v) in &summary.failures {
+        println!("seed {seed}: {v}");
+    }
+    assert_eq!(summary.seeds, CI_SEEDS);
+    assert!(
+        summary.flows > CI_SEEDS * 1_000,
+        "flows were generated: {}",
+        summary.flows
+    );
+    assert_eq!(summary.misattributed, 0, "no flow may be misattributed");
+    assert_eq!(summary.lost, 0, "no accepted flow may be lost");
+    assert!(
+        summary.legacy_share() > 0.0,
+        "the legacy baseline misattributes under IP reuse (else the fleet tests nothing)"
+    );
+}
+
+#[test]
+fn one_seed_replays_to_the_same_trace() {
+    let scenario = default_scenario();
+    let a = run(&scenario, 42);
+    let b = run(&scenario, 42);
+    assert_eq!(a.trace_hash, b.trace_hash, "same seed, same trace");
+    assert_eq!(a.stats.flows, b.stats.flows);
+    let c = run(&scenario, 43);
+    assert_ne!(a.trace_hash, c.trace_hash, "another seed, another trace");
+}
+
+#[test]
+fn bad_scenario_files_are_refused_with_the_field_named() {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/default.toml"),
+    )
+    .expect("readable");
+    let unknown = format!("{text}\n[surprise]\nx = 1\n");
+    assert!(
+        Scenario::parse(&unknown, "t").is_err(),
+        "unknown keys are refused"
+    );
+    let skew = text.replace("host_skew_ms_max = 400", "host_skew_ms_max = 900");
+    let err = Scenario::parse(&skew, "t").expect_err("skew beyond the margin is refused");
+    assert!(err.to_string().contains("host_skew_ms_max"), "{err}");
+    let share = text.replace("loss = 0.02", "loss = 2.0");
+    assert!(
+        Scenario::parse(&share, "t").is_err(),
+        "a share above 1 is refused"
+    );
+}
