@@ -138,6 +138,28 @@ pub enum SinkConfig {
         #[serde(default = "default_files_max")]
         files_max: usize,
     },
+    /// Rolling Parquet files in a directory, for data lakes. The schema is documented in
+    /// `node/src/sink/parquet.rs`. A file becomes readable when it is rolled (Parquet
+    /// writes its index last), so the default roll interval is shorter than for NDJSON.
+    Parquet {
+        /// The directory; created if missing. Default `./tenure-flows`.
+        #[serde(default = "default_sink_dir")]
+        dir: PathBuf,
+        /// A new file is started after this many ms. Default 600,000 (10 min).
+        #[serde(default = "default_parquet_roll_interval_ms")]
+        roll_interval_ms: u64,
+        /// ... or once a file reaches this many bytes (compressed, written so far).
+        /// Default 134,217,728 (128 MiB).
+        #[serde(default = "default_parquet_roll_bytes_max")]
+        roll_bytes_max: u64,
+        /// Files kept; the oldest are deleted past it. Default 1,008 (a week of 10 min).
+        #[serde(default = "default_parquet_files_max")]
+        files_max: usize,
+        /// Rows buffered in memory before they are written as one row group. Default
+        /// 65,536.
+        #[serde(default = "default_parquet_row_group_rows_max")]
+        row_group_rows_max: usize,
+    },
     /// One NDJSON line per flow on standard output.
     Stdout,
 }
@@ -153,6 +175,18 @@ fn default_roll_bytes_max() -> u64 {
 }
 fn default_files_max() -> usize {
     168
+}
+fn default_parquet_roll_interval_ms() -> u64 {
+    600_000
+}
+fn default_parquet_roll_bytes_max() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_parquet_files_max() -> usize {
+    1_008
+}
+fn default_parquet_row_group_rows_max() -> usize {
+    65_536
 }
 
 impl Default for SinkConfig {
@@ -194,6 +228,16 @@ pub struct CollectorConfig {
     /// Default `127.0.0.1:9090`.
     #[serde(default = "default_http_addr")]
     pub http_addr: SocketAddr,
+    /// HTTP addresses of other collectors by node id, for cluster-wide queries
+    /// (`/v1/dependencies` asks every member). The gossip identity carries gossip and data
+    /// addresses only; a member not listed here is asked at `peer_http_port` on the host
+    /// of its data address. Default empty.
+    #[serde(default)]
+    pub peer_http_addrs: BTreeMap<String, SocketAddr>,
+    /// The HTTP port of collectors not in `peer_http_addrs`. Default: this node's own
+    /// HTTP port (a fleet that uses one port everywhere needs no configuration).
+    #[serde(default)]
+    pub peer_http_port: Option<u16>,
     /// The gossip addresses advertised to peers when binding a wildcard address.
     /// Default: the bound addresses.
     #[serde(default)]
@@ -334,6 +378,13 @@ impl CollectorConfig {
             || self.sink_queue_flows_max == 0
         {
             return Err(invalid("limits", "flow limits must be above 0"));
+        }
+        if let SinkConfig::Parquet {
+            row_group_rows_max: 0,
+            ..
+        } = self.sink
+        {
+            return Err(invalid("sink.row_group_rows_max", "must be above 0"));
         }
         if !(1..=1_000).contains(&self.journal_fsync_interval_ms) {
             return Err(invalid("journal_fsync_interval_ms", "must be 1 to 1,000"));

@@ -188,6 +188,12 @@ pub async fn run(
             .push("127.0.0.0/8".parse()?);
     }
 
+    // HTTP ports are chosen before the collectors start, so that every collector can be
+    // told where the others serve HTTP (`peer_http_addrs`, for cluster-wide dependency
+    // queries): the gossip identity carries no HTTP address. The ports are released just
+    // before the collectors bind them again; on loopback the window is a few ms.
+    let http_addrs = reserve_http_addrs(&regions)?;
+
     // Collectors: the first of us-east is everyone's seed.
     let (tap_tx, mut tap_rx) = mpsc::channel::<EmittedFlow>(65_536);
     let mut nodes: Vec<Node> = Vec::new();
@@ -209,6 +215,7 @@ pub async fn run(
                 &key_hex,
                 &token,
                 &options.dir.join(&node_id),
+                &http_addrs,
             );
             let config: CollectorConfig =
                 crate::config::parse(&text, std::path::Path::new("demo"))?;
@@ -288,6 +295,12 @@ pub async fn run(
         }
         if ready == nodes.len() {
             println!(" ... ready");
+            if let Some(first) = nodes.first() {
+                println!(
+                    "service map: http://{}/ (any node's / shows the whole cluster)",
+                    first.bound.http_addr
+                );
+            }
             break;
         }
         if tokio::time::Instant::now() > deadline {
@@ -640,6 +653,7 @@ fn collector_toml(
     key_hex: &str,
     token: &str,
     sink_dir: &std::path::Path,
+    http_addrs: &BTreeMap<String, SocketAddr>,
 ) -> String {
     let list = |nets: &[IpNet]| {
         nets.iter()
@@ -648,8 +662,11 @@ fn collector_toml(
             .join(", ")
     };
     let mut text = format!(
-        "node_id = \"{node_id}\"\nregion = \"{region}\"\nprefixes = [{}]\ngossip_addr = \"127.0.0.1:0\"\ndata_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nseeds = [{}]\nheartbeat_interval_ms = {DEMO_HEARTBEAT_INTERVAL_MS}\nevent_feed_token = \"{token}\"\nforward_ack_timeout_ms = 2000\nshutdown_grace_ms = 3000\nregion_size_hint = 3\nfleet_size_hint = 6\ncluster_key = {{ key_hex = \"{key_hex}\" }}\nsink = {{ kind = \"files\", dir = \"{}\" }}\n",
+        "node_id = \"{node_id}\"\nregion = \"{region}\"\nprefixes = [{}]\ngossip_addr = \"127.0.0.1:0\"\ndata_addr = \"127.0.0.1:0\"\nhttp_addr = \"{}\"\nseeds = [{}]\nheartbeat_interval_ms = {DEMO_HEARTBEAT_INTERVAL_MS}\nevent_feed_token = \"{token}\"\nforward_ack_timeout_ms = 2000\nshutdown_grace_ms = 3000\nregion_size_hint = 3\nfleet_size_hint = 6\ncluster_key = {{ key_hex = \"{key_hex}\" }}\nsink = {{ kind = \"files\", dir = \"{}\" }}\n",
         list(prefixes),
+        http_addrs
+            .get(node_id)
+            .map_or_else(|| "127.0.0.1:0".to_owned(), SocketAddr::to_string),
         seed.map(|s| format!("\"{s}\"")).unwrap_or_default(),
         sink_dir.display(),
     );
@@ -662,5 +679,26 @@ fn collector_toml(
     for (r, nets) in others {
         text.push_str(&format!("\"{r}\" = [{}]\n", list(nets)));
     }
+    text.push_str("[peer_http_addrs]\n");
+    for (node, addr) in http_addrs {
+        text.push_str(&format!("\"{node}\" = \"{addr}\"\n"));
+    }
     text
+}
+
+/// Picks a free loopback HTTP port for every demo collector (named `<region>-<i>`), by
+/// binding them all at once and releasing them.
+fn reserve_http_addrs(regions: &[(String, IpNet)]) -> anyhow::Result<BTreeMap<String, SocketAddr>> {
+    let mut held = Vec::new();
+    let mut addrs = BTreeMap::new();
+    for (region, _) in regions {
+        for i in 0..DEMO_COLLECTORS_PER_REGION {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                .context("reserving a loopback port for a demo collector's HTTP")?;
+            addrs.insert(format!("{region}-{i}"), listener.local_addr()?);
+            held.push(listener);
+        }
+    }
+    drop(held);
+    Ok(addrs)
 }

@@ -1,5 +1,6 @@
 //! The tenure node: the sans-io [`core`] composing attribution and cluster, the tokio
-//! [`shell`] around it, the collector and exporter roles, sinks, HTTP and the demo.
+//! [`shell`] around it, the collector and exporter roles, sinks, HTTP, the service-map
+//! page ([`ui`]) and the demo.
 //!
 //! Architecture invariant: nothing in [`core`], [`exporter::batcher`] or [`fleet`] reads a
 //! clock, touches a socket or draws OS randomness; the shell reads the clock in one place
@@ -16,3 +17,4 @@ pub mod journal;
 pub mod shell;
 pub mod sink;
 pub mod time;
+pub mod ui;

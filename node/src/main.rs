@@ -159,8 +159,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.seeds = v;
             }
             if let Some(dir) = sink_dir {
-                if let SinkConfig::Files { dir: d, .. } = &mut config.sink {
-                    *d = dir;
+                match &mut config.sink {
+                    SinkConfig::Files { dir: d, .. } | SinkConfig::Parquet { dir: d, .. } => {
+                        *d = dir;
+                    }
+                    SinkConfig::Stdout => {}
                 }
             }
             let (bound_tx, bound_rx) =

@@ -17,7 +17,7 @@ use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::membership::{self, Pool};
 use tenure_gossip::ring::RingConfig;
 use tenure_gossip::wire::{self, AckStatus, AlignedVec, Message};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 
@@ -30,7 +30,7 @@ use crate::core::{
 };
 use crate::deps::Dependencies;
 use crate::journal::Journal;
-use crate::sink::{self, RollingFiles};
+use crate::sink;
 
 /// Frames queued for one connection; past it frames to it are dropped and counted (the
 /// sender's ack timeout re-sends them).
@@ -41,8 +41,10 @@ pub const TIMER_QUEUE_MAX: usize = 16_384;
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Datagrams received at once.
 const DATAGRAM_BUFFER_BYTES: usize = 9_000;
-/// How often the sink writer flushes, in ms.
+/// How often the sink writer flushes (and rolls Parquet files whose time is up), in ms.
 const SINK_FLUSH_INTERVAL_MS: u64 = 500;
+/// Flows handed to the sink in one write.
+const SINK_BATCH_FLOWS_MAX: usize = 1_024;
 /// Connections held at once (inbound plus outbound); past it new inbound ones are closed.
 pub const CONNECTIONS_MAX: usize = 4_096;
 
@@ -74,6 +76,8 @@ pub(crate) struct Shared {
     /// node id → (region, up), from membership notices, for metrics and /v1/cluster.
     pub(crate) roster: Mutex<BTreeMap<String, (String, bool)>>,
     pub(crate) started: UnixMillis,
+    /// Where peers serve HTTP, for cluster-wide queries.
+    pub(crate) peer_http: super::fanout::PeerHttp,
     durability: Durability,
 }
 
@@ -488,6 +492,10 @@ pub async fn run(
         event_token: config.event_feed_token.clone(),
         roster: Mutex::new(BTreeMap::new()),
         started: start,
+        peer_http: super::fanout::PeerHttp::new(
+            config.peer_http_addrs.clone(),
+            config.peer_http_port.unwrap_or(http_addr.port()),
+        ),
         durability: Durability {
             journal: Mutex::new(journal),
             emitted: AtomicU64::new(0),
@@ -760,71 +768,41 @@ async fn sink_writer(
     durable: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut written: u64 = 0;
-    let mut files = match &config {
-        SinkConfig::Files {
-            dir,
-            roll_interval_ms,
-            roll_bytes_max,
-            files_max,
-        } => Some(RollingFiles::new(
-            dir,
-            *roll_interval_ms,
-            *roll_bytes_max,
-            *files_max,
-        )?),
-        SinkConfig::Stdout => None,
-    };
+    let mut writer = sink::Writer::open(&config)?;
     let mut flush = tokio::time::interval(Duration::from_millis(SINK_FLUSH_INTERVAL_MS));
-    let mut lines = Vec::with_capacity(64 * 1024);
+    let mut batch = Vec::with_capacity(SINK_BATCH_FLOWS_MAX);
     loop {
         tokio::select! {
             received = rx.recv() => {
                 let Some(flow) = received else { break };
-                lines.clear();
-                sink::write_line(&flow, &mut lines);
-                written += 1;
+                batch.clear();
+                batch.push(flow);
                 // Take whatever else is queued, up to a bound, in one write.
-                for _ in 0..1_024 {
+                while batch.len() < SINK_BATCH_FLOWS_MAX {
                     match rx.try_recv() {
-                        Ok(f) => {
-                            sink::write_line(&f, &mut lines);
-                            written += 1;
-                        }
+                        Ok(f) => batch.push(f),
                         Err(_) => break,
                     }
                 }
-                match files.as_mut() {
-                    Some(f) => f.write(&lines, clock::now().0)?,
-                    None => {
-                        let mut stdout = tokio::io::stdout();
-                        stdout.write_all(&lines).await?;
-                        stdout.flush().await?;
-                    }
-                }
+                writer.write(&batch, clock::now().0)?;
+                written += batch.len() as u64;
             }
             _ = flush.tick() => {
-                if let Some(f) = files.as_mut() {
-                    f.flush()?;
-                }
+                writer.tick(clock::now().0)?;
                 // Written to the kernel: survives `kill -9` of this process.
                 durable.store(written, Ordering::SeqCst);
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.
-                lines.clear();
+                batch.clear();
                 while let Ok(f) = rx.try_recv() {
-                    sink::write_line(&f, &mut lines);
+                    batch.push(f);
                 }
-                match files.as_mut() {
-                    Some(f) => f.write(&lines, clock::now().0)?,
-                    None => tokio::io::stdout().write_all(&lines).await?,
-                }
+                writer.write(&batch, clock::now().0)?;
                 break;
             }
         }
     }
-    if let Some(f) = files.as_mut() {
-        f.flush()?;
-    }
+    writer.close()?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,8 +16,8 @@ use serde_json::{json, Value};
 use tenure_attribution::{Lookup, SegmentOwner, Source, UnixMillis};
 use tenure_gossip::wire::{IpEvent, IpEventKind};
 
-use super::clock;
 use super::collector::{lock, Shared};
+use super::{clock, fanout};
 use crate::time::parse_time_ms;
 
 /// The largest event-feed body accepted, in bytes.
@@ -34,6 +35,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/ips/{ip}/owner", get(owner))
         .route("/v1/dependencies", get(dependencies))
         .route("/v1/ip-events", post(ip_events))
+        .merge(crate::ui::router())
         .layer(axum::extract::DefaultBodyLimit::max(EVENT_BODY_BYTES_MAX))
         .with_state(shared)
 }
@@ -212,16 +214,33 @@ fn source_str(source: Source) -> &'static str {
     source.as_str()
 }
 
+/// Dependency window when `since` is not given: the last hour, in ms.
+pub const DEPENDENCIES_DEFAULT_WINDOW_MS: u64 = 3_600_000;
+
 #[derive(Deserialize)]
-struct RangeQuery {
+#[serde(deny_unknown_fields)]
+struct DependencyQuery {
     since: Option<String>,
     until: Option<String>,
+    /// Only edges that touch this workload.
+    workload: Option<String>,
+    /// `cluster` (default): every live member's table, merged; `local`: this node's only
+    /// (what the fan-out asks for, so that it never recurses).
+    scope: Option<String>,
 }
 
-async fn dependencies(State(shared): State<Arc<Shared>>, Query(q): Query<RangeQuery>) -> Response {
+/// `GET /v1/dependencies?since=&until=&workload=&scope=`.
+async fn dependencies(
+    State(shared): State<Arc<Shared>>,
+    q: Result<Query<DependencyQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad_request(format!("{e}; parameters: since, until, workload, scope")),
+    };
     let now = clock::now().0;
     let since = match q.since.as_deref().map(parse_time_ms).transpose() {
-        Ok(t) => t.unwrap_or(now.saturating_sub(3_600_000)),
+        Ok(t) => t.unwrap_or(now.saturating_sub(DEPENDENCIES_DEFAULT_WINDOW_MS)),
         Err(e) => return bad_request(format!("since: {e}")),
     };
     let until = match q.until.as_deref().map(parse_time_ms).transpose() {
@@ -231,20 +250,24 @@ async fn dependencies(State(shared): State<Arc<Shared>>, Query(q): Query<RangeQu
     if until < since {
         return bad_request("until is before since");
     }
-    let deps = lock(&shared.deps);
-    let edges: Vec<Value> = deps
-        .edges(since, until)
-        .into_iter()
-        .map(|(from, to, t)| json!({ "from": &*from, "to": &*to, "flows": t.flows, "bytes": t.bytes }))
-        .collect();
-    Json(json!({
-        "node_id": shared.bound.node_id,
-        "since_ms": since,
-        "until_ms": until,
-        "edges": edges,
-        "edges_dropped": deps.edges_dropped(),
-    }))
-    .into_response()
+    if let Some(w) = &q.workload {
+        if w.is_empty() || w.len() > fanout::WORKLOAD_FILTER_BYTES_MAX {
+            return bad_request(format!(
+                "workload must be 1 to {} bytes",
+                fanout::WORKLOAD_FILTER_BYTES_MAX
+            ));
+        }
+    }
+    let window = fanout::Window {
+        since_ms: since,
+        until_ms: until,
+        workload: q.workload,
+    };
+    match q.scope.as_deref() {
+        None | Some("cluster") => Json(fanout::cluster(&shared, &window).await).into_response(),
+        Some("local") => Json(fanout::local(&shared, &window)).into_response(),
+        Some(other) => bad_request(format!("scope must be cluster or local, got {other:?}")),
+    }
 }
 
 /// One line of the event feed.

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod collector;
+pub mod fanout;
 pub mod http;
 pub mod metrics;
 pub mod transport;

@@ -1,5 +1,8 @@
-//! Sinks: where attributed flows are written. Rolling NDJSON files (the default) or stdout,
-//! one JSON object per line.
+//! Sinks: where attributed flows are written. Rolling NDJSON files (the default), rolling
+//! Parquet files ([`parquet`]) for data lakes, or stdout, one JSON object per line.
+//! [`Writer`] is the one entry point the collector's sink task uses.
+
+pub mod parquet;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -7,7 +10,104 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::config::SinkConfig;
 use crate::core::EmittedFlow;
+
+pub use self::parquet::ParquetFiles;
+
+/// The configured sink, opened.
+#[derive(Debug)]
+pub enum Writer {
+    Files {
+        files: RollingFiles,
+        /// Reused between writes so that a batch is formatted without allocating.
+        lines: Vec<u8>,
+    },
+    /// Boxed: the Arrow writer's state is large and this enum lives on a task's stack.
+    Parquet(Box<ParquetFiles>),
+    Stdout,
+}
+
+impl Writer {
+    /// Opens the sink `config` describes (creates its directory).
+    pub fn open(config: &SinkConfig) -> Result<Writer, SinkError> {
+        Ok(match config {
+            SinkConfig::Files {
+                dir,
+                roll_interval_ms,
+                roll_bytes_max,
+                files_max,
+            } => Writer::Files {
+                files: RollingFiles::new(dir, *roll_interval_ms, *roll_bytes_max, *files_max)?,
+                lines: Vec::with_capacity(64 * 1024),
+            },
+            SinkConfig::Parquet {
+                dir,
+                roll_interval_ms,
+                roll_bytes_max,
+                files_max,
+                row_group_rows_max,
+            } => Writer::Parquet(Box::new(ParquetFiles::new(
+                dir,
+                *roll_interval_ms,
+                *roll_bytes_max,
+                *files_max,
+                *row_group_rows_max,
+            )?)),
+            SinkConfig::Stdout => Writer::Stdout,
+        })
+    }
+
+    /// Writes `flows`; `now_ms` decides rolling.
+    pub fn write(&mut self, flows: &[EmittedFlow], now_ms: u64) -> Result<(), SinkError> {
+        if flows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Writer::Files { files, lines } => {
+                lines.clear();
+                for flow in flows {
+                    write_line(flow, lines);
+                }
+                files.write(lines, now_ms)
+            }
+            Writer::Parquet(files) => files.write(flows, now_ms),
+            Writer::Stdout => {
+                let mut lines = Vec::with_capacity(flows.len() * 512);
+                for flow in flows {
+                    write_line(flow, &mut lines);
+                }
+                let mut out = io::stdout().lock();
+                out.write_all(&lines)
+                    .and_then(|()| out.flush())
+                    .map_err(|source| SinkError::File {
+                        path: PathBuf::from("<stdout>"),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Called periodically: flushes buffers, and rolls a Parquet file whose time is up
+    /// (a Parquet file is readable only once closed, so it must not wait for the next
+    /// flow to roll).
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), SinkError> {
+        match self {
+            Writer::Files { files, .. } => files.flush(),
+            Writer::Parquet(files) => files.tick(now_ms),
+            Writer::Stdout => Ok(()),
+        }
+    }
+
+    /// Flushes and closes the current file (at shutdown).
+    pub fn close(&mut self) -> Result<(), SinkError> {
+        match self {
+            Writer::Files { files, .. } => files.flush(),
+            Writer::Parquet(files) => files.close(),
+            Writer::Stdout => Ok(()),
+        }
+    }
+}
 
 /// One side of a flow, as written.
 #[derive(Serialize, Debug)]
@@ -99,6 +199,14 @@ pub enum SinkError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    /// Encoding or writing a Parquet file failed; the current file is abandoned (left as
+    /// `*.parquet.partial`).
+    #[error("parquet sink file {path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: ::parquet::errors::ParquetError,
     },
 }
 
