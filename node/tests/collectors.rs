@@ -540,3 +540,43 @@ fn demo_reports_no_misattribution() -> anyhow::Result<()> {
     assert!(output.status.success(), "{stdout}");
     Ok(())
 }
+
+/// A member whose HTTP address is unknown (no `peer_http_addrs`, different ports) makes
+/// the cluster-wide dependency answer `partial`, naming the member, instead of a silently
+/// smaller graph; and an address that reaches the wrong node is not merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependencies_say_partial_when_a_member_cannot_be_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let other = ("eu-west", "10.2.0.0/16");
+    let a = start(dir.path(), "part-a", "us-east", "10.1.0.0/16", other, None)?;
+    let b = start(
+        dir.path(),
+        "part-b",
+        "us-east",
+        "10.1.0.0/16",
+        other,
+        Some(a.gossip),
+    )?;
+    wait_ready(&[&a, &b], &[2, 2]).await?;
+    // a asks b at a's own HTTP port (the default guess), where a itself answers.
+    let (status, answer) = get(a.http, "/v1/dependencies").await?;
+    anyhow::ensure!(status == 200, "{status} {answer}");
+    anyhow::ensure!(answer["partial"] == true, "{answer}");
+    anyhow::ensure!(
+        answer["nodes_answered"] == serde_json::json!(["part-a"]),
+        "{answer}"
+    );
+    let missing = &answer["nodes_missing"];
+    anyhow::ensure!(missing[0]["node_id"] == "part-b", "{answer}");
+    anyhow::ensure!(
+        missing[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("answered as node")),
+        "{answer}"
+    );
+    // The local scope never fans out.
+    let (status, local) = get(b.http, "/v1/dependencies?scope=local").await?;
+    anyhow::ensure!(status == 200 && local["scope"] == "local", "{local}");
+    anyhow::ensure!(local.get("partial").is_none(), "{local}");
+    Ok(())
+}

@@ -8,8 +8,9 @@
 (function () {
   const SVG_NS = 'http://www.w3.org/2000/svg';
   // Rows per column before a layer wraps into another column, so that a layer of a
-  // thousand backends makes a block, not a strip thousands of pixels tall.
-  const ROWS_PER_COLUMN_MAX = 40;
+  // thousand backends makes a block, not a strip thousands of pixels tall. The block is
+  // kept roughly square: rows grow with the square root of the largest layer.
+  const ROWS_PER_COLUMN_MIN = 30;
   const ROW_PX = 22;
   const COLUMN_PX = 230;
   const LAYER_GAP_PX = 140;
@@ -195,21 +196,23 @@
         l.forEach((n, k) => { n.order = k; });
       }
     }
-    // Positions: a layer of more than ROWS_PER_COLUMN_MAX nodes wraps into columns;
-    // every layer is centred vertically on the tallest one.
-    const heights = layers.map((l) => Math.min((l || []).length, ROWS_PER_COLUMN_MAX));
+    // Positions: a layer of more than `rowsMax` nodes wraps into columns; every layer is
+    // centred vertically on the tallest one.
+    const largest = Math.max(1, ...layers.map((l) => (l || []).length));
+    const rowsMax = Math.max(ROWS_PER_COLUMN_MIN, Math.ceil(Math.sqrt((largest * COLUMN_PX) / ROW_PX)));
+    const heights = layers.map((l) => Math.min((l || []).length, rowsMax));
     const tallest = Math.max(1, ...heights);
     let x = MARGIN_PX;
     let width = 0;
     layers.forEach((l = [], i) => {
-      const columns = Math.max(1, Math.ceil(l.length / ROWS_PER_COLUMN_MAX));
+      const columns = Math.max(1, Math.ceil(l.length / rowsMax));
       const top = MARGIN_PX + ((tallest - heights[i]) * ROW_PX) / 2;
       l.forEach((n, k) => {
-        n.x = x + Math.floor(k / ROWS_PER_COLUMN_MAX) * COLUMN_PX;
-        n.y = top + (k % ROWS_PER_COLUMN_MAX) * ROW_PX;
+        n.x = x + Math.floor(k / rowsMax) * COLUMN_PX;
+        n.y = top + (k % rowsMax) * ROW_PX;
       });
-      width = x + (columns - 1) * COLUMN_PX + COLUMN_PX;
-      x += columns * COLUMN_PX + LAYER_GAP_PX - COLUMN_PX + 100;
+      width = x + columns * COLUMN_PX;
+      x += columns * COLUMN_PX + LAYER_GAP_PX;
     });
     graph.width = Math.max(width + MARGIN_PX, 400);
     graph.height = Math.max(MARGIN_PX * 2 + tallest * ROW_PX, 300);
