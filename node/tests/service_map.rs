@@ -52,7 +52,8 @@ fn screenshot_dir() -> PathBuf {
 /// The Chromium binary, if installed.
 fn chromium_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("TENURE_CHROMIUM") {
-        return Some(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        return path.exists().then_some(path);
     }
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .iter()
