@@ -73,6 +73,13 @@ pub const LAN_ANNOUNCE_INTERVAL_MS: u64 = 10_000;
 /// cross-region forwarding back within about a minute.
 pub const WAN_ANNOUNCE_TO_DOWN_INTERVAL_MS: u64 = 30_000;
 
+/// How often the LAN pool announces itself to members it holds as down, in milliseconds.
+/// After a partition both sides hold the other as down, and only these announcements bring
+/// them back (the side told it is down renews its incarnation and rejoins). foca's LAN
+/// default is 65 s; a region's ring is incomplete until then, so it is shorter here, at the
+/// cost of a few datagrams to long-dead members.
+pub const LAN_ANNOUNCE_TO_DOWN_INTERVAL_MS: u64 = 15_000;
+
 /// The datagram tags. One byte ahead of every datagram says who reads it.
 mod tag {
     /// A foca packet of the LAN pool.
@@ -206,7 +213,8 @@ impl MembershipConfig {
     /// LAN: foca's `new_lan` (memberlist's LAN defaults: 1 s probes, 500 ms probe RTT,
     /// suspicion of 4 s for up to 10 nodes, growing with log10 of the size), with packets
     /// capped at [`FOCA_PACKET_MAX_BYTES`] to leave room for the seal and the tag, and
-    /// peers asked for more peers every [`LAN_ANNOUNCE_INTERVAL_MS`].
+    /// peers asked for more peers every [`LAN_ANNOUNCE_INTERVAL_MS`] and members held as
+    /// down announced to every [`LAN_ANNOUNCE_TO_DOWN_INTERVAL_MS`].
     ///
     /// WAN: foca's `new_wan` (5 s probes, 3 s probe RTT, suspicion 30 s for up to 10 nodes),
     /// the same packet cap, and announces to down members every
@@ -228,6 +236,9 @@ impl MembershipConfig {
         lan.max_packet_size = packet;
         if let Some(announce) = lan.periodic_announce.as_mut() {
             announce.frequency = Duration::from_millis(LAN_ANNOUNCE_INTERVAL_MS);
+        }
+        if let Some(announce) = lan.periodic_announce_to_down_members.as_mut() {
+            announce.frequency = Duration::from_millis(LAN_ANNOUNCE_TO_DOWN_INTERVAL_MS);
         }
 
         let mut wan = Config::new_wan(fleet_size);

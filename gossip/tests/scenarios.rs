@@ -62,6 +62,13 @@ enum Op {
     },
     /// Cut every link between `region` and the other regions (both ways).
     Partition { region: &'static str },
+    /// Cut every link to and from one node, in both directions.
+    Isolate { node: &'static str },
+    /// Drop everything `from` sends to `to` (the other direction still works).
+    CutOneWay {
+        from: &'static str,
+        to: &'static str,
+    },
     /// Restore every link.
     Heal,
     /// Every live node routes sample IPs of every region to the same owner.
@@ -101,6 +108,8 @@ impl fmt::Display for Op {
                 )
             }
             Op::Partition { region } => write!(f, "partition region {region} from the others"),
+            Op::Isolate { node } => write!(f, "isolate {node} from every other node"),
+            Op::CutOneWay { from, to } => write!(f, "drop what {from} sends to {to}"),
             Op::Heal => write!(f, "heal every partition"),
             Op::SameOwnersEverywhere => write!(f, "every node computes the same owners"),
             Op::SpansMovedOff { node } => write!(f, "the spans of {node} moved to the survivors"),
@@ -148,6 +157,8 @@ struct Sim {
     by_addr: BTreeMap<SocketAddr, String>,
     /// Regions cut off from the others.
     partitioned: BTreeSet<String>,
+    isolated: BTreeSet<String>,
+    cut_one_way: BTreeSet<(String, String)>,
     /// Datagrams refused by a receiver (decode, seal or protocol errors).
     refused: u64,
     ring_config: RingConfig,
@@ -207,6 +218,8 @@ impl Sim {
             nodes: BTreeMap::new(),
             by_addr: BTreeMap::new(),
             partitioned: BTreeSet::new(),
+            isolated: BTreeSet::new(),
+            cut_one_way: BTreeSet::new(),
             refused: 0,
             ring_config: RingConfig::default(),
         }
@@ -357,6 +370,15 @@ impl Sim {
     }
 
     fn link_cut(&self, from: SocketAddr, to: SocketAddr) -> bool {
+        let (from_name, to_name) = (self.by_addr.get(&from), self.by_addr.get(&to));
+        if let (Some(a), Some(b)) = (from_name, to_name) {
+            if a != b && (self.isolated.contains(a) || self.isolated.contains(b)) {
+                return true;
+            }
+            if self.cut_one_way.contains(&(a.clone(), b.clone())) {
+                return true;
+            }
+        }
         match (self.region_of(from), self.region_of(to)) {
             (Some(a), Some(b)) => {
                 a != b && (self.partitioned.contains(a) || self.partitioned.contains(b))
@@ -664,8 +686,19 @@ impl Sim {
                 self.partitioned.insert((*region).to_owned());
                 Ok(())
             }
+            Op::Isolate { node } => {
+                self.isolated.insert((*node).to_owned());
+                Ok(())
+            }
+            Op::CutOneWay { from, to } => {
+                self.cut_one_way
+                    .insert(((*from).to_owned(), (*to).to_owned()));
+                Ok(())
+            }
             Op::Heal => {
                 self.partitioned.clear();
+                self.isolated.clear();
+                self.cut_one_way.clear();
                 Ok(())
             }
             Op::SameOwnersEverywhere => self.same_owners(),
@@ -832,6 +865,46 @@ fn partitioned_region_heals() {
             Op::Wait { secs: 150 },
             Op::Heal,
             Op::Converged { within_secs: 240 },
+            Op::SameOwnersEverywhere,
+        ],
+    );
+}
+
+/// A node cut off from everyone long enough to be declared down on both sides of the cut
+/// (and to declare everyone else down) is back in every view, LAN and WAN, after healing.
+#[test]
+fn isolated_node_rejoins_after_healing() {
+    for seed in [41, 42, 43] {
+        run_scenario(
+            seed,
+            &[
+                Op::StartFleet,
+                Op::Converged { within_secs: 60 },
+                Op::Isolate { node: "r1n1" },
+                Op::Wait { secs: 120 },
+                Op::Heal,
+                Op::Converged { within_secs: 60 },
+                Op::SameOwnersEverywhere,
+            ],
+        );
+    }
+}
+
+/// A link that fails in one direction only, then heals.
+#[test]
+fn one_way_cut_heals() {
+    run_scenario(
+        51,
+        &[
+            Op::StartFleet,
+            Op::Converged { within_secs: 60 },
+            Op::CutOneWay {
+                from: "r1n0",
+                to: "r1n1",
+            },
+            Op::Wait { secs: 120 },
+            Op::Heal,
+            Op::Converged { within_secs: 60 },
             Op::SameOwnersEverywhere,
         ],
     );
