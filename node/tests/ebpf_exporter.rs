@@ -104,10 +104,16 @@ fn one_connection() -> anyhow::Result<(u16, u16)> {
     let mut rest = Vec::new();
     client.read_to_end(&mut rest)?;
     drop(client);
-    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     Ok((client_port, server_port))
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the identity map states since when, by the wall clock, as an orchestrator does"
+)]
 fn write_configs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let sink = dir.join("sink");
     let collector = dir.join("collector.toml");
@@ -124,12 +130,14 @@ heartbeat_interval_ms = 500
 shutdown_grace_ms = 1000
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
 sink = {{ kind = "files", dir = "{}" }}
+data_dir = "{}"
 
 [engine]
 skew_margin_ms = 200
 pending_deadline_ms = 5000
 "#,
-            sink.display()
+            sink.display(),
+            dir.join("data").display()
         ),
     )?;
     // The loopback address belongs to one workload since a minute ago, as an
@@ -148,7 +156,7 @@ pending_deadline_ms = 5000
 #[test]
 #[allow(
     clippy::disallowed_methods,
-    reason = "a process test waits against the wall clock and writes the identity map's since"
+    reason = "a process test waits against the wall clock"
 )]
 fn ebpf_exporter_batches_reach_a_real_collector() -> anyhow::Result<()> {
     if let Err(why) = tenure_node_ebpf::check_privileges() {
