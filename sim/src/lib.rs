@@ -8,11 +8,12 @@
 //! socket. One `u64` seed determines the whole run; the trace hash proves it.
 //!
 //! Modules: [`scenario`] (the TOML file), [`fleet`] (fleet and oracle), [`net`] (links
-//! and partitions), [`fault`] (swarm-drawn faults), [`world`] (the event loop), [`check`]
+//! and partitions), [`disk`] (the collectors' journals), [`fault`] (swarm-drawn faults), [`world`] (the event loop), [`check`]
 //! (truth and invariants), [`runner`] (many seeds, regressions), [`report`] (Markdown and
 //! plots).
 
 pub mod check;
+pub mod disk;
 pub mod fault;
 pub mod fleet;
 pub mod net;

@@ -65,6 +65,9 @@ pub struct Scenario {
     pub workloads: Vec<WorkloadConfig>,
     /// Who calls whom.
     pub calls: Vec<CallConfig>,
+    /// The collectors' disks, where their journals live.
+    #[serde(default)]
+    pub disk: DiskConfig,
     /// Faults drawn per seed.
     #[serde(default)]
     pub faults: FaultConfig,
@@ -340,8 +343,9 @@ pub struct FaultConfig {
     pub episodes: u32,
     pub duration_s_min: u64,
     pub duration_s_max: u64,
-    /// Collector crash and restart. Off by default: the core has no journal yet, so a
-    /// crash loses accepted flows by design (see sim/README.md).
+    /// Collector crash and restart: the collector's memory is dropped, its disk keeps
+    /// what was fsynced (and a random prefix of the rest), and it boots again at the end
+    /// of the episode with a renewed incarnation and replays its journal. Default off.
     pub crash: bool,
     /// Datagram loss and frame loss during a loss episode (0 to 1).
     pub loss: f64,
@@ -363,6 +367,30 @@ impl Default for FaultConfig {
         }
     }
 }
+
+/// The disk under each collector's journal. Acknowledgements of accepted flows wait for
+/// an fsync, so its delay is on the path of every exporter's ack.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Delay from a journal write to the fsync that makes it (and every write before it
+    /// completes) durable, uniform in this range, in ms. Default 1 to 5.
+    pub fsync_ms_min: u64,
+    pub fsync_ms_max: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            fsync_ms_min: 1,
+            fsync_ms_max: 5,
+        }
+    }
+}
+
+/// The longest fsync delay a scenario may ask for, in ms: beyond it, acks would time out
+/// at any plausible `heartbeat.ack_timeout_ms` and the run would test nothing.
+pub const FSYNC_MS_MAX: u64 = 1_000;
 
 /// Bounds of the checks.
 #[derive(Clone, Debug, Deserialize)]
@@ -602,6 +630,14 @@ impl Scenario {
                     "empty, but external and non-workload shares leave flows for workloads",
                 ));
             }
+        }
+        let d = &self.disk;
+        ordered("disk.fsync_ms_*", d.fsync_ms_min, d.fsync_ms_max)?;
+        if d.fsync_ms_max > FSYNC_MS_MAX {
+            return Err(invalid(
+                "disk.fsync_ms_max",
+                format!("at most {FSYNC_MS_MAX}"),
+            ));
         }
         let f = &self.faults;
         share("faults.kind_probability", f.kind_probability)?;

@@ -32,6 +32,7 @@ use tenure_node::core::{
 use tenure_node::exporter::batcher::{Batcher, LocalClaim, LocalFlow};
 
 use crate::check::{Class, Edges, FlowTruth, Minute, Owner, Truths, Violation};
+use crate::disk::Disk;
 use crate::fault::{self, Fault, Planned};
 use crate::fleet::{external_ip, Fleet, FleetChange, NEVER_MS};
 use crate::net::{Endpoint, LinkState, Network};
@@ -80,10 +81,19 @@ enum Ev {
         from: SocketAddr,
         bytes: Vec<u8>,
     },
+    /// A frame on a connection. A collector's connections die with it: a frame to a
+    /// collector is dropped when `generation` (the receiver's at sending) is no longer
+    /// current.
     Frame {
         from: Endpoint,
         to: Endpoint,
+        generation: u32,
         bytes: Vec<u8>,
+    },
+    /// A collector's fsync completes.
+    Fsync {
+        node: u16,
+        generation: u32,
     },
     Heartbeat {
         host: u32,
@@ -143,6 +153,8 @@ struct Collector {
     data_addr: SocketAddr,
     core: Option<NodeCore>,
     generation: u32,
+    /// The journal's disk: survives crashes.
+    disk: Disk,
     data_sealer: Sealer,
     gossip_sealer: Sealer,
     opener: Opener,
@@ -195,6 +207,11 @@ pub struct RunStats {
     pub defunct: u64,
     pub faults: Vec<String>,
     pub simulated_ms: u64,
+    /// Collector restarts after a crash, and the flows they replayed from their journals.
+    pub restarts: u64,
+    pub recovered: u64,
+    /// Journal writes a crash lost before their fsync (never acknowledged).
+    pub unsynced_lost: u64,
 }
 
 impl RunStats {
@@ -321,6 +338,7 @@ impl<'s> World<'s> {
                     data_addr: collector_addr(r, k + 1, 7947),
                     core: None,
                     generation: 0,
+                    disk: Disk::default(),
                     data_sealer: Sealer::new(Channel::Data, u64::from(index) + 1, 0),
                     gossip_sealer: Sealer::new(Channel::Gossip, u64::from(index) + 1, 0),
                     opener: Opener::new(OpenerConfig::default()),
@@ -603,6 +621,18 @@ impl<'s> World<'s> {
         };
         let mut out = std::mem::take(&mut self.out);
         core.start(now, &mut out);
+        // A restarted collector replays what its journal kept, as the shell does after
+        // `Journal::open`.
+        let entries = self.collectors[i as usize].disk.replay();
+        if !entries.is_empty() {
+            self.stats.restarts += u64::from(generation > 1);
+            let flows: usize = entries.iter().map(|(_, f)| f.len()).sum();
+            self.stats.recovered += flows as u64;
+            self.trace(18, u64::from(i), flows as u64);
+            core.recover(entries, now, &mut out);
+        } else if generation > 1 {
+            self.stats.restarts += 1;
+        }
         self.collectors[i as usize].core = Some(core);
         self.dispatch(i, &mut out);
         self.out = out;
@@ -651,11 +681,34 @@ impl<'s> World<'s> {
                 self.trace(3, u64::from(to), bytes.len() as u64);
                 self.on_datagram(to, from, bytes);
             }
-            Ev::Frame { from, to, bytes } => {
+            Ev::Frame {
+                from,
+                to,
+                generation,
+                bytes,
+            } => {
                 self.trace(4, endpoint_code(to), bytes.len() as u64);
                 match to {
-                    Endpoint::Collector(i) => self.on_collector_frame(i, from, bytes),
+                    Endpoint::Collector(i) => {
+                        self.on_collector_frame(i, from, generation, bytes);
+                    }
                     Endpoint::Exporter(h) => self.on_exporter_frame(h, bytes),
+                }
+            }
+            Ev::Fsync { node, generation } => {
+                self.trace(19, u64::from(node), 0);
+                let c = &mut self.collectors[node as usize];
+                if c.generation != generation || c.core.is_none() {
+                    return; // the crash decided what reached the disk
+                }
+                if c.paused {
+                    // The fsync completes in the kernel, but the process learns it only
+                    // when it runs again.
+                    c.backlog.push(Ev::Fsync { node, generation });
+                    return;
+                }
+                if let Some(upto) = c.disk.fsync() {
+                    self.with_core(node, |core, now, out| core.journal_synced(upto, now, out));
                 }
             }
             Ev::Heartbeat { host } => {
@@ -764,6 +817,22 @@ impl<'s> World<'s> {
                     );
                 }
                 Output::Emit(flow) => self.on_emit(&flow),
+                Output::Journal(op) => {
+                    // The emits before a release are already with the checker: the sim's
+                    // sink is durable at once, as the journal's contract requires.
+                    if self.collectors[i as usize].disk.write(op) {
+                        let d = &self.scenario.disk;
+                        let delay = self.rng.random_range(d.fsync_ms_min..=d.fsync_ms_max);
+                        let generation = self.collectors[i as usize].generation;
+                        self.push(
+                            self.now + delay,
+                            Ev::Fsync {
+                                node: i,
+                                generation,
+                            },
+                        );
+                    }
+                }
                 Output::Notice(notice) => match notice {
                     Notice::Conflict(_) => self.stats.conflicts += 1,
                     Notice::Defunct => self.stats.defunct += 1,
@@ -855,7 +924,19 @@ impl<'s> World<'s> {
         let last = self.link_last.entry((from, to)).or_insert(0);
         let at = (self.now + delay).max(*last);
         *last = at;
-        self.push(at, Ev::Frame { from, to, bytes });
+        let generation = match to {
+            Endpoint::Collector(j) => self.collectors[j as usize].generation,
+            Endpoint::Exporter(_) => 0,
+        };
+        self.push(
+            at,
+            Ev::Frame {
+                from,
+                to,
+                generation,
+                bytes,
+            },
+        );
     }
 
     fn send_datagram(&mut self, from: u16, to: SocketAddr, plaintext: &[u8]) {
@@ -963,15 +1044,16 @@ impl<'s> World<'s> {
         wire::to_owned(archived).ok()
     }
 
-    fn on_collector_frame(&mut self, i: u16, from: Endpoint, bytes: Vec<u8>) {
+    fn on_collector_frame(&mut self, i: u16, from: Endpoint, generation: u32, bytes: Vec<u8>) {
         let c = &mut self.collectors[i as usize];
-        if c.core.is_none() {
-            return;
+        if c.core.is_none() || c.generation != generation {
+            return; // the connection died with the process it reached
         }
         if c.paused {
             c.backlog.push(Ev::Frame {
                 from,
                 to: Endpoint::Collector(i),
+                generation,
                 bytes,
             });
             return;
@@ -1434,10 +1516,15 @@ impl<'s> World<'s> {
             }
             Fault::Pause { node } => self.collectors[node as usize].paused = true,
             Fault::Crash { node } => {
+                let unsynced = self.collectors[node as usize].disk.unsynced_len();
+                let kept = self.rng.random_range(0..=unsynced);
                 let c = &mut self.collectors[node as usize];
                 c.core = None;
                 c.backlog.clear();
                 c.paused = false;
+                let loss = c.disk.crash(kept);
+                self.stats.unsynced_lost += loss.lost as u64;
+                self.trace(21, u64::from(node), loss.kept as u64);
             }
             Fault::ClockJump {
                 collector,
