@@ -114,7 +114,16 @@ fn run() -> anyhow::Result<bool> {
             "membership not converged within the bound after healing on {} of {} seeds",
             summary.not_converged, summary.seeds
         );
+        for o in &outcomes {
+            if let Some(v) = &o.convergence {
+                println!("NOT CONVERGED seed={}: {v}", o.seed);
+            }
+        }
     }
+    println!(
+        "journal: restarts={} recovered_flows={} duplicates={} unsynced_writes_lost={}",
+        summary.restarts, summary.recovered, summary.duplicates, summary.unsynced_lost
+    );
     for (seed, violation) in &summary.failures {
         println!("FAILED seed={seed}: {violation}");
         println!(
@@ -145,7 +154,7 @@ fn run() -> anyhow::Result<bool> {
 fn print_one(o: &RunOutcome, wall_s: f64) {
     let s = &o.stats;
     println!(
-        "seed={} faults=[{}] flows={} accepted={} emitted={} duplicates={} undelivered={} attributed={} unattributed={} conflicts={} frames={} datagrams={} refused={} defunct={} wall={wall_s:.2}s",
+        "seed={} faults=[{}] flows={} accepted={} emitted={} duplicates={} undelivered={} attributed={} unattributed={} conflicts={} frames={} datagrams={} refused={} defunct={} restarts={} recovered={} wall={wall_s:.2}s",
         o.seed,
         s.faults.join(","),
         s.flows,
@@ -159,7 +168,9 @@ fn print_one(o: &RunOutcome, wall_s: f64) {
         s.frames,
         s.datagrams,
         s.refused,
-        s.defunct
+        s.defunct,
+        s.restarts,
+        s.recovered
     );
     let reasons: Vec<String> = s
         .by_reason

@@ -69,6 +69,14 @@ pub struct Summary {
     pub trace_hash: u64,
     /// Seeds whose membership had not converged within the bound after healing.
     pub not_converged: u64,
+    /// Flows emitted more than once (same `flow_id`): at-least-once after crashes,
+    /// pauses and ack timeouts. Counted, not failures.
+    pub duplicates: u64,
+    /// Collector restarts, flows they replayed from their journals, and journal writes
+    /// crashes lost before their fsync.
+    pub restarts: u64,
+    pub recovered: u64,
+    pub unsynced_lost: u64,
     pub failures: Vec<(u64, Violation)>,
 }
 
@@ -84,6 +92,10 @@ impl Summary {
             s.bounded_unattributed += o.stats.bounded_unattributed;
             s.unattributed += o.stats.unattributed;
             s.emitted += o.stats.emitted;
+            s.duplicates += o.stats.duplicates;
+            s.restarts += o.stats.restarts;
+            s.recovered += o.stats.recovered;
+            s.unsynced_lost += o.stats.unsynced_lost;
             if s.legacy.is_empty() {
                 s.legacy = o.stats.legacy.iter().map(|l| (l.0, 0, 0)).collect();
                 s.dependencies = vec![(0, 0); o.stats.dependencies.len()];

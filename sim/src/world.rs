@@ -774,7 +774,10 @@ impl<'s> World<'s> {
                 self.trace(16, 0, 0);
                 self.check_convergence();
             }
-            Ev::End => self.trace(17, 0, 0),
+            Ev::End => {
+                self.trace(17, 0, 0);
+                self.recheck_convergence();
+            }
         }
     }
 
@@ -1584,57 +1587,106 @@ impl<'s> World<'s> {
     // ----- checks -----
 
     fn check_convergence(&mut self) {
-        let bound = convergence_bound_ms(self.scenario.heartbeat.interval_ms);
+        let gaps = self.convergence_gaps();
+        if let Some((node, _)) = gaps.first() {
+            // Recorded, not stopping: the run goes on so that the other invariants (no
+            // misattribution, no loss) are still checked on this seed, and the view is
+            // looked at again at the end to tell slow convergence from none.
+            self.convergence = Some(Violation::NotConverged {
+                node: node.clone(),
+                what: describe_gaps(&gaps),
+                bound_ms: convergence_bound_ms(self.scenario.heartbeat.interval_ms),
+            });
+        }
+    }
+
+    /// At the end of the run: how a recorded convergence failure turned out.
+    fn recheck_convergence(&mut self) {
+        let later = (self.now - self.heal_at) / 1_000;
+        let gaps = self.convergence_gaps();
+        if let Some(Violation::NotConverged { what, .. }) = self.convergence.as_mut() {
+            if gaps.is_empty() {
+                what.push_str(&format!(
+                    " | converged by the end ({later} s after healing)"
+                ));
+            } else {
+                what.push_str(&format!(
+                    " | still at the end ({later} s after healing): {}",
+                    describe_gaps(&gaps)
+                ));
+            }
+        }
+    }
+
+    /// Every live collector's differences from the truth: LAN and WAN members it misses
+    /// (or holds though they are down), a ring that is not the live region, and handoff
+    /// still pending. Empty when the cluster has converged.
+    fn convergence_gaps(&self) -> Vec<(String, String)> {
         let live: Vec<u16> = (0..self.collectors.len() as u16)
             .filter(|&i| self.collectors[i as usize].core.is_some())
             .collect();
+        let mut gaps = Vec::new();
         for &i in &live {
             let c = &self.collectors[i as usize];
             let Some(core) = c.core.as_ref() else {
                 continue;
             };
-            let mut wan: Vec<&str> = core
+            let live_lan: Vec<&str> = live
+                .iter()
+                .map(|&j| &self.collectors[j as usize])
+                .filter(|o| o.region == c.region && o.node_id != c.node_id)
+                .map(|o| o.node_id.as_str())
+                .collect();
+            let live_wan: Vec<&str> = live
+                .iter()
+                .map(|&j| self.collectors[j as usize].node_id.as_str())
+                .filter(|n| *n != c.node_id)
+                .collect();
+            let lan: Vec<&str> = core
+                .membership()
+                .lan_members()
+                .map(|m| m.node_id())
+                .filter(|n| *n != c.node_id)
+                .collect();
+            let wan: Vec<&str> = core
                 .membership()
                 .wan_members()
                 .map(|m| m.node_id())
+                .filter(|n| *n != c.node_id)
                 .collect();
-            wan.push(&c.node_id);
-            wan.sort_unstable();
-            let mut want: Vec<&str> = live
+            let ring: Vec<&str> = core.ring().members().iter().map(|m| m.node_id()).collect();
+            let mut what = Vec::new();
+            for (pool, have, want) in [("LAN", &lan, &live_lan), ("WAN", &wan, &live_wan)] {
+                let missing: Vec<&str> =
+                    want.iter().filter(|n| !have.contains(n)).copied().collect();
+                let dead: Vec<&str> = have.iter().filter(|n| !want.contains(n)).copied().collect();
+                if !missing.is_empty() {
+                    what.push(format!("{pool} misses {missing:?}"));
+                }
+                if !dead.is_empty() {
+                    what.push(format!("{pool} holds down {dead:?}"));
+                }
+            }
+            let ring_missing: Vec<&str> = live_lan
                 .iter()
-                .map(|&j| self.collectors[j as usize].node_id.as_str())
-                .collect();
-            want.sort_unstable();
-            let mut ring: Vec<&str> = core.ring().members().iter().map(|m| m.node_id()).collect();
-            ring.sort_unstable();
-            let want_lan: Vec<&str> = want
-                .iter()
+                .chain(std::iter::once(&c.node_id.as_str()))
+                .filter(|n| !ring.contains(n))
                 .copied()
-                .filter(|n| self.collectors[self.by_node_id[*n] as usize].region == c.region)
                 .collect();
-            let what = if wan != want {
-                Some(format!("WAN members {wan:?}, live {want:?}"))
-            } else if ring != want_lan {
-                Some(format!("ring {ring:?}, live in region {want_lan:?}"))
-            } else if !core.is_ready() {
-                Some(format!(
+            if !ring_missing.is_empty() {
+                what.push(format!("ring misses {ring_missing:?}"));
+            }
+            if what.is_empty() && !core.is_ready() {
+                what.push(format!(
                     "handoff still has {} pending spans",
                     core.handoff().pending_spans()
-                ))
-            } else {
-                None
-            };
-            if let Some(what) = what {
-                // Recorded, not stopping: the run goes on so that the other invariants
-                // (no misattribution, no loss) are still checked on this seed.
-                self.convergence = Some(Violation::NotConverged {
-                    node: c.node_id.clone(),
-                    what,
-                    bound_ms: bound,
-                });
-                return;
+                ));
+            }
+            if !what.is_empty() {
+                gaps.push((c.node_id.clone(), what.join(", ")));
             }
         }
+        gaps
     }
 
     fn finish(mut self) -> RunOutcome {
@@ -1736,6 +1788,14 @@ enum SendError {
     Frame(#[from] tenure_gossip::frame::FrameError),
     #[error("sealing: {0}")]
     Seal(#[from] tenure_gossip::seal::SealError),
+}
+
+/// "node: what; node: what".
+fn describe_gaps(gaps: &[(String, String)]) -> String {
+    gaps.iter()
+        .map(|(node, what)| format!("{node}: {what}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn endpoint_code(e: Endpoint) -> u64 {

@@ -7,12 +7,11 @@ use tenure_sim::runner::{run_seeds, Summary};
 use tenure_sim::scenario::Scenario;
 use tenure_sim::world::run;
 
-/// Seeds of the default scenario in an optimized test build (`cargo test --release`).
+/// Seeds of the default scenario (faults on, crashes included). The workspace's test
+/// profile is optimized (`[profile.test] opt-level = 2`, debug assertions on), where a seed
+/// costs a fraction of a second; unoptimized, one costs several seconds and this test
+/// would take over ten minutes on two cores.
 const CI_SEEDS: u64 = 200;
-/// Seeds in an unoptimized build: a seed costs about 6.7 s of CPU there against 0.27 s
-/// optimized, so 200 would take over ten minutes on two cores. The root manifest would
-/// need `[profile.test.package."*"] opt-level = 3` to run all 200 in `cargo test`.
-const DEBUG_SEEDS: u64 = 24;
 
 fn default_scenario() -> Scenario {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/default.toml");
@@ -20,23 +19,25 @@ fn default_scenario() -> Scenario {
 }
 
 #[test]
-fn two_hundred_faulty_seeds_misattribute_nothing_and_lose_nothing() {
+fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_and_lose_nothing() {
     let scenario = default_scenario();
     assert!(
         scenario.faults.enabled,
         "the default scenario has faults on"
     );
-    let count = if cfg!(debug_assertions) {
-        println!("unoptimized build: {DEBUG_SEEDS} seeds (cargo test --release runs {CI_SEEDS})");
-        DEBUG_SEEDS
-    } else {
-        CI_SEEDS
-    };
-    let seeds: Vec<u64> = (0..count).collect();
+    assert!(
+        scenario.faults.crash,
+        "the default scenario crashes collectors"
+    );
+    let seeds: Vec<u64> = (0..CI_SEEDS).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let outcomes = run_seeds(&scenario, &seeds, threads, &|_| {});
     let summary = Summary::of(&outcomes);
     println!("{}", summary.result_line());
+    println!(
+        "restarts={} recovered_flows={} duplicates={}",
+        summary.restarts, summary.recovered, summary.duplicates
+    );
     for (seed, v) in &summary.failures {
         println!("seed {seed}: {v}");
     }
@@ -47,7 +48,14 @@ fn two_hundred_faulty_seeds_misattribute_nothing_and_lose_nothing() {
         summary.flows
     );
     assert_eq!(summary.misattributed, 0, "no flow may be misattributed");
-    assert_eq!(summary.lost, 0, "no accepted flow may be lost");
+    assert_eq!(
+        summary.lost, 0,
+        "no accepted flow may be lost, crashes included"
+    );
+    assert!(
+        summary.restarts > 0 && summary.recovered > 0,
+        "collectors crashed and replayed their journals (else crashes test nothing)"
+    );
     assert!(
         summary.legacy_share() > 0.0,
         "the legacy baseline misattributes under IP reuse (else the fleet tests nothing)"
