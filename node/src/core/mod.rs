@@ -58,6 +58,7 @@
 //! a drop); claims go to the R owners of their IP; a flow whose IP is on a span that
 //! handoff has not completed waits here until it is ready.
 
+mod admission;
 mod flow;
 mod journal;
 #[cfg(test)]
@@ -68,6 +69,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use admission::Admission;
+pub use admission::{AdmissionConfig, AdmissionStats, Rejection};
 use flow::DictionaryBuilder;
 pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
@@ -111,6 +114,16 @@ pub const RELAYED_BATCH_BIT: u64 = 1 << 63;
 
 /// Identifies a connection of the shell (or the simulator): where a reply goes.
 pub type ConnId = u64;
+
+/// Who sealed a data-plane message, as the transport authenticated it: the key that opened
+/// the frame says whether an exporter or a collector sent it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sender {
+    /// Opened with the exporter key: only fresh flow batches (`hops == 0`) are allowed.
+    Exporter,
+    /// Opened with the cluster key: any message.
+    Collector,
+}
 
 /// Where a frame goes.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -284,6 +297,7 @@ pub struct NodeCore {
     stats: CoreStats,
     journal: Ledger,
     scratch: tenure_attribution::Outputs<JournaledFlow>,
+    admission: Admission,
 }
 
 impl NodeCore {
@@ -337,6 +351,7 @@ impl NodeCore {
             stats: CoreStats::default(),
             journal: Ledger::default(),
             scratch: tenure_attribution::Outputs::default(),
+            admission: Admission::new(AdmissionConfig::default()),
             config,
         })
     }
@@ -379,6 +394,23 @@ impl NodeCore {
 
     pub fn stats(&self) -> &CoreStats {
         &self.stats
+    }
+
+    /// Replaces the limits on exporter input (the default is [`AdmissionConfig::default`]).
+    /// Kept apart from [`CoreConfig`] so that every driver gets the checks without having to
+    /// opt in.
+    pub fn set_admission(&mut self, config: AdmissionConfig) {
+        self.admission = Admission::new(config);
+    }
+
+    /// The limits on exporter input in force.
+    pub fn admission_config(&self) -> &AdmissionConfig {
+        self.admission.config()
+    }
+
+    /// Exporter input refused, by reason.
+    pub fn admission_stats(&self) -> &AdmissionStats {
+        self.admission.stats()
     }
 
     /// Flows held for handoff.
@@ -458,7 +490,9 @@ impl NodeCore {
 
     // ----- inputs -----
 
-    /// Handles a decoded data-plane message that arrived on connection `conn`.
+    /// Handles a decoded data-plane message that arrived on connection `conn`, sealed with
+    /// the cluster key (a driver that has one key for everything, like the simulator).
+    /// Fresh flow batches (`hops == 0`) pass the exporter checks all the same.
     pub fn handle_message(
         &mut self,
         conn: ConnId,
@@ -466,6 +500,40 @@ impl NodeCore {
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
+        self.handle_message_from(conn, Sender::Collector, message, now, out);
+    }
+
+    /// Handles a decoded data-plane message that arrived on connection `conn` from
+    /// `sender`. An exporter may send fresh flow batches only: anything else it sends is
+    /// refused (acknowledged `rejected` when it has a batch id) and counted.
+    pub fn handle_message_from(
+        &mut self,
+        conn: ConnId,
+        sender: Sender,
+        message: Message,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        if sender == Sender::Exporter {
+            let refused = match &message {
+                Message::FlowBatch(b) if b.hops == 0 => None,
+                Message::FlowBatch(b) => Some((Rejection::Relayed, Some(b.batch_id))),
+                Message::ClaimBatch(b) => Some((Rejection::PeerOnly, Some(b.batch_id))),
+                Message::IpEventBatch(b) => Some((Rejection::PeerOnly, Some(b.batch_id))),
+                Message::RangeRequest(_)
+                | Message::RangeSnapshot(_)
+                | Message::Ack(_)
+                | Message::RegionDirectory(_) => Some((Rejection::PeerOnly, None)),
+            };
+            if let Some((reason, batch_id)) = refused {
+                self.admission.count_message(reason);
+                self.stats.batches_rejected += 1;
+                if let Some(id) = batch_id {
+                    ack(out, conn, id, AckStatus::Rejected(RejectReason::Invalid));
+                }
+                return;
+            }
+        }
         match message {
             Message::FlowBatch(batch) => self.on_flow_batch(conn, batch, now, out),
             Message::ClaimBatch(batch) => self.on_claim_batch(conn, batch, now, out),
@@ -681,6 +749,26 @@ impl NodeCore {
             let retry_after_ms = self.config.busy_retry_after_ms;
             return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
         }
+        let claims = if batch.hops == 0 {
+            // Straight from an exporter: its budget first, then every claim on its own.
+            let taken = self.admission.take(
+                batch.exporter_id,
+                batch.claims.len(),
+                batch.flows.len(),
+                now,
+            );
+            if let Err(reason) = taken {
+                self.admission.count_message(reason);
+                self.admission
+                    .count_claims(reason, batch.claims.len() as u64);
+                self.stats.batches_busy += 1;
+                let retry_after_ms = self.config.busy_retry_after_ms;
+                return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
+            }
+            self.admit_claims(batch.claims, now)
+        } else {
+            batch.claims
+        };
         self.stats.batches_accepted += 1;
         let dictionary: Vec<Arc<str>> = batch
             .dictionary
@@ -693,7 +781,7 @@ impl NodeCore {
             Origin::Forwarded
         };
         // Claims first: a flow of this batch may need them.
-        self.route_claims(&batch.claims, &dictionary, origin, now, out);
+        self.route_claims(&claims, &dictionary, origin, now, out);
         let region: Arc<str> = Arc::from(batch.region.as_str());
         let flows: Vec<FlowRecord> = batch
             .flows
@@ -722,6 +810,7 @@ impl NodeCore {
     /// verdict at once.
     fn route_flows(&mut self, flows: Vec<JournaledFlow>, now: UnixMillis, out: &mut Vec<Output>) {
         let mut remote: Vec<(Dest, String, JournaledFlow)> = Vec::new();
+        let mut local: Vec<JournaledFlow> = Vec::new();
         let me = self.config.identity.node_id().to_owned();
         for flow in flows {
             let origin = if flow.record.hops == 0 {
@@ -748,11 +837,12 @@ impl NodeCore {
                 }
             };
             match decision {
-                None => self.deliver_local(flow, now, out),
+                None => local.push(flow),
                 Some(Ok((dest, node_id))) => remote.push((dest, node_id, flow)),
                 Some(Err(verdict)) => self.emit(flow, verdict, 0, now, out),
             }
         }
+        self.deliver_local(local, now, out);
         self.send_flows(remote, now, out);
     }
 
@@ -823,37 +913,43 @@ impl NodeCore {
         }
     }
 
-    /// A flow whose remote IP we own: to the engine when its span is ready, else held.
-    fn deliver_local(&mut self, flow: JournaledFlow, now: UnixMillis, out: &mut Vec<Output>) {
-        match self.handoff.readiness(flow.record.remote_ip) {
-            Readiness::Pending => {
-                if self.held.len() >= self.config.held_flows_max {
-                    self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
-                } else {
-                    self.held.push_back(flow);
+    /// Flows whose remote IP we own: to the engine when their span is ready, else held.
+    /// The ready ones go in as one batch, so that the engine groups their lookups.
+    fn deliver_local(&mut self, flows: Vec<JournaledFlow>, now: UnixMillis, out: &mut Vec<Output>) {
+        let mut queries = Vec::with_capacity(flows.len());
+        for flow in flows {
+            match self.handoff.readiness(flow.record.remote_ip) {
+                Readiness::Pending => {
+                    if self.held.len() >= self.config.held_flows_max {
+                        self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
+                    } else {
+                        self.held.push_back(flow);
+                    }
+                }
+                Readiness::Ready { history_floor } => {
+                    let earliest = flow
+                        .record
+                        .start_ms
+                        .saturating_sub(self.config.engine.skew_margin_ms);
+                    if history_floor.is_some_and(|floor| earliest < floor.0) {
+                        // The history before the floor was never fetched: it cannot be told.
+                        self.emit(flow, Verdict::Unattributed(Reason::Expired), 0, now, out);
+                        continue;
+                    }
+                    let r = &flow.record;
+                    let window = Window::new(UnixMillis(r.start_ms), UnixMillis(r.end_ms))
+                        .unwrap_or(Window::at(UnixMillis(r.start_ms)));
+                    queries.push(tenure_attribution::FlowQuery {
+                        remote: r.remote_ip,
+                        window,
+                        payload: flow,
+                    });
                 }
             }
-            Readiness::Ready { history_floor } => {
-                let earliest = flow
-                    .record
-                    .start_ms
-                    .saturating_sub(self.config.engine.skew_margin_ms);
-                if history_floor.is_some_and(|floor| earliest < floor.0) {
-                    // The history before the floor was never fetched: it cannot be told.
-                    self.emit(flow, Verdict::Unattributed(Reason::Expired), 0, now, out);
-                    return;
-                }
-                let r = &flow.record;
-                let window = Window::new(UnixMillis(r.start_ms), UnixMillis(r.end_ms))
-                    .unwrap_or(Window::at(UnixMillis(r.start_ms)));
-                let query = tenure_attribution::FlowQuery {
-                    remote: r.remote_ip,
-                    window,
-                    payload: flow,
-                };
-                self.engine.submit(query, now, &mut self.scratch);
-                self.drain_engine(now, out);
-            }
+        }
+        if !queries.is_empty() {
+            self.engine.submit_many(queries, now, &mut self.scratch);
+            self.drain_engine(now, out);
         }
     }
 
@@ -956,6 +1052,33 @@ impl NodeCore {
     }
 
     // ----- claims and events -----
+
+    /// The claims of an exporter batch that pass the admission checks: timestamps near
+    /// `now`, IP in our region's prefixes. The rest are counted and dropped here, before
+    /// routing, so that no owner ever sees them.
+    fn admit_claims(&mut self, claims: Vec<wire::Claim>, now: UnixMillis) -> Vec<wire::Claim> {
+        let mut admitted = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let in_region = match self.regions.locate(claim.ip) {
+                Locate::Region(r) => r == self.region,
+                Locate::External => false,
+            };
+            let checked = if in_region {
+                self.admission
+                    .check_times(claim.since_ms, claim.until_ms, now)
+            } else {
+                Err(Rejection::ForeignCidr)
+            };
+            match checked {
+                Ok(()) => admitted.push(claim),
+                Err(reason) => {
+                    self.admission.count_claims(reason, 1);
+                    tracing::debug!(ip = %claim.ip, %reason, "exporter claim refused");
+                }
+            }
+        }
+        admitted
+    }
 
     fn route_claims(
         &mut self,

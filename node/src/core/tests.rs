@@ -9,7 +9,9 @@ use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::ring::RingConfig;
 use tenure_gossip::wire::{self, AckStatus, Direction, Message, RejectReason};
 
-use super::{CoreConfig, FlowRecord, JournalOp, NodeCore, Output};
+use super::{
+    AdmissionConfig, CoreConfig, FlowRecord, JournalOp, NodeCore, Output, Rejection, Sender,
+};
 
 const START: u64 = 1_700_000_000_000;
 
@@ -45,7 +47,13 @@ fn core() -> NodeCore {
         busy_flows_threshold: 1_000,
         busy_retry_after_ms: 500,
     };
-    NodeCore::new(config, UnixMillis(START)).unwrap()
+    let mut core = NodeCore::new(config, UnixMillis(START)).unwrap();
+    // The scenarios below state claims up to 15 s ahead of the core's clock.
+    core.set_admission(AdmissionConfig {
+        claim_skew_max_ms: 20_000,
+        ..AdmissionConfig::default()
+    });
+    core
 }
 
 fn flow(id: u128, remote: &str, start_ms: u64) -> wire::Flow {
@@ -415,4 +423,209 @@ fn recover_re_emits_and_new_appends_get_larger_ids() {
         core.journal_next_id() > id + 41,
         "recovered ids are never issued again"
     );
+}
+
+fn claim(ip: &str, workload: u32, since_ms: u64, until_ms: u64) -> wire::Claim {
+    wire::Claim {
+        ip: ip.parse().unwrap(),
+        workload,
+        instance: 0,
+        since_ms,
+        until_ms,
+    }
+}
+
+/// A ready lone node that owns `10.1.0.7` as `gateway` over [START, START + 5 s].
+fn ready_core_with_an_owner() -> (NodeCore, UnixMillis) {
+    let mut core = core();
+    core.set_admission(AdmissionConfig::default());
+    let mut out = Vec::new();
+    core.start(UnixMillis(START), &mut out);
+    core.tick(UnixMillis(START + 3_500), &mut out);
+    assert!(core.is_ready());
+    let now = UnixMillis(START + 5_000);
+    let claims = vec![claim("10.1.0.7", 0, START, START + 5_000)];
+    core.handle_message_from(
+        1,
+        Sender::Exporter,
+        batch(1, "a", Vec::new(), claims),
+        now,
+        &mut out,
+    );
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(core.history("10.1.0.7".parse().unwrap()).segments.len(), 1);
+    (core, now)
+}
+
+#[test]
+fn forged_claims_are_refused_by_reason_and_never_change_ranges() {
+    let (mut core, now) = ready_core_with_an_owner();
+    let ip = "10.1.0.7".parse().unwrap();
+    let before = core.history(ip);
+    let n = now.0;
+    let forged = vec![
+        // "svc" claims the future: beyond the skew allowed.
+        claim("10.1.0.7", 1, n + 20_000, n + 3_600_000),
+        // ... or the far past.
+        claim("10.1.0.7", 1, n - 7_200_000, n - 3_600_000),
+        // ... or since after until.
+        claim("10.1.0.7", 1, n, n - 1),
+        // An IP of region b, and an external one.
+        claim("10.2.0.7", 1, n - 1_000, n),
+        claim("198.51.100.7", 1, n - 1_000, n),
+    ];
+    let mut out = Vec::new();
+    core.handle_message_from(
+        2,
+        Sender::Exporter,
+        batch(2, "a", Vec::new(), forged),
+        now,
+        &mut out,
+    );
+    // The batch itself is fine (it carried no flows): its bad claims are dropped.
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(
+        core.history(ip),
+        before,
+        "no forged claim reached the ranges"
+    );
+    assert_eq!(core.history("10.2.0.7".parse().unwrap()).segments.len(), 0);
+    let rejected = &core.admission_stats().claims_rejected;
+    assert_eq!(rejected.get(&Rejection::Future), Some(&1));
+    assert_eq!(rejected.get(&Rejection::Stale), Some(&1));
+    assert_eq!(rejected.get(&Rejection::Inverted), Some(&1));
+    assert_eq!(rejected.get(&Rejection::ForeignCidr), Some(&2));
+    // And a flow inside the owner's range is still attributed to the owner.
+    let mut out = Vec::new();
+    core.handle_message_from(
+        3,
+        Sender::Exporter,
+        batch(3, "a", vec![flow(9, "10.1.0.7", START + 2_000)], Vec::new()),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        emitted(&out),
+        vec![(
+            9,
+            Verdict::Attributed(Attribution::Heartbeat("gateway".into()))
+        )]
+    );
+}
+
+#[test]
+fn the_exporter_key_cannot_send_peer_messages() {
+    let (mut core, now) = ready_core_with_an_owner();
+    let ip = "10.1.0.7".parse().unwrap();
+    let before = core.history(ip);
+    let snapshot = Message::RangeSnapshot(wire::RangeSnapshot {
+        request_id: 1,
+        region: "a".into(),
+        last: true,
+        ips: vec![wire::SnapshotIp {
+            floor_ms: None,
+            ip,
+            segments: vec![wire::SnapshotSegment {
+                start_ms: START,
+                end_ms: START + 3_600_000,
+                owner: wire::SnapshotOwner::Workload("mallory".into()),
+            }],
+        }],
+    });
+    let claims = Message::ClaimBatch(wire::ClaimBatch {
+        batch_id: 5,
+        dictionary: vec!["mallory".into()],
+        claims: vec![claim("10.1.0.7", 0, now.0 - 1_000, now.0)],
+    });
+    let Message::FlowBatch(mut relayed) = batch(6, "a", Vec::new(), Vec::new()) else {
+        unreachable!("batch() builds a flow batch")
+    };
+    relayed.hops = 1;
+    relayed.claims = vec![claim("10.1.0.7", 1, now.0 - 1_000, now.0)];
+    let mut out = Vec::new();
+    for m in [snapshot, claims, Message::FlowBatch(relayed)] {
+        core.handle_message_from(4, Sender::Exporter, m, now, &mut out);
+    }
+    assert_eq!(core.history(ip), before);
+    assert_eq!(
+        acks(&out),
+        vec![
+            AckStatus::Rejected(RejectReason::Invalid),
+            AckStatus::Rejected(RejectReason::Invalid)
+        ]
+    );
+    let refused = &core.admission_stats().messages_rejected;
+    assert_eq!(refused.get(&Rejection::PeerOnly), Some(&2));
+    assert_eq!(refused.get(&Rejection::Relayed), Some(&1));
+}
+
+#[test]
+fn an_exporter_over_its_budget_is_told_busy_and_changes_nothing() {
+    let mut core = core();
+    core.set_admission(AdmissionConfig {
+        exporter_claims_per_sec_max: 1,
+        exporter_claims_burst_max: 2,
+        exporter_flows_per_sec_max: 1,
+        exporter_flows_burst_max: 3,
+        ..AdmissionConfig::default()
+    });
+    let mut out = Vec::new();
+    core.start(UnixMillis(START), &mut out);
+    core.tick(UnixMillis(START + 3_500), &mut out);
+    let now = UnixMillis(START + 5_000);
+    let n = now.0;
+    // Three empty batches use the flow budget (each batch costs one).
+    for id in 0..3 {
+        let mut out = Vec::new();
+        core.handle_message_from(
+            1,
+            Sender::Exporter,
+            batch(id, "a", Vec::new(), Vec::new()),
+            now,
+            &mut out,
+        );
+        assert_eq!(acks(&out), vec![AckStatus::Accepted], "batch {id}");
+    }
+    let mut out = Vec::new();
+    let claims = vec![claim("10.1.0.8", 0, n - 1_000, n)];
+    core.handle_message_from(
+        1,
+        Sender::Exporter,
+        batch(9, "a", Vec::new(), claims),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        acks(&out),
+        vec![AckStatus::Busy {
+            retry_after_ms: 500
+        }]
+    );
+    assert_eq!(core.history("10.1.0.8".parse().unwrap()).segments.len(), 0);
+    assert_eq!(
+        core.admission_stats()
+            .claims_rejected
+            .get(&Rejection::RateLimited),
+        Some(&1)
+    );
+    // Another exporter is not affected.
+    let Message::FlowBatch(mut other) = batch(
+        10,
+        "a",
+        Vec::new(),
+        vec![claim("10.1.0.8", 0, n - 1_000, n)],
+    ) else {
+        unreachable!("batch() builds a flow batch")
+    };
+    other.exporter_id = 2;
+    let mut out = Vec::new();
+    core.handle_message_from(
+        2,
+        Sender::Exporter,
+        Message::FlowBatch(other),
+        now,
+        &mut out,
+    );
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(core.history("10.1.0.8".parse().unwrap()).segments.len(), 1);
 }
