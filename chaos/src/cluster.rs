@@ -142,6 +142,8 @@ fleet_size_hint = 6
 data_dir = "{data}"
 journal_fsync_interval_ms = 5
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
+# Exporters here seal with the cluster key (test setup, not a deployment).
+dev_exporters_use_cluster_key = true
 sink = {{ kind = "files", dir = "{sink}", roll_interval_ms = 3600000 }}
 
 [engine]

@@ -113,6 +113,19 @@ impl SecretKey {
     }
 }
 
+impl SecretKey {
+    /// Whether two keys are the same, compared in constant time (configuration checks that
+    /// an exporter key is not the cluster key).
+    pub fn same_as(&self, other: &SecretKey) -> bool {
+        let diff = self
+            .0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        diff == 0
+    }
+}
+
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretKey(<redacted>)")
@@ -247,11 +260,6 @@ impl Keyring {
             .flatten()
             .find(|k| k.key_id == key_id)
             .map(|k| &k.cipher)
-    }
-
-    fn send_cipher(&self) -> &XChaCha20Poly1305 {
-        self.find(self.send_key_id)
-            .expect("invariant: the send key is always among the accepted keys")
     }
 }
 
@@ -413,6 +421,27 @@ impl Sealer {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
+        self.seal_with(keyring, keyring.send_key_id(), rng, plaintext, out)
+    }
+
+    /// Like [`Sealer::seal`], but under the accepted key `key_id` rather than the send key:
+    /// a reply goes out under the key its request came in with, so that a sender in the
+    /// middle of a key rotation can always open it.
+    ///
+    /// # Errors
+    /// [`SealError::UnknownKey`] when `key_id` is not accepted, [`SealError::Oversized`] or
+    /// [`SealError::CounterExhausted`]; `out` and the counter are unchanged.
+    pub fn seal_with<R: CryptoRng + ?Sized>(
+        &mut self,
+        keyring: &Keyring,
+        key_id: u32,
+        rng: &mut R,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SealError> {
+        let cipher = keyring
+            .find(key_id)
+            .ok_or(SealError::UnknownKey { key_id })?;
         let sealed_bytes = plaintext.len().saturating_add(SEAL_OVERHEAD_BYTES);
         if sealed_bytes > self.sealed_bytes_max as usize {
             return Err(SealError::Oversized {
@@ -426,7 +455,7 @@ impl Sealer {
         rng.fill_bytes(&mut nonce);
         let header = Header {
             channel: self.channel,
-            key_id: keyring.send_key_id(),
+            key_id,
             sender_id: self.sender_id,
             epoch: self.epoch,
             counter,
@@ -438,7 +467,7 @@ impl Sealer {
         out.reserve(sealed_bytes);
         out.extend_from_slice(&header);
         out.extend_from_slice(plaintext);
-        let sealed = keyring.send_cipher().encrypt_in_place_detached(
+        let sealed = cipher.encrypt_in_place_detached(
             XNonce::from_slice(&nonce),
             &header,
             &mut out[start + SEAL_HEADER_BYTES..],

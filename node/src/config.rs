@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 use tenure_attribution::EngineConfig;
-use tenure_gossip::seal::{SecretKey, KEY_BYTES};
+use tenure_gossip::seal::{Keyring, SecretKey, KEY_BYTES};
 
 /// Errors reading a configuration. Nothing was started.
 #[derive(Debug, thiserror::Error)]
@@ -246,12 +246,71 @@ pub struct CollectorConfig {
     /// first node of a cluster).
     #[serde(default)]
     pub seeds: Vec<SocketAddr>,
-    /// The cluster key: seals gossip and peer frames.
+    /// The cluster key: seals gossip and peer frames. Required.
     #[serde(default)]
     pub cluster_key: KeyConfig,
-    /// The key exporters seal their batches with. Default: the cluster key.
+    /// A second cluster key, accepted but never sent with: the other half of a rotation
+    /// (see `deploy/README.md`, "Rotating keys"). Reloaded on SIGHUP. Default none.
+    #[serde(default)]
+    pub cluster_key_also_accepted: Option<KeyConfig>,
+    /// The key exporters seal their batches with; replies to an exporter are sealed with
+    /// the key its batch came in with. Must differ from the cluster key, so that an
+    /// exporter's key cannot speak for a collector. Required unless
+    /// `dev_exporters_use_cluster_key`. Reloaded on SIGHUP.
     #[serde(default)]
     pub exporter_key: Option<KeyConfig>,
+    /// A second exporter key, accepted but not used for anything else: lets exporters
+    /// move to a new key one by one. Reloaded on SIGHUP. Default none.
+    #[serde(default)]
+    pub exporter_key_also_accepted: Option<KeyConfig>,
+    /// Development only: exporters seal with the cluster key, so any exporter could also
+    /// speak as a collector. Logs a warning at start. Default false.
+    #[serde(default)]
+    pub dev_exporters_use_cluster_key: bool,
+    /// How far behind the collector's clock an exporter claim's `until_ms` may be, in ms;
+    /// older claims are refused (`tenure_claims_rejected_total{reason="stale"}`).
+    /// Default 600,000 (10 min).
+    #[serde(default = "default_claim_delay_max_ms")]
+    pub claim_delay_max_ms: u64,
+    /// How far ahead of the collector's clock an exporter claim may reach, in ms: the clock
+    /// skew tolerated between hosts and collectors (`reason="future"`). Default 10,000.
+    #[serde(default = "default_claim_skew_max_ms")]
+    pub claim_skew_max_ms: u64,
+    /// Claims per second one exporter may send, sustained (`reason="rate_limited"`; the
+    /// batch is answered busy and retried). Default 2,000.
+    #[serde(default = "default_exporter_claims_per_sec_max")]
+    pub exporter_claims_per_sec_max: u32,
+    /// Claims one exporter may send in a burst; at least 4,096 (one batch). Default 8,192.
+    #[serde(default = "default_exporter_claims_burst_max")]
+    pub exporter_claims_burst_max: u32,
+    /// Flows per second one exporter may send, sustained; every batch counts as at least
+    /// one flow, so floods of empty batches are limited too. Default 50,000.
+    #[serde(default = "default_exporter_flows_per_sec_max")]
+    pub exporter_flows_per_sec_max: u32,
+    /// Flows one exporter may send in a burst; at least 16,384 (one batch).
+    /// Default 65,536.
+    #[serde(default = "default_exporter_flows_burst_max")]
+    pub exporter_flows_burst_max: u32,
+    /// Exporters whose rate budgets are tracked; idle ones are forgotten past it, and
+    /// newcomers share one budget while every tracked one is busy. Default 65,536.
+    #[serde(default = "default_exporters_tracked_max")]
+    pub exporters_tracked_max: usize,
+    /// How long a data-plane connection may stay silent, in ms; then it is closed.
+    /// Default 120,000.
+    #[serde(default = "default_conn_idle_timeout_ms")]
+    pub conn_idle_timeout_ms: u64,
+    /// How long one frame may take to arrive once it has begun, in ms (slow senders are
+    /// cut off). Default 10,000.
+    #[serde(default = "default_frame_read_timeout_ms")]
+    pub frame_read_timeout_ms: u64,
+    /// Inbound data-plane connections held at once from one IP address; past it new
+    /// ones are closed. Default 256.
+    #[serde(default = "default_connections_per_ip_max")]
+    pub connections_per_ip_max: usize,
+    /// How long an HTTP request may take, in ms, before it is answered 408.
+    /// Default 30,000 (above the cluster-wide dependency fan-out).
+    #[serde(default = "default_http_request_timeout_ms")]
+    pub http_request_timeout_ms: u64,
     /// Bearer token for `POST /v1/ip-events`. Default: none, and the endpoint answers 403.
     #[serde(default)]
     pub event_feed_token: Option<String>,
@@ -348,6 +407,39 @@ fn default_sink_queue_flows_max() -> usize {
 fn default_shutdown_grace_ms() -> u64 {
     5_000
 }
+fn default_claim_delay_max_ms() -> u64 {
+    600_000
+}
+fn default_claim_skew_max_ms() -> u64 {
+    10_000
+}
+fn default_exporter_claims_per_sec_max() -> u32 {
+    2_000
+}
+fn default_exporter_claims_burst_max() -> u32 {
+    8_192
+}
+fn default_exporter_flows_per_sec_max() -> u32 {
+    50_000
+}
+fn default_exporter_flows_burst_max() -> u32 {
+    65_536
+}
+fn default_exporters_tracked_max() -> usize {
+    65_536
+}
+fn default_conn_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_frame_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_connections_per_ip_max() -> usize {
+    256
+}
+fn default_http_request_timeout_ms() -> u64 {
+    30_000
+}
 fn default_region_size() -> u32 {
     3
 }
@@ -394,7 +486,93 @@ impl CollectorConfig {
                 .validate()
                 .map_err(|e| invalid("engine", e.to_string()))?;
         }
+        if self.exporter_key.is_none() && !self.dev_exporters_use_cluster_key {
+            return Err(invalid(
+                "exporter_key",
+                "required: exporters need their own key (set dev_exporters_use_cluster_key = true for development only)",
+            ));
+        }
+        if self.exporter_claims_per_sec_max == 0 || self.exporter_flows_per_sec_max == 0 {
+            return Err(invalid("exporter_*_per_sec_max", "must be above 0"));
+        }
+        if (self.exporter_claims_burst_max as usize)
+            < tenure_gossip::wire::CLAIMS_PER_BATCH_MAX_DEFAULT
+            || (self.exporter_flows_burst_max as usize)
+                < tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT
+        {
+            return Err(invalid(
+                "exporter_*_burst_max",
+                "must hold one full batch (4,096 claims, 16,384 flows)",
+            ));
+        }
+        if self.exporters_tracked_max == 0 || self.connections_per_ip_max == 0 {
+            return Err(invalid(
+                "exporters_tracked_max / connections_per_ip_max",
+                "must be above 0",
+            ));
+        }
+        if self.conn_idle_timeout_ms == 0
+            || self.frame_read_timeout_ms == 0
+            || self.http_request_timeout_ms == 0
+        {
+            return Err(invalid("*_timeout_ms", "must be above 0"));
+        }
         Ok(())
+    }
+
+    /// The keyrings this configuration asks for: the cluster's and (unless in development
+    /// mode) the exporters', each with its second accepted key during a rotation.
+    /// `cluster_env` is `TENURE_CLUSTER_KEY`, which overrides the cluster key.
+    pub fn keyrings(
+        &self,
+        cluster_env: Option<&str>,
+    ) -> Result<(Keyring, Option<Keyring>), ConfigError> {
+        let cluster_key = self.cluster_key.resolve(cluster_env)?;
+        let mut cluster = Keyring::new(self.cluster_key.key_id, &cluster_key);
+        if let Some(also) = &self.cluster_key_also_accepted {
+            cluster
+                .accept(also.key_id, &also.resolve(None)?)
+                .map_err(|e| invalid("cluster_key_also_accepted", e.to_string()))?;
+        }
+        let exporter = match &self.exporter_key {
+            None => None,
+            Some(k) => {
+                let key = k.resolve(None)?;
+                if key.same_as(&cluster_key) {
+                    return Err(invalid(
+                        "exporter_key",
+                        "must differ from the cluster key (an exporter must not be able to speak for a collector)",
+                    ));
+                }
+                let mut ring = Keyring::new(k.key_id, &key);
+                if let Some(also) = &self.exporter_key_also_accepted {
+                    let also_key = also.resolve(None)?;
+                    if also_key.same_as(&cluster_key) {
+                        return Err(invalid(
+                            "exporter_key_also_accepted",
+                            "must differ from the cluster key",
+                        ));
+                    }
+                    ring.accept(also.key_id, &also_key)
+                        .map_err(|e| invalid("exporter_key_also_accepted", e.to_string()))?;
+                }
+                Some(ring)
+            }
+        };
+        Ok((cluster, exporter))
+    }
+
+    /// The limits on exporter input, for the core.
+    pub fn admission(&self) -> crate::core::AdmissionConfig {
+        crate::core::AdmissionConfig {
+            claim_delay_max_ms: self.claim_delay_max_ms,
+            claim_skew_max_ms: self.claim_skew_max_ms,
+            exporter_claims_per_sec_max: self.exporter_claims_per_sec_max,
+            exporter_claims_burst_max: self.exporter_claims_burst_max,
+            exporter_flows_per_sec_max: self.exporter_flows_per_sec_max,
+            exporter_flows_burst_max: self.exporter_flows_burst_max,
+            exporters_tracked_max: self.exporters_tracked_max,
+        }
     }
 
     /// The engine configuration: as given, or defaults with the deadline derived from the
@@ -545,6 +723,7 @@ mod tests {
             region = "r"
             prefixes = ["10.0.0.0/16"]
             cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
+            exporter_key = { key_hex = "1111111111111111111111111111111111111111111111111111111111111111" }
         "#;
         let config: CollectorConfig = parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(config.heartbeat_interval_ms, 10_000);

@@ -662,7 +662,7 @@ fn collector_toml(
             .join(", ")
     };
     let mut text = format!(
-        "node_id = \"{node_id}\"\nregion = \"{region}\"\nprefixes = [{}]\ngossip_addr = \"127.0.0.1:0\"\ndata_addr = \"127.0.0.1:0\"\nhttp_addr = \"{}\"\nseeds = [{}]\nheartbeat_interval_ms = {DEMO_HEARTBEAT_INTERVAL_MS}\nevent_feed_token = \"{token}\"\nforward_ack_timeout_ms = 2000\nshutdown_grace_ms = 3000\nregion_size_hint = 3\nfleet_size_hint = 6\ncluster_key = {{ key_hex = \"{key_hex}\" }}\nsink = {{ kind = \"files\", dir = \"{}\" }}\ndata_dir = \"{}\"\n",
+        "node_id = \"{node_id}\"\nregion = \"{region}\"\nprefixes = [{}]\ngossip_addr = \"127.0.0.1:0\"\ndata_addr = \"127.0.0.1:0\"\nhttp_addr = \"{}\"\nseeds = [{}]\nheartbeat_interval_ms = {DEMO_HEARTBEAT_INTERVAL_MS}\nevent_feed_token = \"{token}\"\nforward_ack_timeout_ms = 2000\nshutdown_grace_ms = 3000\nregion_size_hint = 3\nfleet_size_hint = 6\ncluster_key = {{ key_hex = \"{key_hex}\" }}\ndev_exporters_use_cluster_key = true\nsink = {{ kind = \"files\", dir = \"{}\" }}\ndata_dir = \"{}\"\n",
         list(prefixes),
         http_addrs
             .get(node_id)

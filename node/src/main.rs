@@ -177,8 +177,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             });
-            tenure_node::shell::collector::run(config, shutdown_signal(), Some(bound_tx), None)
-                .await?;
+            tenure_node::shell::collector::run_reloadable(
+                config,
+                Some(path),
+                shutdown_signal(),
+                Some(bound_tx),
+                None,
+            )
+            .await?;
             let _ = printer.await;
             Ok(ExitCode::SUCCESS)
         }

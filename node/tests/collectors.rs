@@ -60,6 +60,8 @@ heartbeat_interval_ms = 500
 event_feed_token = "{TOKEN}"
 shutdown_grace_ms = 2000
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
+# Exporters here seal with the cluster key (test setup, not a deployment).
+dev_exporters_use_cluster_key = true
 sink = {{ kind = "files", dir = "{sink}", roll_interval_ms = 3600000 }}
 data_dir = "{sink}-data"
 

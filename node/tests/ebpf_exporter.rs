@@ -129,6 +129,8 @@ http_addr = "127.0.0.1:0"
 heartbeat_interval_ms = 500
 shutdown_grace_ms = 1000
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
+# Exporters here seal with the cluster key (test setup, not a deployment).
+dev_exporters_use_cluster_key = true
 sink = {{ kind = "files", dir = "{}" }}
 data_dir = "{}"
 

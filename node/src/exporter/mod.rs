@@ -74,7 +74,7 @@ impl Client {
                 let decoded = self.decoder.decode(&mut input)?;
                 let rest = input.to_vec();
                 if let Some(body) = decoded {
-                    let message = crypto.open_frame(body, &mut plaintext)?;
+                    let (_, message) = crypto.open_frame(body, &mut plaintext)?;
                     self.pending = rest;
                     return Ok(message);
                 }

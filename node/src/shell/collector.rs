@@ -23,10 +23,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::clock;
 use super::metrics as m;
-use super::transport::{read_messages, Crypto, TransportError};
+use super::transport::{read_messages, Crypto, FrameOrigin, Keys, ReadTimeouts, TransportError};
 use crate::config::{CollectorConfig, SinkConfig};
 use crate::core::{
-    ConnId, CoreConfig, Dest, EmittedFlow, JournalOp, NodeCore, Notice, Output, TICK_INTERVAL_MS,
+    ConnId, CoreConfig, Dest, EmittedFlow, JournalOp, NodeCore, Notice, Output, Rejection,
+    TICK_INTERVAL_MS,
 };
 use crate::deps::Dependencies;
 use crate::journal::Journal;
@@ -63,6 +64,14 @@ pub(crate) struct Shared {
     pub(crate) core: Mutex<NodeCore>,
     pub(crate) crypto: Crypto,
     conns: Mutex<BTreeMap<ConnId, mpsc::Sender<Vec<u8>>>>,
+    /// Who sealed the frames of each inbound connection, and with which key: replies to an
+    /// exporter go out under its own key.
+    origins: Mutex<BTreeMap<ConnId, FrameOrigin>>,
+    /// Inbound connections per remote IP, bounded by `connections_per_ip_max`.
+    per_ip: Mutex<BTreeMap<std::net::IpAddr, usize>>,
+    connections_per_ip_max: usize,
+    timeouts: ReadTimeouts,
+    pub(crate) http_request_timeout_ms: u64,
     peers: Mutex<BTreeMap<SocketAddr, ConnId>>,
     next_conn: AtomicU64,
     udp: Arc<UdpSocket>,
@@ -250,6 +259,19 @@ impl Shared {
             Dest::Conn(id) => *id,
             Dest::Peer { data_addr, .. } => self.peer_conn(*data_addr),
         };
+        let bytes = match &to {
+            Dest::Conn(id) => match lock(&self.origins).get(id).copied() {
+                Some(origin) => match self.crypto.frame_to(message, Some(origin)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "encoding a reply");
+                        return;
+                    }
+                },
+                None => bytes,
+            },
+            Dest::Peer { .. } => bytes,
+        };
         let sender = lock(&self.conns).get(&conn).cloned();
         match sender {
             Some(s) if s.try_send(bytes).is_ok() => {}
@@ -310,9 +332,11 @@ impl Shared {
         let read = read_messages(
             &self.crypto,
             reader,
-            |message| {
+            self.timeouts,
+            |origin, message| {
                 let shared = shared.clone();
-                async move { shared.on_message(id, message).await }
+                lock(&shared.origins).insert(id, origin);
+                async move { shared.on_message(id, origin, message).await }
             },
             |e| {
                 metrics::counter!(m::FRAMES_REJECTED, "node" => self.node.clone(), "reason" => e.reason()).increment(1);
@@ -329,7 +353,7 @@ impl Shared {
         }
     }
 
-    async fn on_message(self: &Arc<Self>, conn: ConnId, message: Message) {
+    async fn on_message(self: &Arc<Self>, conn: ConnId, origin: FrameOrigin, message: Message) {
         if let Message::FlowBatch(batch) = &message {
             metrics::counter!(m::FLOWS_IN, "node" => self.node.clone())
                 .increment(batch.flows.len() as u64);
@@ -349,8 +373,10 @@ impl Shared {
                 return;
             }
         }
-        self.with_core(|core, now, out| core.handle_message(conn, message, now, out))
-            .await;
+        self.with_core(|core, now, out| {
+            core.handle_message_from(conn, origin.sender, message, now, out)
+        })
+        .await;
         self.update_gauges();
     }
 
@@ -364,7 +390,23 @@ impl Shared {
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
-        metrics::counter!(m::CLAIMS_REJECTED, "node" => node).absolute(stats.claims_rejected);
+        metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => "engine")
+            .absolute(stats.claims_rejected);
+        let admission = core.admission_stats();
+        for reason in Rejection::ALL {
+            let claims = admission.claims_rejected.get(&reason).copied().unwrap_or(0);
+            let messages = admission
+                .messages_rejected
+                .get(&reason)
+                .copied()
+                .unwrap_or(0);
+            metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => reason.as_str())
+                .absolute(claims);
+            metrics::counter!(m::EXPORTER_MESSAGES_REJECTED, "node" => node.clone(), "reason" => reason.as_str())
+                .absolute(messages);
+        }
+        metrics::gauge!(m::EXPORTERS_TRACKED, "node" => node)
+            .set(admission.exporters_tracked as f64);
     }
 }
 
@@ -377,15 +419,27 @@ pub async fn run(
     bound_tx: Option<tokio::sync::oneshot::Sender<Bound>>,
     tap: Option<mpsc::Sender<EmittedFlow>>,
 ) -> anyhow::Result<()> {
+    run_reloadable(config, None, shutdown, bound_tx, tap).await
+}
+
+/// Like [`run`]; with `config_path`, a SIGHUP re-reads that file and replaces the keys
+/// (cluster and exporter keys and their second accepted keys) without a restart, which is
+/// how keys rotate. Other changes in the file wait for a restart. A file that does not
+/// parse, or keys that do not load, are logged and counted, and the running keys stay.
+pub async fn run_reloadable(
+    config: CollectorConfig,
+    config_path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+    bound_tx: Option<tokio::sync::oneshot::Sender<Bound>>,
+    tap: Option<mpsc::Sender<EmittedFlow>>,
+) -> anyhow::Result<()> {
     config.validate()?;
-    let key = config
-        .cluster_key
-        .resolve(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
-        .context("cluster key")?;
-    let exporter_key = match &config.exporter_key {
-        Some(k) => Some((k.key_id, k.resolve(None).context("exporter key")?)),
-        None => None,
-    };
+    let (cluster_ring, exporter_ring) = config
+        .keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
+        .context("keys")?;
+    if config.dev_exporters_use_cluster_key && config.exporter_key.is_none() {
+        tracing::warn!(node = %config.node_id, "development mode: exporters use the cluster key, so any exporter can speak as a collector; do not run this in production");
+    }
 
     let udp = Arc::new(
         UdpSocket::bind(config.gossip_addr)
@@ -415,10 +469,11 @@ pub async fn run(
         start.0,
     )?;
     let sender_id = fnv64(config.node_id.as_bytes());
-    let crypto = Crypto::new(
-        config.cluster_key.key_id,
-        &key,
-        exporter_key.as_ref().map(|(id, k)| (*id, k)),
+    let crypto = Crypto::with_keys(
+        Keys {
+            cluster: cluster_ring,
+            exporter: exporter_ring,
+        },
         sender_id,
         start.0,
     );
@@ -453,7 +508,8 @@ pub async fn run(
         busy_flows_threshold: config.busy_flows_threshold,
         busy_retry_after_ms: config.heartbeat_interval_ms.min(5_000),
     };
-    let core = NodeCore::new(core_config, start)?;
+    let mut core = NodeCore::new(core_config, start)?;
+    core.set_admission(config.admission());
     let journal_dir = config.data_dir.join(&config.node_id).join("journal");
     let (journal, replay) = Journal::open(&journal_dir)
         .with_context(|| format!("opening the journal in {}", journal_dir.display()))?;
@@ -480,6 +536,14 @@ pub async fn run(
         core: Mutex::new(core),
         crypto,
         conns: Mutex::new(BTreeMap::new()),
+        origins: Mutex::new(BTreeMap::new()),
+        per_ip: Mutex::new(BTreeMap::new()),
+        connections_per_ip_max: config.connections_per_ip_max,
+        timeouts: ReadTimeouts {
+            idle_ms: config.conn_idle_timeout_ms,
+            frame_ms: config.frame_read_timeout_ms,
+        },
+        http_request_timeout_ms: config.http_request_timeout_ms,
         peers: Mutex::new(BTreeMap::new()),
         next_conn: AtomicU64::new(1),
         udp: udp.clone(),
@@ -523,6 +587,13 @@ pub async fn run(
         data,
         stop_rx.clone(),
     )));
+    if let Some(path) = config_path {
+        tasks.push(tokio::spawn(reload_on_hangup(
+            shared.clone(),
+            path,
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(timer_loop(
         shared.clone(),
         timer_rx,
@@ -651,8 +722,21 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
             _ = stopped(&mut stop) => return,
         };
         if lock(&shared.conns).len() >= CONNECTIONS_MAX {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "node" => shared.node.clone(), "reason" => "total").increment(1);
             tracing::warn!(%peer, "too many connections; closing a new one");
             continue;
+        }
+        let ip = peer.ip();
+        {
+            let mut per_ip = lock(&shared.per_ip);
+            let held = per_ip.entry(ip).or_insert(0);
+            if *held >= shared.connections_per_ip_max {
+                drop(per_ip);
+                metrics::counter!(m::CONNECTIONS_REFUSED, "node" => shared.node.clone(), "reason" => "per_ip").increment(1);
+                tracing::debug!(%peer, "too many connections from one address; closing a new one");
+                continue;
+            }
+            *held += 1;
         }
         let _ = stream.set_nodelay(true);
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -662,7 +746,54 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
         tokio::spawn(async move {
             s.clone().serve(id, stream, rx).await;
             lock(&s.conns).remove(&id);
+            lock(&s.origins).remove(&id);
+            let mut per_ip = lock(&s.per_ip);
+            if let Some(held) = per_ip.get_mut(&ip) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
         });
+    }
+}
+
+/// Re-reads the configuration on SIGHUP and replaces the keys. A bad file changes nothing.
+async fn reload_on_hangup(
+    shared: Arc<Shared>,
+    path: std::path::PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; keys cannot be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hangups.recv() => if got.is_none() { return },
+            _ = stopped(&mut stop) => return,
+        }
+        let loaded = crate::config::load::<CollectorConfig>(&path).and_then(|config| {
+            config.validate()?;
+            config.keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
+        });
+        match loaded {
+            Ok((cluster, exporter)) => {
+                shared.crypto.replace_keys(Keys { cluster, exporter });
+                let (send, accepted, exporter_send, exporter_accepted) = shared.crypto.key_ids();
+                metrics::counter!(m::KEY_RELOADS, "node" => shared.node.clone(), "result" => "ok")
+                    .increment(1);
+                tracing::info!(node = %shared.node, cluster_send = send, ?accepted, ?exporter_send, ?exporter_accepted, "keys reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(m::KEY_RELOADS, "node" => shared.node.clone(), "result" => "error").increment(1);
+                tracing::error!(node = %shared.node, error = %e, "reloading the configuration failed; the running keys stay");
+            }
+        }
     }
 }
 

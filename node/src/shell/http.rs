@@ -37,7 +37,29 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/ip-events", post(ip_events))
         .merge(crate::ui::router())
         .layer(axum::extract::DefaultBodyLimit::max(EVENT_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.http_request_timeout_ms,
+            request_timeout,
+        ))
         .with_state(shared)
+}
+
+/// Answers 408 when a request takes longer than `timeout_ms` (a slow body upload, a stuck
+/// fan-out), so that no request holds a task and its buffers forever.
+async fn request_timeout(
+    State(timeout_ms): State<u64>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(
+        std::time::Duration::from_millis(timeout_ms),
+        next.run(request),
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(_) => error(StatusCode::REQUEST_TIMEOUT, "request timed out"),
+    }
 }
 
 fn bad_request(message: impl Into<String>) -> Response {

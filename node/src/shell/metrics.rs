@@ -13,6 +13,14 @@ pub const RANGES: &str = "tenure_ranges";
 pub const IPS_TRACKED: &str = "tenure_ips_tracked";
 pub const CLAIMS_APPLIED: &str = "tenure_claims_applied_total";
 pub const CLAIMS_REJECTED: &str = "tenure_claims_rejected_total";
+/// Whole exporter messages refused by the core (`reason`: rate_limited, peer_only...).
+pub const EXPORTER_MESSAGES_REJECTED: &str = "tenure_exporter_messages_rejected_total";
+/// Exporters whose rate budgets the core tracks.
+pub const EXPORTERS_TRACKED: &str = "tenure_exporters_tracked";
+/// Inbound data-plane connections closed at once (`reason`: total, per_ip).
+pub const CONNECTIONS_REFUSED: &str = "tenure_connections_refused_total";
+/// Configuration reloads on SIGHUP (`result`: ok, error).
+pub const KEY_RELOADS: &str = "tenure_key_reloads_total";
 pub const CONFLICTS: &str = "tenure_conflicts_total";
 pub const MEMBERS: &str = "tenure_members";
 pub const FRAMES_REJECTED: &str = "tenure_frames_rejected_total";
