@@ -62,6 +62,8 @@ shutdown_grace_ms = 2000
 cluster_key = {{ key_hex = "{KEY_HEX}" }}
 # Exporters here seal with the cluster key (test setup, not a deployment).
 dev_exporters_use_cluster_key = true
+# The scenarios state claims up to ~20 s ahead of now, so that no clock wait is needed.
+claim_skew_max_ms = 60000
 sink = {{ kind = "files", dir = "{sink}", roll_interval_ms = 3600000 }}
 data_dir = "{sink}-data"
 

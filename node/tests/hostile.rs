@@ -607,6 +607,49 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
         count("peer_only_messages", 3);
     }
 
+    // 12. Bad HTTP parameters on every handler: a 4xx with a message, never a 5xx.
+    let at_max = format!("/v1/ips/10.1.0.7/owner?at={}", u64::MAX);
+    let long_ip = format!("/v1/ips/{}/ranges", "9".repeat(10_000));
+    let bad_paths: Vec<&str> = vec![
+        "/v1/ips/not-an-ip/ranges",
+        "/v1/ips/not-an-ip/owner?at=1",
+        "/v1/ips/10.1.0.7/owner",
+        "/v1/ips/10.1.0.7/owner?at=abc",
+        "/v1/ips/10.1.0.7/owner?at=99999999999999999999999",
+        "/v1/ips/10.1.0.7/owner?at=2025-13-45T99:99:99Z",
+        "/v1/ips/10.1.0.7/owner?at=%ff%fe",
+        "/v1/ips/10.1.0.7/owner?at=1&at=2",
+        &at_max,
+        &long_ip,
+        "/v1/dependencies?since=x",
+        "/v1/dependencies?since=10&until=5",
+        "/v1/dependencies?since=%00",
+        "/v1/dependencies?until=18446744073709551615",
+        "/v1/cluster?x=%zz",
+        "/v1/ips//ranges",
+    ];
+    for path in &bad_paths {
+        let (status, body) = get(http, path).await?;
+        assert!(status < 500, "{path}: {status} {body}");
+        count("http_bad_parameters", 1);
+    }
+    for (body, token) in [
+        (Some("not json\n{\"ip\":1}\n"), Some("wrong-token")),
+        (Some("{\"ip\":\"10.1.0.7\",\"kind\":\"assign\"}\n"), None),
+    ] {
+        let (status, text) = httpc::request(
+            http,
+            "POST",
+            "/v1/ip-events?watermark=zz",
+            body,
+            token,
+            Duration::from_secs(5),
+        )
+        .await?;
+        assert!((400..500).contains(&status), "event feed: {status} {text}");
+        count("http_bad_parameters", 1);
+    }
+
     // The node still serves: health, and a legitimate batch of another exporter.
     let (health, _) = get(http, "/healthz").await?;
     assert_eq!(health, 200);
