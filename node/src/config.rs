@@ -66,10 +66,17 @@ pub fn parse_key(hex: &str) -> Result<SecretKey, ConfigError> {
             format!("must be {} hex digits, got {}", KEY_BYTES * 2, hex.len()),
         ));
     }
+    // Checked byte by byte: slicing the text could cut a multi-byte character (found by
+    // the `collector_config` fuzz target).
+    let digit = |b: u8| -> Result<u8, ConfigError> {
+        char::from(b)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| invalid("key", "must be hex digits"))
+    };
     let mut bytes = [0u8; KEY_BYTES];
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| invalid("key", "must be hex digits"))?;
+    for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Ok(SecretKey::from_bytes(bytes))
 }
@@ -739,6 +746,23 @@ mod tests {
         assert!(parse_key("zz").is_err());
         assert!(parse_key(&"g".repeat(64)).is_err());
         assert!(parse_key(&"a".repeat(64)).is_ok());
+        assert!(parse_key(&"A".repeat(64)).is_ok());
+        assert!(
+            parse_key(&"+1".repeat(32)).is_err(),
+            "a sign is not a digit"
+        );
+    }
+
+    /// Regression (fuzz target `collector_config`, crash-a225ae6f): 64 bytes of text whose
+    /// characters are not all one byte long used to panic slicing the key.
+    #[test]
+    fn a_key_with_multibyte_characters_is_an_error_not_a_panic() {
+        assert!(parse_key(&format!("{}é", "a".repeat(62))).is_err());
+        assert!(parse_key(&"é".repeat(32)).is_err());
+        let crash: &[u8] = include_bytes!("../fuzz/regressions/collector_config-crash-a225ae6f");
+        let text = String::from_utf8_lossy(crash);
+        assert!(parse_key(&text).is_err());
+        let _ = parse::<CollectorConfig>(&text, Path::new("crash.toml"));
     }
 }
 
