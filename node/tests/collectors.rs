@@ -2,12 +2,12 @@
 //! time, exporter batches over real sealed sockets, results read back from the sink files
 //! and over HTTP. Waits poll against deadlines; children are killed on drop.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -95,38 +95,12 @@ fn start(
         &path,
         config_text(node_id, region, prefix, other, seed, &sink),
     )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tenure"))
-        .args(["collector", "--config"])
-        .arg(&path)
-        .env("TENURE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning tenure collector")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .context("waiting for the LISTENING line")?;
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .with_context(|| format!("{name} in {line:?}"))?
-            .parse()
-            .with_context(|| format!("{name} address"))
-    };
+    let (child, at) = common::spawn_collector(&path, "warn")?;
     Ok(Collector {
         node_id: node_id.to_owned(),
-        data: field("data")?,
-        http: field("http")?,
-        gossip: field("gossip")?,
+        data: at.data,
+        http: at.http,
+        gossip: at.gossip,
         sink,
         child,
     })

@@ -8,12 +8,12 @@
 //! rejected input may have changed its ranges or an attribution, and its memory must have
 //! stayed bounded. The test prints how many inputs of each kind it tried.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -83,36 +83,10 @@ pending_deadline_ms = 3000
         sink = sink.display(),
     );
     std::fs::write(&path, text)?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tenure"))
-        .args(["collector", "--config"])
-        .arg(&path)
-        .env("TENURE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning tenure collector")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .context("waiting for the LISTENING line")?;
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .with_context(|| format!("{name} in {line:?}"))?
-            .parse()
-            .with_context(|| format!("{name} address"))
-    };
+    let (child, at) = common::spawn_collector(&path, "error")?;
     Ok(Collector {
-        data: field("data")?,
-        http: field("http")?,
+        data: at.data,
+        http: at.http,
         child,
     })
 }

@@ -3,16 +3,17 @@
 //! key, the collector retires the old one (SIGHUP). Every batch is acknowledged and every
 //! flow reaches the sink; the retired key is refused afterwards.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tenure_gossip::wire::{self, AckStatus, Direction, Message};
 use tenure_node::exporter::Client;
 use tenure_node::httpc;
@@ -73,34 +74,10 @@ fn now_ms() -> u64 {
 }
 
 fn start(path: &Path) -> anyhow::Result<Collector> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tenure"))
-        .args(["collector", "--config"])
-        .arg(path)
-        .env("TENURE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning tenure collector")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(20))?;
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .with_context(|| format!("{name} in {line:?}"))?
-            .parse()
-            .with_context(|| format!("{name} address"))
-    };
+    let (child, at) = common::spawn_collector(path, "error")?;
     Ok(Collector {
-        data: field("data")?,
-        http: field("http")?,
+        data: at.data,
+        http: at.http,
         child,
     })
 }

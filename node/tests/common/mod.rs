@@ -1,0 +1,62 @@
+//! What the process tests share: starting a `tenure collector` from a config file and
+//! reading the addresses it printed.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// The addresses a collector prints on its `LISTENING` line once its sockets are bound.
+pub(crate) struct Listening {
+    pub(crate) data: SocketAddr,
+    pub(crate) http: SocketAddr,
+    #[allow(dead_code, reason = "only the multi-node tests join through it")]
+    pub(crate) gossip: SocketAddr,
+}
+
+/// Starts `tenure collector --config <config>` with `TENURE_LOG=<log>` and waits (20 s at
+/// most) for its `LISTENING` line. The caller kills the child on drop.
+pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<(Child, Listening)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tenure"))
+        .args(["collector", "--config"])
+        .arg(config)
+        .env("TENURE_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning tenure collector")?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) => line,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e).context("waiting for the LISTENING line");
+        }
+    };
+    let field = |name: &str| -> anyhow::Result<SocketAddr> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .with_context(|| format!("{name} in {line:?}"))?
+            .parse()
+            .with_context(|| format!("{name} address"))
+    };
+    let listening = Listening {
+        data: field("data")?,
+        http: field("http")?,
+        gossip: field("gossip")?,
+    };
+    Ok((child, listening))
+}
