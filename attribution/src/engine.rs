@@ -584,56 +584,83 @@ impl<F> Engine<F> {
     ///
     /// Faster than [`Engine::lookup`] in a loop: the table is far larger than the CPU
     /// caches, and each lookup is a chain of dependent memory loads (the map's control
-    /// bytes, its bucket, the IP's segments) followed by data-dependent branches. Done one
-    /// at a time, a mispredicted branch waits for each chain in turn. Here a group of
-    /// lookups first resolves every IP's segments and starts loading them, with no branch
-    /// on their contents, so the loads of the whole group overlap; the rules then run on
-    /// data already in cache.
+    /// bytes, its bucket, the IP's older segments) followed by data-dependent branches.
+    /// Done one at a time, a mispredicted branch waits for each chain in turn. Here the
+    /// lookups go in groups, in three phases: find every map entry of a group, with no
+    /// branch on what is loaded, so those loads overlap; answer from the latest segment,
+    /// which is enough for nearly every flow, and start loading the older segments of the
+    /// rest; then, one group later, apply the full rules to the rest, on data that has had
+    /// a whole group's time to arrive.
     #[inline]
     pub fn lookup_many(&self, queries: &[(IpAddr, Window)], out: &mut Vec<Lookup>) {
-        const GROUP: usize = 32;
         let margin = self.config.skew_margin_ms;
         out.reserve(queries.len());
-        for group in queries.chunks(GROUP) {
-            // Phase one: load every IP's map entry, which carries its latest segment.
-            // Nothing here branches on what is loaded and little else happens, so the
-            // loads of the whole group are in flight together.
-            let mut entries: [Option<crate::ranges::Entry>; GROUP] = [None; GROUP];
+        let mut deferred: Option<Deferred<'_, '_>> = None;
+        for group in queries.chunks(LOOKUP_GROUP) {
+            // Phase one.
+            let mut entries: [Option<&crate::ranges::Entry>; LOOKUP_GROUP] = [None; LOOKUP_GROUP];
             for (slot, (ip, _)) in entries.iter_mut().zip(group) {
                 *slot = match IpKey::new(*ip) {
                     IpKey::V4(k) => self.v4.entry(&k),
                     IpKey::V6(k) => self.v6.entry(&k),
                 };
             }
-            // Phase two: the latest segment answers most lookups. For the others, start
-            // loading their older segments, again without branching on them.
-            let mut answers: [Option<Lookup>; GROUP] = [None; GROUP];
-            let mut histories: [History<'_>; GROUP] = [History::default(); GROUP];
-            for (i, (ip, window)) in group.iter().enumerate() {
-                let Some(entry) = entries[i] else {
-                    continue;
-                };
-                let window = window.widened(margin);
-                if let Some(workload) = entry.latest().covering_workload(window) {
-                    answers[i] = Some(Lookup::Attributed {
-                        workload,
-                        source: Source::Heartbeat,
-                    });
-                    continue;
+            // Phase two: answers straight into `out`; the others keep a placeholder.
+            let base = out.len();
+            out.resize(base + group.len(), Lookup::Pending(Reason::NoOwner));
+            let mut rest = Deferred {
+                base,
+                group,
+                entries,
+                rest: [0; LOOKUP_GROUP],
+                len: 0,
+            };
+            for (i, (answer, (ip, window))) in out[base..].iter_mut().zip(group).enumerate() {
+                if let Some(entry) = entries[i] {
+                    if let Some(workload) = entry.latest().covering_workload(window.widened(margin))
+                    {
+                        *answer = Lookup::Attributed {
+                            workload,
+                            source: Source::Heartbeat,
+                        };
+                        continue;
+                    }
+                    prefetch(self.history_of(IpKey::new(*ip), *entry).older());
                 }
-                histories[i] = match IpKey::new(*ip) {
-                    IpKey::V4(_) => self.v4.history(entry),
-                    IpKey::V6(_) => self.v6.history(entry),
-                };
-                prefetch(histories[i].older());
+                // `i < LOOKUP_GROUP`, which fits in a u8.
+                rest.rest[rest.len] = i as u8;
+                rest.len += 1;
             }
-            // Phase three: the full rules for the rest, on data now in cache.
-            for (i, (ip, window)) in group.iter().enumerate() {
-                out.push(match answers[i] {
-                    Some(answer) => answer,
-                    None => self.decide_with(IpKey::new(*ip), histories[i], window.widened(margin)),
-                });
+            // Phase three, for the previous group.
+            if let Some(previous) = deferred.replace(rest) {
+                self.finish(previous, out);
             }
+        }
+        if let Some(last) = deferred {
+            self.finish(last, out);
+        }
+    }
+
+    /// Phase three of [`Engine::lookup_many`]: the full rules for a group's lookups that
+    /// the latest segment did not answer.
+    fn finish(&self, deferred: Deferred<'_, '_>, out: &mut [Lookup]) {
+        let margin = self.config.skew_margin_ms;
+        for &i in &deferred.rest[..deferred.len] {
+            let i = usize::from(i);
+            let (ip, window) = deferred.group[i];
+            let key = IpKey::new(ip);
+            let history =
+                deferred.entries[i].map_or_else(History::default, |e| self.history_of(key, *e));
+            out[deferred.base + i] = self.decide_with(key, history, window.widened(margin));
+        }
+    }
+
+    /// The whole history behind a map entry of `key`'s table.
+    #[inline]
+    fn history_of(&self, key: IpKey, entry: crate::ranges::Entry) -> History<'_> {
+        match key {
+            IpKey::V4(_) => self.v4.history(entry),
+            IpKey::V6(_) => self.v6.history(entry),
         }
     }
 
@@ -902,6 +929,21 @@ impl<F> Engine<F> {
         self.retry(key, now, out);
         Ok(())
     }
+}
+
+/// Lookups per group in [`Engine::lookup_many`]: enough to keep the loads of a group in
+/// flight together, few enough that a group's entries stay in the first-level cache.
+const LOOKUP_GROUP: usize = 32;
+
+/// A group of [`Engine::lookup_many`] waiting for phase three: the lookups (indices into
+/// `group`) that the latest segment did not answer, whose older segments are loading.
+struct Deferred<'e, 'q> {
+    /// Where the group's answers start in `out`.
+    base: usize,
+    group: &'q [(IpAddr, Window)],
+    entries: [Option<&'e crate::ranges::Entry>; LOOKUP_GROUP],
+    rest: [u8; LOOKUP_GROUP],
+    len: usize,
 }
 
 /// Asks the CPU to start loading `data` into cache: a hint, with no visible effect.

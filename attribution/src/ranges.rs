@@ -425,8 +425,8 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
 
     /// The map entry of `key`: its latest segment, and where the older ones are.
     #[inline]
-    pub(crate) fn entry(&self, key: &K) -> Option<Entry> {
-        self.map.get(key).copied()
+    pub(crate) fn entry(&self, key: &K) -> Option<&Entry> {
+        self.map.get(key)
     }
 
     /// The whole history behind an entry of this table.
