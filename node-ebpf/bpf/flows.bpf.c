@@ -2,17 +2,18 @@
 /*
  * tenure per-host flow capture.
  *
- * One record per TCP socket lifetime: the tracepoint sock/inet_sock_set_state notes each
+ * One record per TCP socket lifetime: the tracepoint inet_sock_set_state notes each
  * socket's birth (CLOSE->SYN_SENT is an active open, LISTEN->SYN_RECV the accepted child of
- * a passive open) in an LRU map keyed by the socket's address, and at ->CLOSE reads the
- * socket's counters, emits one flow_record through the `events` ring buffer and forgets
- * the socket. The iter/tcp program `snapshot_tcp` walks the live sockets of the caller's
+ * a passive open) in the socket's own storage, and at ->CLOSE reads the socket's counters,
+ * emits one flow_record through the `events` ring buffer and forgets the birth. The iter/tcp program `snapshot_tcp` walks the live sockets of the caller's
  * network namespace and writes one ongoing record per socket, so that long-lived flows
  * are reported every heartbeat and sockets born before capture started get adopted.
  *
- * fentry/kprobes are unavailable on the target kernels, hence the tracepoint; its context
- * is read field by field, and the address arrays are copied with bpf_probe_read_kernel
- * because a plain memcpy out of the context is rejected by the verifier.
+ * fentry/kprobes are unavailable on the target kernels, hence the tracepoint. It is
+ * attached as a BTF tracepoint (tp_btf: no trampoline needed): the program gets the
+ * tracepoint's arguments, a typed socket pointer and both states, rather than the record
+ * the kernel would first build for a classic tracepoint, so a state change the program
+ * ignores costs almost nothing, and only a close reads the socket's addresses and ports.
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -32,14 +33,16 @@ struct birth {
 };
 
 /*
- * Sockets whose close is still to come. LRU so that a missed close (the program was
- * replaced mid-flight) cannot fill the map; an evicted socket is still reported at close,
- * flagged FLOW_FLAG_START_LATE.
+ * Each socket's birth, kept in the socket itself (socket-local storage): the kernel frees
+ * it with the socket, so a missed close cannot leak an entry and there is no capacity to
+ * run out of, and finding it costs a pointer walk instead of a hash lookup. A socket born
+ * before capture started has none; it is adopted by the snapshot iterator, or reported at
+ * close flagged FLOW_FLAG_START_LATE.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct birth);
 } births SEC(".maps");
 
@@ -141,61 +144,76 @@ static __always_inline __u8 guess_direction(__u16 local_port)
 	return DIRECTION_UNKNOWN;
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+/* The socket's addresses, IPv4 ones IPv4-mapped, and ports, into a record (a socket is
+ * its own sock_common and inet_sock: both sit at its start). */
+static __always_inline void fill_endpoints(struct flow_record *r, const struct sock_common *skc)
 {
-	__u64 now = bpf_ktime_get_ns();
-	__u64 sk;
-	int oldstate, newstate;
-	struct birth b = {};
-	struct birth *known;
+	if (BPF_CORE_READ(skc, skc_family) == AF_INET) {
+		set_v4_mapped(r->local_addr, BPF_CORE_READ(skc, skc_rcv_saddr));
+		set_v4_mapped(r->remote_addr, BPF_CORE_READ(skc, skc_daddr));
+	} else {
+		BPF_CORE_READ_INTO(&r->local_addr, skc, skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&r->remote_addr, skc, skc_v6_daddr.in6_u.u6_addr8);
+	}
+	/* Not skc_num: a closing socket has already given its port back (skc_num is 0). */
+	r->local_port = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)skc, inet_sport));
+	r->remote_port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+}
+
+/* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
+SEC("tp_btf/inet_sock_set_state")
+int inet_sock_set_state(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	int oldstate = (int)ctx[1];
+	int newstate = (int)ctx[2];
+	__u64 now;
+	struct birth *b;
 	struct flow_record *r;
+	__u8 direction;
 
-	if (ctx->protocol != IPPROTO_TCP)
-		return 0;
-	oldstate = ctx->oldstate;
-	newstate = ctx->newstate;
-	sk = (__u64)ctx->skaddr;
-
-	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
-		b.start_ns = now;
-		b.direction = DIRECTION_OUTBOUND;
-		if (bpf_map_update_elem(&births, &sk, &b, BPF_ANY))
-			count(STAT_BIRTH_INSERT_FAILED);
-		return 0;
-	}
-	if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
+	/* Only births and closes matter; most state changes leave here, reading nothing. */
+	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT)
+		direction = DIRECTION_OUTBOUND;
+	else if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV)
 		/* The accepted child is cloned from the listener, hence "LISTEN". */
-		b.start_ns = now;
-		b.direction = DIRECTION_INBOUND;
-		if (bpf_map_update_elem(&births, &sk, &b, BPF_ANY))
+		direction = DIRECTION_INBOUND;
+	else if (newstate == TCP_CLOSE && oldstate != TCP_LISTEN && oldstate != TCP_CLOSE)
+		/* (A listener or a never-connected socket closing is not a flow.) */
+		direction = DIRECTION_UNKNOWN;
+	else
+		return 0;
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	now = bpf_ktime_get_ns();
+
+	if (direction != DIRECTION_UNKNOWN) {
+		b = bpf_sk_storage_get(&births, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!b) {
 			count(STAT_BIRTH_INSERT_FAILED);
+			return 0;
+		}
+		b->start_ns = now;
+		b->direction = direction;
+		b->flags = 0;
 		return 0;
 	}
-	if (newstate != TCP_CLOSE)
-		return 0;
-	/* A listener or a never-connected socket closing is not a flow. */
-	if (oldstate == TCP_LISTEN || oldstate == TCP_CLOSE)
-		return 0;
 
-	known = bpf_map_lookup_elem(&births, &sk);
 	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
 		count(STAT_RINGBUF_FULL);
-		bpf_map_delete_elem(&births, &sk);
+		bpf_sk_storage_delete(&births, sk);
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
-	/* For AF_INET the tracepoint already stores the addresses IPv4-mapped here. */
-	bpf_probe_read_kernel(r->local_addr, 16, ctx->saddr_v6);
-	bpf_probe_read_kernel(r->remote_addr, 16, ctx->daddr_v6);
-	r->local_port = ctx->sport;
-	r->remote_port = ctx->dport;
+	fill_endpoints(r, &sk->__sk_common);
 	r->end_ns = now;
-	if (known) {
-		r->start_ns = known->start_ns;
-		r->direction = known->direction;
-		r->flags = known->flags;
+	b = bpf_sk_storage_get(&births, sk, 0, 0);
+	if (b) {
+		r->start_ns = b->start_ns;
+		r->direction = b->direction;
+		r->flags = b->flags;
+		bpf_sk_storage_delete(&births, sk);
 	} else {
 		count(STAT_UNTRACKED_CLOSE);
 		r->start_ns = now;
@@ -208,7 +226,6 @@ int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	bpf_ringbuf_submit(r, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES
 				      ? BPF_RB_FORCE_WAKEUP
 				      : BPF_RB_NO_WAKEUP);
-	bpf_map_delete_elem(&births, &sk);
 	return 0;
 }
 
@@ -221,7 +238,7 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 	struct birth fresh = {};
 	struct birth *known;
 	struct tcp_sock *tp;
-	__u64 now, sk;
+	__u64 now;
 	__u16 family;
 	__u8 state;
 	__u8 one = 1;
@@ -246,32 +263,29 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 
 	now = bpf_ktime_get_ns();
-	sk = (__u64)skc;
-	known = bpf_map_lookup_elem(&births, &sk);
-	if (!known) {
+	known = bpf_sk_storage_get(&births, tp, 0, 0);
+	if (known) {
+		/* Copied out, so that no pointer arithmetic on a maybe-null value gets hoisted. */
+		fresh = *known;
+	} else {
 		/* Born before capture started: adopt it, so its close is reported in full. */
 		fresh.start_ns = now;
 		fresh.direction = guess_direction(r.local_port);
 		if (fresh.direction == DIRECTION_UNKNOWN)
 			fresh.direction = DIRECTION_OUTBOUND;
 		fresh.flags = FLOW_FLAG_START_LATE;
-		if (bpf_map_update_elem(&births, &sk, &fresh, BPF_NOEXIST))
+		known = bpf_sk_storage_get(&births, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (known)
+			*known = fresh;
+		else
 			count(STAT_BIRTH_INSERT_FAILED);
-		known = &fresh;
 	}
 
-	if (family == AF_INET) {
-		set_v4_mapped(r.local_addr, BPF_CORE_READ(skc, skc_rcv_saddr));
-		set_v4_mapped(r.remote_addr, BPF_CORE_READ(skc, skc_daddr));
-	} else {
-		BPF_CORE_READ_INTO(&r.local_addr, skc, skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&r.remote_addr, skc, skc_v6_daddr.in6_u.u6_addr8);
-	}
-	r.remote_port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
-	r.start_ns = known->start_ns;
+	fill_endpoints(&r, skc);
+	r.start_ns = fresh.start_ns;
 	r.end_ns = now;
-	r.direction = known->direction;
-	r.flags = known->flags | FLOW_FLAG_ONGOING;
+	r.direction = fresh.direction;
+	r.flags = fresh.flags | FLOW_FLAG_ONGOING;
 	r.version = FLOW_RECORD_VERSION;
 	fill_counters(&r, tp);
 	r.workload_id = workload_of(r.local_addr, r.local_port);

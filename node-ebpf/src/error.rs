@@ -40,17 +40,6 @@ pub enum CaptureError {
         source: aya::BtfError,
     },
 
-    /// tracefs is not mounted at /sys/kernel/tracing and could not be mounted. Nothing
-    /// stays attached.
-    #[error(
-        "tracefs is not mounted at /sys/kernel/tracing ({reason}); mount it with \
-         `mount -t tracefs tracefs /sys/kernel/tracing` (needs CAP_SYS_ADMIN)"
-    )]
-    TracefsMissing {
-        /// What was tried.
-        reason: String,
-    },
-
     /// The kernel verifier refused a program. This is a bug in `bpf/flows.bpf.c` or a
     /// kernel this object was never tested on; the log says which instruction.
     #[error(

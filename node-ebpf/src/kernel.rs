@@ -6,18 +6,17 @@ use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU64, NonZeroUsize};
-use std::path::Path;
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{Iter, ProgramError, TracePoint};
+use aya::programs::{BtfTracePoint, Iter, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
 
 use crate::clock::ClockOffset;
 use crate::error::CaptureError;
 use crate::flow::CapturedFlow;
-use crate::privilege::{can_mount, check_privileges};
+use crate::privilege::check_privileges;
 use crate::record::{self, endpoint_key, ip_key, RECORD_LEN};
 use crate::workload;
 
@@ -34,9 +33,6 @@ const MAP_STATS: &str = "stats";
 
 /// Capacity of `workload_by_ip` and `workload_by_endpoint` (`max_entries` in the C).
 pub const WORKLOAD_ENTRIES_MAX: usize = 16384;
-
-const TRACEFS: &str = "/sys/kernel/tracing";
-const TRACEFS_LEGACY: &str = "/sys/kernel/debug/tracing";
 
 /// Indexes of the per-CPU `stats` array (`STAT_*` in `bpf/flows.h`).
 const STAT_RINGBUF_FULL: u32 = 0;
@@ -56,9 +52,6 @@ pub struct CaptureOptions {
     /// reads it, in milliseconds. The kernel does not wake the reader for each record
     /// (that would cost a context switch per closed socket), so a timer does. Default 100.
     pub drain_interval_ms: NonZeroU64,
-    /// Mount tracefs at /sys/kernel/tracing when it is missing (needs CAP_SYS_ADMIN).
-    /// Default true.
-    pub mount_tracefs: bool,
     /// Run one snapshot during load so that sockets opened before capture started are
     /// adopted and reported in full when they close. Default true.
     pub adopt_existing: bool,
@@ -70,7 +63,6 @@ impl Default for CaptureOptions {
             batch_flows_max: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
             snapshot_flows_max: NonZeroUsize::new(65536).unwrap_or(NonZeroUsize::MIN),
             drain_interval_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
-            mount_tracefs: true,
             adopt_existing: true,
         }
     }
@@ -85,7 +77,7 @@ pub struct CaptureStats {
     /// Sockets that closed without capture having seen them open; they were still
     /// reported, with `start_exact == false`.
     pub untracked_closes: u64,
-    /// Births the kernel could not record (should stay 0: the map is LRU).
+    /// Births the kernel could not record (socket storage could not be allocated).
     pub birth_insert_failed: u64,
     /// Ring-buffer or snapshot records that failed to decode and were skipped.
     pub malformed_records: u64,
@@ -126,19 +118,18 @@ impl Capture {
             return Err(CaptureError::NoRuntime);
         }
         let btf = Btf::from_sys_fs().map_err(|source| CaptureError::NoBtf { source })?;
-        ensure_tracefs(options.mount_tracefs)?;
 
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .load(OBJECT)
             .map_err(|source| CaptureError::Object { source })?;
 
-        let tracepoint: &mut TracePoint = program(&mut ebpf, TRACEPOINT)?;
+        let tracepoint: &mut BtfTracePoint = program(&mut ebpf, TRACEPOINT)?;
         tracepoint
-            .load()
+            .load(TRACEPOINT, &btf)
             .map_err(|e| program_error(TRACEPOINT, e))?;
         tracepoint
-            .attach("sock", "inet_sock_set_state")
+            .attach()
             .map_err(|e| program_error(TRACEPOINT, e))?;
 
         let iter: &mut Iter = program(&mut ebpf, ITER)?;
@@ -391,48 +382,4 @@ fn program_error(program: &'static str, error: ProgramError) -> CaptureError {
         program,
         source: error,
     }
-}
-
-/// tracefs holds the tracepoint ids that attaching needs. aya looks it up once per
-/// process, so it must be in place before the first attach.
-fn ensure_tracefs(mount_if_missing: bool) -> Result<(), CaptureError> {
-    if tracefs_present() {
-        return Ok(());
-    }
-    if !mount_if_missing {
-        return Err(CaptureError::TracefsMissing {
-            reason: "not mounted, and mounting was turned off".to_owned(),
-        });
-    }
-    if !can_mount() {
-        return Err(CaptureError::TracefsMissing {
-            reason: "not mounted, and this process lacks CAP_SYS_ADMIN to mount it".to_owned(),
-        });
-    }
-    let mounted = rustix::mount::mount(
-        "tracefs",
-        TRACEFS,
-        "tracefs",
-        rustix::mount::MountFlags::empty(),
-        None,
-    );
-    // Another loader may have mounted it meanwhile; what counts is that it is there now.
-    match mounted {
-        Ok(()) if tracefs_present() => Ok(()),
-        Ok(()) => Err(CaptureError::TracefsMissing {
-            reason: "mounted, but it has no sock/inet_sock_set_state event".to_owned(),
-        }),
-        Err(_) if tracefs_present() => Ok(()),
-        Err(errno) => Err(CaptureError::TracefsMissing {
-            reason: format!("mounting it failed: {}", io::Error::from(errno)),
-        }),
-    }
-}
-
-fn tracefs_present() -> bool {
-    [TRACEFS, TRACEFS_LEGACY].iter().any(|root| {
-        Path::new(root)
-            .join("events/sock/inet_sock_set_state/id")
-            .exists()
-    })
 }

@@ -48,13 +48,6 @@ pub(crate) fn assess(observed: Observed) -> Result<(), CaptureError> {
     })
 }
 
-/// True when this process may also mount tracefs (CAP_SYS_ADMIN).
-pub(crate) fn can_mount() -> bool {
-    capabilities(None)
-        .map(|sets| sets.effective.contains(CapabilitySet::SYS_ADMIN))
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
