@@ -4,8 +4,10 @@
  *
  * One record per TCP socket lifetime: the tracepoint inet_sock_set_state notes each
  * socket's birth (CLOSE->SYN_SENT is an active open, LISTEN->SYN_RECV the accepted child of
- * a passive open) in the socket's own storage, and at ->CLOSE reads the socket's counters,
- * emits one flow_record through the `events` ring buffer and forgets the birth. The iter/tcp program `snapshot_tcp` walks the live sockets of the caller's
+ * a passive open) in an LRU map keyed by the socket's address, and at ->CLOSE reads the
+ * socket's counters, emits one flow_record through the `events` ring buffer and forgets
+ * the socket. (Socket-local storage was tried in place of the map: its allocation and
+ * memory-cgroup charge at every birth cost more than the preallocated LRU map.) The iter/tcp program `snapshot_tcp` walks the live sockets of the caller's
  * network namespace and writes one ongoing record per socket, so that long-lived flows
  * are reported every heartbeat and sockets born before capture started get adopted.
  *
@@ -33,16 +35,15 @@ struct birth {
 };
 
 /*
- * Each socket's birth, kept in the socket itself (socket-local storage): the kernel frees
- * it with the socket, so a missed close cannot leak an entry and there is no capacity to
- * run out of, and finding it costs a pointer walk instead of a hash lookup. A socket born
- * before capture started has none; it is adopted by the snapshot iterator, or reported at
- * close flagged FLOW_FLAG_START_LATE.
+ * Sockets whose close is still to come, keyed by the socket's address. LRU so that a
+ * missed close (the program was replaced mid-flight) cannot fill the map; an evicted
+ * socket is still reported at close, flagged FLOW_FLAG_START_LATE. Preallocated, so a
+ * birth allocates nothing.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
 	__type(value, struct birth);
 } births SEC(".maps");
 
@@ -167,7 +168,9 @@ int inet_sock_set_state(__u64 *ctx)
 	struct sock *sk = (struct sock *)ctx[0];
 	int oldstate = (int)ctx[1];
 	int newstate = (int)ctx[2];
+	__u64 key = (__u64)sk;
 	__u64 now;
+	struct birth fresh = {};
 	struct birth *b;
 	struct flow_record *r;
 	__u8 direction;
@@ -188,32 +191,28 @@ int inet_sock_set_state(__u64 *ctx)
 	now = bpf_ktime_get_ns();
 
 	if (direction != DIRECTION_UNKNOWN) {
-		b = bpf_sk_storage_get(&births, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!b) {
+		fresh.start_ns = now;
+		fresh.direction = direction;
+		if (bpf_map_update_elem(&births, &key, &fresh, BPF_ANY))
 			count(STAT_BIRTH_INSERT_FAILED);
-			return 0;
-		}
-		b->start_ns = now;
-		b->direction = direction;
-		b->flags = 0;
 		return 0;
 	}
 
 	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
 		count(STAT_RINGBUF_FULL);
-		bpf_sk_storage_delete(&births, sk);
+		bpf_map_delete_elem(&births, &key);
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
 	fill_endpoints(r, &sk->__sk_common);
 	r->end_ns = now;
-	b = bpf_sk_storage_get(&births, sk, 0, 0);
+	b = bpf_map_lookup_elem(&births, &key);
 	if (b) {
 		r->start_ns = b->start_ns;
 		r->direction = b->direction;
 		r->flags = b->flags;
-		bpf_sk_storage_delete(&births, sk);
+		bpf_map_delete_elem(&births, &key);
 	} else {
 		count(STAT_UNTRACKED_CLOSE);
 		r->start_ns = now;
@@ -238,7 +237,7 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 	struct birth fresh = {};
 	struct birth *known;
 	struct tcp_sock *tp;
-	__u64 now;
+	__u64 now, key;
 	__u16 family;
 	__u8 state;
 	__u8 one = 1;
@@ -263,7 +262,8 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 
 	now = bpf_ktime_get_ns();
-	known = bpf_sk_storage_get(&births, tp, 0, 0);
+	key = (__u64)skc;
+	known = bpf_map_lookup_elem(&births, &key);
 	if (known) {
 		/* Copied out, so that no pointer arithmetic on a maybe-null value gets hoisted. */
 		fresh = *known;
@@ -274,10 +274,7 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 		if (fresh.direction == DIRECTION_UNKNOWN)
 			fresh.direction = DIRECTION_OUTBOUND;
 		fresh.flags = FLOW_FLAG_START_LATE;
-		known = bpf_sk_storage_get(&births, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (known)
-			*known = fresh;
-		else
+		if (bpf_map_update_elem(&births, &key, &fresh, BPF_NOEXIST))
 			count(STAT_BIRTH_INSERT_FAILED);
 	}
 

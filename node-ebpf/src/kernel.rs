@@ -77,7 +77,7 @@ pub struct CaptureStats {
     /// Sockets that closed without capture having seen them open; they were still
     /// reported, with `start_exact == false`.
     pub untracked_closes: u64,
-    /// Births the kernel could not record (socket storage could not be allocated).
+    /// Births the kernel could not record (should stay 0: the map is LRU).
     pub birth_insert_failed: u64,
     /// Ring-buffer or snapshot records that failed to decode and were skipped.
     pub malformed_records: u64,

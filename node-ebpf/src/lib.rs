@@ -1,8 +1,8 @@
 //! Per-host TCP flow capture for tenure: a CO-RE eBPF program (C, `bpf/flows.bpf.c`)
 //! and its aya loader.
 //!
-//! The kernel program notes each TCP socket's birth, in the socket's own storage, on the
-//! BTF tracepoint `inet_sock_set_state` and emits one record through a ring buffer when
+//! The kernel program notes each TCP socket's birth on the BTF tracepoint
+//! `inet_sock_set_state` and emits one record through a ring buffer when
 //! the socket closes; an `iter/tcp` program snapshots live sockets so long-lived flows can be
 //! reported every heartbeat. The exporter role consumes this API:
 //!
