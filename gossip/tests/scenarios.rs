@@ -69,7 +69,13 @@ enum Op {
         from: &'static str,
         to: &'static str,
     },
-    /// Restore every link.
+    /// Cut every link between two nodes of `region`, both ways; links to other regions
+    /// still work (so WAN probes get through indirectly and the WAN view stays whole).
+    SplitRegion { region: &'static str },
+    /// Every datagram takes up to `extra_ms_max` longer (random, so also reordered):
+    /// probes time out and members suspect, declare down and renew each other.
+    Slow { extra_ms_max: u64 },
+    /// Restore every link and the normal delays.
     Heal,
     /// Every live node routes sample IPs of every region to the same owner.
     SameOwnersEverywhere,
@@ -110,7 +116,13 @@ impl fmt::Display for Op {
             Op::Partition { region } => write!(f, "partition region {region} from the others"),
             Op::Isolate { node } => write!(f, "isolate {node} from every other node"),
             Op::CutOneWay { from, to } => write!(f, "drop what {from} sends to {to}"),
-            Op::Heal => write!(f, "heal every partition"),
+            Op::SplitRegion { region } => {
+                write!(f, "cut every link inside region {region}")
+            }
+            Op::Slow { extra_ms_max } => {
+                write!(f, "delay every datagram by up to {extra_ms_max} ms more")
+            }
+            Op::Heal => write!(f, "heal every cut and slowdown"),
             Op::SameOwnersEverywhere => write!(f, "every node computes the same owners"),
             Op::SpansMovedOff { node } => write!(f, "the spans of {node} moved to the survivors"),
             Op::HandoffSettles { region } => write!(f, "handoff settles in region {region}"),
@@ -159,6 +171,10 @@ struct Sim {
     partitioned: BTreeSet<String>,
     isolated: BTreeSet<String>,
     cut_one_way: BTreeSet<(String, String)>,
+    /// Regions whose nodes cannot reach each other.
+    split: BTreeSet<String>,
+    /// Extra delay of every datagram, at most, in milliseconds.
+    extra_delay_ms_max: u64,
     /// Datagrams refused by a receiver (decode, seal or protocol errors).
     refused: u64,
     ring_config: RingConfig,
@@ -220,6 +236,8 @@ impl Sim {
             partitioned: BTreeSet::new(),
             isolated: BTreeSet::new(),
             cut_one_way: BTreeSet::new(),
+            split: BTreeSet::new(),
+            extra_delay_ms_max: 0,
             refused: 0,
             ring_config: RingConfig::default(),
         }
@@ -353,7 +371,10 @@ impl Sim {
         node.sealer
             .seal(&self.keyring, &mut self.rng, plaintext, &mut sealed)
             .expect("membership datagrams fit a sealed envelope");
-        let delay = self.rng.random_range(DELAY_MIN_MS..=DELAY_MAX_MS);
+        let mut delay = self.rng.random_range(DELAY_MIN_MS..=DELAY_MAX_MS);
+        if self.extra_delay_ms_max > 0 {
+            delay += self.rng.random_range(0..=self.extra_delay_ms_max);
+        }
         self.push(self.now_ms + delay, Event::Datagram { from, to, sealed });
     }
 
@@ -380,9 +401,10 @@ impl Sim {
             }
         }
         match (self.region_of(from), self.region_of(to)) {
-            (Some(a), Some(b)) => {
-                a != b && (self.partitioned.contains(a) || self.partitioned.contains(b))
+            (Some(a), Some(b)) if a != b => {
+                self.partitioned.contains(a) || self.partitioned.contains(b)
             }
+            (Some(a), Some(_)) => from != to && self.split.contains(a),
             _ => false,
         }
     }
@@ -695,10 +717,20 @@ impl Sim {
                     .insert(((*from).to_owned(), (*to).to_owned()));
                 Ok(())
             }
+            Op::SplitRegion { region } => {
+                self.split.insert((*region).to_owned());
+                Ok(())
+            }
+            Op::Slow { extra_ms_max } => {
+                self.extra_delay_ms_max = *extra_ms_max;
+                Ok(())
+            }
             Op::Heal => {
                 self.partitioned.clear();
                 self.isolated.clear();
                 self.cut_one_way.clear();
+                self.split.clear();
+                self.extra_delay_ms_max = 0;
                 Ok(())
             }
             Op::SameOwnersEverywhere => self.same_owners(),
@@ -924,4 +956,67 @@ fn one_seed_one_run() {
             .collect()
     };
     assert_eq!(views(&a), views(&b));
+}
+
+/// Every node of a region loses its links to the others of its region (links to other
+/// regions stay up): each declares the other two down in the LAN pool, which leaves its
+/// LAN foca with no live member, idle, and without timers. Once the links are back,
+/// nothing in foca would ever send a LAN datagram again; the region's ring stayed split
+/// into three one-node rings for good until the membership announced itself from idle
+/// pools.
+#[test]
+fn region_split_from_itself_reforms_its_lan_pool() {
+    for seed in [61, 62] {
+        run_scenario(
+            seed,
+            &[
+                Op::StartFleet,
+                Op::Converged { within_secs: 60 },
+                Op::SplitRegion { region: "r1" },
+                Op::DeclaredDown {
+                    node: "r1n0",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::DeclaredDown {
+                    node: "r1n1",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::DeclaredDown {
+                    node: "r1n2",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::Wait { secs: 10 },
+                Op::Heal,
+                Op::Converged { within_secs: 60 },
+                Op::SameOwnersEverywhere,
+            ],
+        );
+    }
+}
+
+/// The fault of simulator seed 187 (issue 3): a burst of delay up to 2 s on every link
+/// makes the members of a region suspect and declare each other down, so each is told it
+/// is down and renews its identity at about the same time. Each one's renewal goes to the
+/// others' old identities, which foca drops, and a renewed foca instance stays
+/// disconnected, timers cancelled, until a message reaches it: the LAN pool fell silent
+/// and a member's LAN view missed a live peer forever.
+#[test]
+fn burst_of_delay_where_members_renew_at_once_reconverges() {
+    for seed in 71..=76 {
+        run_scenario(
+            seed,
+            &[
+                Op::StartFleet,
+                Op::Converged { within_secs: 60 },
+                Op::Slow { extra_ms_max: 2000 },
+                Op::Wait { secs: 20 },
+                Op::Heal,
+                Op::Converged { within_secs: 60 },
+                Op::SameOwnersEverywhere,
+            ],
+        );
+    }
 }
