@@ -110,11 +110,14 @@ fn run() -> anyhow::Result<bool> {
         }
     }
     println!(
-        "convergence: {} of {} seeds converged within the bound ({} ms after healing); {} converged at some point, the slowest {} ms after its last fault ended",
+        "convergence: {} of {} seeds converged within the bound ({} ms after healing); {} converged at some point, the slowest (seed {}) {} ms after its last fault ended",
         summary.seeds - summary.not_converged,
         summary.seeds,
         convergence_bound_ms(scenario.heartbeat.interval_ms),
         summary.converged,
+        summary
+            .slowest_seed
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
         summary.converged_after_ms_max
     );
     if summary.not_converged > 0 {
