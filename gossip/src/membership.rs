@@ -143,6 +143,19 @@ impl fmt::Display for Pool {
     }
 }
 
+/// A foca instance's connection state, mirrored from its notifications (foca does not
+/// expose it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PoolState {
+    /// No live member yet or any more (`Idle`), or our identity was just renewed
+    /// (`Rejoin`): foca runs no periodic task until a message reaches it.
+    Disconnected,
+    /// `Active`: probing, gossiping and announcing on its own.
+    Connected,
+    /// `Defunct`: we left, or were declared down and could not renew.
+    Undead,
+}
+
 /// A timer the caller must hand back through [`Membership::handle_timer`] once its delay
 /// has passed. Late delivery is tolerated; lost timers stall the protocol.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -400,11 +413,9 @@ pub struct Membership {
     wan_members: BTreeMap<String, NodeIdentity>,
     shared: Arc<Mutex<Shared>>,
     seeds: Vec<SocketAddr>,
-    /// Whether each foca instance is connected (has reported `Active` since it last went
-    /// idle, renewed its identity or left). Indexed by [`Pool::index`].
-    connected: [bool; 2],
-    /// Whether we left the cluster: nothing is announced any more.
-    left: bool,
+    /// Each foca instance's connection state, as its notifications told it. Indexed by
+    /// [`Pool::index`].
+    state: [PoolState; 2],
     /// Picks directory pull targets and reconnect targets.
     rng: Rng,
     /// Whether the periodic timers (join retry, directory pull) are armed.
@@ -450,8 +461,7 @@ impl Membership {
             wan_members: BTreeMap::new(),
             shared,
             seeds: Vec::new(),
-            connected: [false; 2],
-            left: false,
+            state: [PoolState::Disconnected; 2],
             rng,
             timers_armed: false,
             own_record: config.region_record,
@@ -517,7 +527,6 @@ impl Membership {
 
     /// Leaves both pools: peers learn at once instead of after a failure detection.
     pub fn leave(&mut self, out: &mut Vec<Output>) -> Result<(), MembershipError> {
-        self.left = true;
         let lan = self.with_lan(out, |foca, rt| foca.leave_cluster(rt));
         let wan = self.with_wan(out, |foca, rt| foca.leave_cluster(rt));
         self.lan_members.clear();
@@ -603,10 +612,12 @@ impl Membership {
             Timer::Lan(event) => self.with_lan(out, |foca, rt| foca.handle_timer(event, rt)),
             Timer::Wan(event) => self.with_wan(out, |foca, rt| foca.handle_timer(event, rt)),
             Timer::JoinRetry => {
-                if self.left {
+                if self.state == [PoolState::Undead; 2] {
+                    // We left (or can renew in neither pool): nothing to retry.
                     return Ok(());
                 }
-                if self.wan_members.is_empty() {
+                if self.wan_members.is_empty() && self.state[Pool::Wan.index()] != PoolState::Undead
+                {
                     self.say_hello(out);
                 }
                 let lan = self.reconnect(Pool::Lan, out);
@@ -718,7 +729,7 @@ impl Membership {
     /// accepts an announce addressed to any identity with the receiver's node id). For the
     /// LAN pool, the live WAN members of our region count as known too.
     fn reconnect(&mut self, pool: Pool, out: &mut Vec<Output>) -> Result<(), MembershipError> {
-        if self.left || self.connected[pool.index()] {
+        if self.state[pool.index()] != PoolState::Disconnected {
             return Ok(());
         }
         let own = self.identity.node_id();
@@ -899,15 +910,16 @@ impl Membership {
                 // foca renews by `change_identity`, which leaves the instance disconnected
                 // (and its timers cancelled) until a message reaches the new identity; an
                 // `Active` follows in the same call when it is connected again at once.
-                self.connected[pool.index()] = false;
+                self.state[pool.index()] = PoolState::Disconnected;
                 out.push(Output::Rejoined { identity, pool });
             }
             OwnedNotification::Defunct => {
-                self.connected[pool.index()] = false;
+                // Terminal: after a leave, or when our identity cannot be renewed.
+                self.state[pool.index()] = PoolState::Undead;
                 out.push(Output::Defunct { pool });
             }
-            OwnedNotification::Active => self.connected[pool.index()] = true,
-            OwnedNotification::Idle => self.connected[pool.index()] = false,
+            OwnedNotification::Active => self.state[pool.index()] = PoolState::Connected,
+            OwnedNotification::Idle => self.state[pool.index()] = PoolState::Disconnected,
         }
     }
 
