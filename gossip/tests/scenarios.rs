@@ -53,6 +53,10 @@ enum Op {
         pool: Pool,
         within_secs: u64,
     },
+    /// A node leaves the cluster gracefully; it keeps running (and receiving).
+    Leave { node: &'static str },
+    /// `node` sends no datagram for `secs` (timers and incoming datagrams go on).
+    Silent { node: &'static str, secs: u64 },
     /// Start a killed node again: same node id and addresses, the next incarnation.
     Restart { node: &'static str },
     /// Every live node lists `node` under its latest identity, in both pools.
@@ -98,6 +102,8 @@ impl fmt::Display for Op {
             Op::Wait { secs } => write!(f, "wait {secs} s"),
             Op::Converged { within_secs } => write!(f, "cluster converges within {within_secs} s"),
             Op::Kill { node } => write!(f, "kill {node}"),
+            Op::Leave { node } => write!(f, "{node} leaves"),
+            Op::Silent { node, secs } => write!(f, "{node} sends nothing for {secs} s"),
             Op::DeclaredDown {
                 node,
                 pool,
@@ -155,6 +161,8 @@ struct SimNode {
     sealer: Sealer,
     opener: Opener,
     alive: bool,
+    /// Datagrams this node sent.
+    sent: u64,
 }
 
 struct Sim {
@@ -289,6 +297,7 @@ impl Sim {
             handoff,
             ring,
             alive: true,
+            sent: 0,
         };
         self.by_addr.insert(identity.gossip_addr(), name.clone());
         self.nodes.insert(name.clone(), node);
@@ -366,6 +375,7 @@ impl Sim {
 
     fn send(&mut self, from_name: &str, to: SocketAddr, plaintext: &[u8]) {
         let node = self.nodes.get_mut(from_name).expect("sender exists");
+        node.sent += 1;
         let from = node.identity.gossip_addr();
         let mut sealed = Vec::new();
         node.sealer
@@ -628,6 +638,27 @@ impl Sim {
                     .map(|n| (n.identity.node_id().to_owned(), n.ring.clone()))
                     .collect();
                 Ok(())
+            }
+            Op::Leave { node } => {
+                let sim_node = self.nodes.get_mut(*node).ok_or("no such node")?;
+                let mut out = Vec::new();
+                sim_node
+                    .membership
+                    .leave(&mut out)
+                    .map_err(|e| e.to_string())?;
+                self.dispatch(node, out);
+                Ok(())
+            }
+            Op::Silent { node, secs } => {
+                let before = self.nodes.get(*node).ok_or("no such node")?.sent;
+                let until = self.now_ms + secs * 1000;
+                self.run_until(until);
+                let after = self.nodes[*node].sent;
+                if after == before {
+                    Ok(())
+                } else {
+                    Err(format!("{node} sent {} datagrams", after - before))
+                }
             }
             Op::DeclaredDown {
                 node,
@@ -1019,4 +1050,42 @@ fn burst_of_delay_where_members_renew_at_once_reconverges() {
             ],
         );
     }
+}
+
+/// A node that left stays out of every view, though it keeps running, and falls silent:
+/// no hello to its seeds (it has no WAN peer any more) and no announce from its pools.
+#[test]
+fn node_that_left_stays_out() {
+    run_scenario(
+        81,
+        &[
+            Op::StartFleet,
+            Op::Converged { within_secs: 60 },
+            Op::Leave { node: "r1n2" },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Lan,
+                within_secs: 10,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Wan,
+                within_secs: 30,
+            },
+            Op::Silent {
+                node: "r1n2",
+                secs: 120,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Lan,
+                within_secs: 0,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Wan,
+                within_secs: 0,
+            },
+        ],
+    );
 }
