@@ -23,6 +23,11 @@
 //! WAN pool (and the LAN pool when the seed is of the same region). The LAN pool also
 //! fills itself from the WAN pool: a WAN member of our region that the LAN pool does not
 //! know yet is announced to in the LAN pool.
+//!
+//! foca does nothing on its own while a pool is not connected (no live member, or just
+//! after it renewed our identity because the cluster declared us down). Such a pool
+//! announces itself to a few members it knows, at once after a renewal and then every
+//! [`JOIN_RETRY_INTERVAL_MS`], until one answers (see [`RECONNECT_FANOUT`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -54,8 +59,23 @@ pub const FOCA_PACKET_MAX_BYTES: usize = DATAGRAM_MAX_BYTES - 1;
 /// The most seed addresses kept for (re)joining.
 pub const JOIN_SEEDS_MAX: usize = 16;
 
-/// How often a node with no WAN peer says hello to its seeds again.
+/// How often a node with no WAN peer says hello to its seeds again, and a pool that is not
+/// connected announces itself to members it knows (see [`RECONNECT_FANOUT`]).
 pub const JOIN_RETRY_INTERVAL_MS: u64 = 5_000;
+
+/// How many known members (live or down, picked at random) a pool that is not connected
+/// announces itself to at once: right after it renewed its identity, then every
+/// [`JOIN_RETRY_INTERVAL_MS`] until one of them answers.
+///
+/// foca stops every periodic task (probes, announces, announces to down members) while an
+/// instance is not connected, and an instance that renews its identity after being told it
+/// is down stays disconnected until someone sends it a message. When every member of a
+/// region renews at about the same time (a burst of delay or loss makes them suspect and
+/// declare each other down), each one's news goes to the others' *old* identities, which
+/// foca drops, and the whole LAN pool falls silent for good. An announce is the one foca
+/// message accepted under a stale identity (same node id), so announcing breaks the
+/// silence; the answer reconnects the pool and foca's own machinery takes over again.
+pub const RECONNECT_FANOUT: usize = 3;
 
 /// How often a node pulls the whole region directory from a random WAN peer. Broadcasts
 /// carry changes; the pull repairs what a partition or a late join missed.
@@ -105,6 +125,15 @@ pub enum Pool {
     Wan,
 }
 
+impl Pool {
+    fn index(self) -> usize {
+        match self {
+            Pool::Lan => 0,
+            Pool::Wan => 1,
+        }
+    }
+}
+
 impl fmt::Display for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -112,6 +141,19 @@ impl fmt::Display for Pool {
             Pool::Wan => f.write_str("WAN"),
         }
     }
+}
+
+/// A foca instance's connection state, mirrored from its notifications (foca does not
+/// expose it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PoolState {
+    /// No live member yet or any more (`Idle`), or our identity was just renewed
+    /// (`Rejoin`): foca runs no periodic task until a message reaches it.
+    Disconnected,
+    /// `Active`: probing, gossiping and announcing on its own.
+    Connected,
+    /// `Defunct`: we left, or were declared down and could not renew.
+    Undead,
 }
 
 /// A timer the caller must hand back through [`Membership::handle_timer`] once its delay
@@ -371,7 +413,10 @@ pub struct Membership {
     wan_members: BTreeMap<String, NodeIdentity>,
     shared: Arc<Mutex<Shared>>,
     seeds: Vec<SocketAddr>,
-    /// Picks directory pull targets.
+    /// Each foca instance's connection state, as its notifications told it. Indexed by
+    /// [`Pool::index`].
+    state: [PoolState; 2],
+    /// Picks directory pull targets and reconnect targets.
     rng: Rng,
     /// Whether the periodic timers (join retry, directory pull) are armed.
     timers_armed: bool,
@@ -416,6 +461,7 @@ impl Membership {
             wan_members: BTreeMap::new(),
             shared,
             seeds: Vec::new(),
+            state: [PoolState::Disconnected; 2],
             rng,
             timers_armed: false,
             own_record: config.region_record,
@@ -566,14 +612,21 @@ impl Membership {
             Timer::Lan(event) => self.with_lan(out, |foca, rt| foca.handle_timer(event, rt)),
             Timer::Wan(event) => self.with_wan(out, |foca, rt| foca.handle_timer(event, rt)),
             Timer::JoinRetry => {
-                if self.wan_members.is_empty() {
+                if self.state == [PoolState::Undead; 2] {
+                    // We left (or can renew in neither pool): nothing to retry.
+                    return Ok(());
+                }
+                if self.wan_members.is_empty() && self.state[Pool::Wan.index()] != PoolState::Undead
+                {
                     self.say_hello(out);
                 }
+                let lan = self.reconnect(Pool::Lan, out);
+                let wan = self.reconnect(Pool::Wan, out);
                 out.push(Output::SetTimer {
                     after: Duration::from_millis(JOIN_RETRY_INTERVAL_MS),
                     timer: Timer::JoinRetry,
                 });
-                Ok(())
+                lan.and(wan)
             }
             Timer::DirectoryPull => {
                 if !self.wan_members.is_empty() {
@@ -671,6 +724,49 @@ impl Membership {
         wan.and(lan)
     }
 
+    /// If `pool` is not connected, announces ourselves to up to [`RECONNECT_FANOUT`]
+    /// members it knows, live or down, under whatever identity it knows them by (foca
+    /// accepts an announce addressed to any identity with the receiver's node id). For the
+    /// LAN pool, the live WAN members of our region count as known too.
+    fn reconnect(&mut self, pool: Pool, out: &mut Vec<Output>) -> Result<(), MembershipError> {
+        if self.state[pool.index()] != PoolState::Disconnected {
+            return Ok(());
+        }
+        let own = self.identity.node_id();
+        let mut known: BTreeMap<&str, &NodeIdentity> = BTreeMap::new();
+        let state: Vec<&foca::Member<NodeIdentity>> = match pool {
+            Pool::Lan => self.lan.iter_membership_state().collect(),
+            Pool::Wan => self.wan.iter_membership_state().collect(),
+        };
+        for member in state {
+            if pool == Pool::Wan || member.id().region() == self.identity.region() {
+                known.insert(member.id().node_id(), member.id());
+            }
+        }
+        if pool == Pool::Lan {
+            for member in self.wan_members_of(self.identity.region()) {
+                known.entry(member.node_id()).or_insert(member);
+            }
+        }
+        known.remove(own);
+        // A random pick without replacement, in node id order so one seed gives one run.
+        let mut candidates: Vec<NodeIdentity> = known.into_values().cloned().collect();
+        let mut chosen = Vec::with_capacity(RECONNECT_FANOUT);
+        while chosen.len() < RECONNECT_FANOUT && !candidates.is_empty() {
+            let pick = self.rng.random_range(0..candidates.len());
+            chosen.push(candidates.swap_remove(pick));
+        }
+        let mut result = Ok(());
+        for member in chosen {
+            let announced = match pool {
+                Pool::Lan => self.with_lan(out, |foca, rt| foca.announce(member, rt)),
+                Pool::Wan => self.with_wan(out, |foca, rt| foca.announce(member, rt)),
+            };
+            result = result.and(announced);
+        }
+        result
+    }
+
     /// Refuses LAN packets whose sender is of another region before foca adds it.
     fn check_lan_sender(&self, body: &[u8]) -> Result<(), MembershipError> {
         let (header, _): (foca::Header<NodeIdentity>, _) = postcard::take_from_bytes(body)
@@ -699,9 +795,7 @@ impl Membership {
         };
         let result = call(&mut self.lan, &mut rt);
         let notifications = std::mem::take(&mut rt.notifications);
-        for notification in notifications {
-            self.apply(Pool::Lan, notification, out);
-        }
+        self.apply_all(Pool::Lan, notifications, out);
         result.map_err(|source| MembershipError::Foca {
             pool: Pool::Lan,
             source,
@@ -720,9 +814,7 @@ impl Membership {
         };
         let result = call(&mut self.wan, &mut rt);
         let notifications = std::mem::take(&mut rt.notifications);
-        for notification in notifications {
-            self.apply(Pool::Wan, notification, out);
-        }
+        self.apply_all(Pool::Wan, notifications, out);
         self.drain_directory(out);
         result.map_err(|source| MembershipError::Foca {
             pool: Pool::Wan,
@@ -737,6 +829,28 @@ impl Membership {
                 .into_iter()
                 .map(|record| Output::RegionUpdated { record }),
         );
+    }
+
+    /// Applies the notifications of one foca call in order. If we renewed our identity in
+    /// `pool` and the pool is still not connected at the end, announces the new identity
+    /// at once (see [`RECONNECT_FANOUT`]) instead of waiting for the next retry.
+    fn apply_all(
+        &mut self,
+        pool: Pool,
+        notifications: Vec<OwnedNotification<NodeIdentity>>,
+        out: &mut Vec<Output>,
+    ) {
+        let mut rejoined = false;
+        for notification in notifications {
+            rejoined |= matches!(notification, OwnedNotification::Rejoin(_));
+            self.apply(pool, notification, out);
+        }
+        if rejoined {
+            // An announce produces no notification, so this does not recurse further. A
+            // failure is a foca encoding error on our own message; the retry timer tries
+            // again.
+            let _ = self.reconnect(pool, out);
+        }
     }
 
     /// Applies one foca notification to the member lists and reports it.
@@ -793,11 +907,19 @@ impl Membership {
                 });
             }
             OwnedNotification::Rejoin(identity) => {
+                // foca renews by `change_identity`, which leaves the instance disconnected
+                // (and its timers cancelled) until a message reaches the new identity; an
+                // `Active` follows in the same call when it is connected again at once.
+                self.state[pool.index()] = PoolState::Disconnected;
                 out.push(Output::Rejoined { identity, pool });
             }
-            OwnedNotification::Defunct => out.push(Output::Defunct { pool }),
-            // Connection state changes are visible in the member lists already.
-            OwnedNotification::Active | OwnedNotification::Idle => {}
+            OwnedNotification::Defunct => {
+                // Terminal: after a leave, or when our identity cannot be renewed.
+                self.state[pool.index()] = PoolState::Undead;
+                out.push(Output::Defunct { pool });
+            }
+            OwnedNotification::Active => self.state[pool.index()] = PoolState::Connected,
+            OwnedNotification::Idle => self.state[pool.index()] = PoolState::Disconnected,
         }
     }
 

@@ -53,6 +53,10 @@ enum Op {
         pool: Pool,
         within_secs: u64,
     },
+    /// A node leaves the cluster gracefully; it keeps running (and receiving).
+    Leave { node: &'static str },
+    /// `node` sends no datagram for `secs` (timers and incoming datagrams go on).
+    Silent { node: &'static str, secs: u64 },
     /// Start a killed node again: same node id and addresses, the next incarnation.
     Restart { node: &'static str },
     /// Every live node lists `node` under its latest identity, in both pools.
@@ -69,7 +73,13 @@ enum Op {
         from: &'static str,
         to: &'static str,
     },
-    /// Restore every link.
+    /// Cut every link between two nodes of `region`, both ways; links to other regions
+    /// still work (so WAN probes get through indirectly and the WAN view stays whole).
+    SplitRegion { region: &'static str },
+    /// Every datagram takes up to `extra_ms_max` longer (random, so also reordered):
+    /// probes time out and members suspect, declare down and renew each other.
+    Slow { extra_ms_max: u64 },
+    /// Restore every link and the normal delays.
     Heal,
     /// Every live node routes sample IPs of every region to the same owner.
     SameOwnersEverywhere,
@@ -92,6 +102,8 @@ impl fmt::Display for Op {
             Op::Wait { secs } => write!(f, "wait {secs} s"),
             Op::Converged { within_secs } => write!(f, "cluster converges within {within_secs} s"),
             Op::Kill { node } => write!(f, "kill {node}"),
+            Op::Leave { node } => write!(f, "{node} leaves"),
+            Op::Silent { node, secs } => write!(f, "{node} sends nothing for {secs} s"),
             Op::DeclaredDown {
                 node,
                 pool,
@@ -110,7 +122,13 @@ impl fmt::Display for Op {
             Op::Partition { region } => write!(f, "partition region {region} from the others"),
             Op::Isolate { node } => write!(f, "isolate {node} from every other node"),
             Op::CutOneWay { from, to } => write!(f, "drop what {from} sends to {to}"),
-            Op::Heal => write!(f, "heal every partition"),
+            Op::SplitRegion { region } => {
+                write!(f, "cut every link inside region {region}")
+            }
+            Op::Slow { extra_ms_max } => {
+                write!(f, "delay every datagram by up to {extra_ms_max} ms more")
+            }
+            Op::Heal => write!(f, "heal every cut and slowdown"),
             Op::SameOwnersEverywhere => write!(f, "every node computes the same owners"),
             Op::SpansMovedOff { node } => write!(f, "the spans of {node} moved to the survivors"),
             Op::HandoffSettles { region } => write!(f, "handoff settles in region {region}"),
@@ -143,6 +161,8 @@ struct SimNode {
     sealer: Sealer,
     opener: Opener,
     alive: bool,
+    /// Datagrams this node sent.
+    sent: u64,
 }
 
 struct Sim {
@@ -159,6 +179,10 @@ struct Sim {
     partitioned: BTreeSet<String>,
     isolated: BTreeSet<String>,
     cut_one_way: BTreeSet<(String, String)>,
+    /// Regions whose nodes cannot reach each other.
+    split: BTreeSet<String>,
+    /// Extra delay of every datagram, at most, in milliseconds.
+    extra_delay_ms_max: u64,
     /// Datagrams refused by a receiver (decode, seal or protocol errors).
     refused: u64,
     ring_config: RingConfig,
@@ -220,6 +244,8 @@ impl Sim {
             partitioned: BTreeSet::new(),
             isolated: BTreeSet::new(),
             cut_one_way: BTreeSet::new(),
+            split: BTreeSet::new(),
+            extra_delay_ms_max: 0,
             refused: 0,
             ring_config: RingConfig::default(),
         }
@@ -271,6 +297,7 @@ impl Sim {
             handoff,
             ring,
             alive: true,
+            sent: 0,
         };
         self.by_addr.insert(identity.gossip_addr(), name.clone());
         self.nodes.insert(name.clone(), node);
@@ -348,12 +375,16 @@ impl Sim {
 
     fn send(&mut self, from_name: &str, to: SocketAddr, plaintext: &[u8]) {
         let node = self.nodes.get_mut(from_name).expect("sender exists");
+        node.sent += 1;
         let from = node.identity.gossip_addr();
         let mut sealed = Vec::new();
         node.sealer
             .seal(&self.keyring, &mut self.rng, plaintext, &mut sealed)
             .expect("membership datagrams fit a sealed envelope");
-        let delay = self.rng.random_range(DELAY_MIN_MS..=DELAY_MAX_MS);
+        let mut delay = self.rng.random_range(DELAY_MIN_MS..=DELAY_MAX_MS);
+        if self.extra_delay_ms_max > 0 {
+            delay += self.rng.random_range(0..=self.extra_delay_ms_max);
+        }
         self.push(self.now_ms + delay, Event::Datagram { from, to, sealed });
     }
 
@@ -380,9 +411,10 @@ impl Sim {
             }
         }
         match (self.region_of(from), self.region_of(to)) {
-            (Some(a), Some(b)) => {
-                a != b && (self.partitioned.contains(a) || self.partitioned.contains(b))
+            (Some(a), Some(b)) if a != b => {
+                self.partitioned.contains(a) || self.partitioned.contains(b)
             }
+            (Some(a), Some(_)) => from != to && self.split.contains(a),
             _ => false,
         }
     }
@@ -607,6 +639,27 @@ impl Sim {
                     .collect();
                 Ok(())
             }
+            Op::Leave { node } => {
+                let sim_node = self.nodes.get_mut(*node).ok_or("no such node")?;
+                let mut out = Vec::new();
+                sim_node
+                    .membership
+                    .leave(&mut out)
+                    .map_err(|e| e.to_string())?;
+                self.dispatch(node, out);
+                Ok(())
+            }
+            Op::Silent { node, secs } => {
+                let before = self.nodes.get(*node).ok_or("no such node")?.sent;
+                let until = self.now_ms + secs * 1000;
+                self.run_until(until);
+                let after = self.nodes[*node].sent;
+                if after == before {
+                    Ok(())
+                } else {
+                    Err(format!("{node} sent {} datagrams", after - before))
+                }
+            }
             Op::DeclaredDown {
                 node,
                 pool,
@@ -695,10 +748,20 @@ impl Sim {
                     .insert(((*from).to_owned(), (*to).to_owned()));
                 Ok(())
             }
+            Op::SplitRegion { region } => {
+                self.split.insert((*region).to_owned());
+                Ok(())
+            }
+            Op::Slow { extra_ms_max } => {
+                self.extra_delay_ms_max = *extra_ms_max;
+                Ok(())
+            }
             Op::Heal => {
                 self.partitioned.clear();
                 self.isolated.clear();
                 self.cut_one_way.clear();
+                self.split.clear();
+                self.extra_delay_ms_max = 0;
                 Ok(())
             }
             Op::SameOwnersEverywhere => self.same_owners(),
@@ -924,4 +987,105 @@ fn one_seed_one_run() {
             .collect()
     };
     assert_eq!(views(&a), views(&b));
+}
+
+/// Every node of a region loses its links to the others of its region (links to other
+/// regions stay up): each declares the other two down in the LAN pool, which leaves its
+/// LAN foca with no live member, idle, and without timers. Once the links are back,
+/// nothing in foca would ever send a LAN datagram again; the region's ring stayed split
+/// into three one-node rings for good until the membership announced itself from idle
+/// pools.
+#[test]
+fn region_split_from_itself_reforms_its_lan_pool() {
+    for seed in [61, 62] {
+        run_scenario(
+            seed,
+            &[
+                Op::StartFleet,
+                Op::Converged { within_secs: 60 },
+                Op::SplitRegion { region: "r1" },
+                Op::DeclaredDown {
+                    node: "r1n0",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::DeclaredDown {
+                    node: "r1n1",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::DeclaredDown {
+                    node: "r1n2",
+                    pool: Pool::Lan,
+                    within_secs: 30,
+                },
+                Op::Wait { secs: 10 },
+                Op::Heal,
+                Op::Converged { within_secs: 60 },
+                Op::SameOwnersEverywhere,
+            ],
+        );
+    }
+}
+
+/// The fault of simulator seed 187 (issue 3): a burst of delay up to 2 s on every link
+/// makes the members of a region suspect and declare each other down, so each is told it
+/// is down and renews its identity at about the same time. Each one's renewal goes to the
+/// others' old identities, which foca drops, and a renewed foca instance stays
+/// disconnected, timers cancelled, until a message reaches it: the LAN pool fell silent
+/// and a member's LAN view missed a live peer forever.
+#[test]
+fn burst_of_delay_where_members_renew_at_once_reconverges() {
+    for seed in 71..=76 {
+        run_scenario(
+            seed,
+            &[
+                Op::StartFleet,
+                Op::Converged { within_secs: 60 },
+                Op::Slow { extra_ms_max: 2000 },
+                Op::Wait { secs: 20 },
+                Op::Heal,
+                Op::Converged { within_secs: 60 },
+                Op::SameOwnersEverywhere,
+            ],
+        );
+    }
+}
+
+/// A node that left stays out of every view, though it keeps running, and falls silent:
+/// no hello to its seeds (it has no WAN peer any more) and no announce from its pools.
+#[test]
+fn node_that_left_stays_out() {
+    run_scenario(
+        81,
+        &[
+            Op::StartFleet,
+            Op::Converged { within_secs: 60 },
+            Op::Leave { node: "r1n2" },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Lan,
+                within_secs: 10,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Wan,
+                within_secs: 30,
+            },
+            Op::Silent {
+                node: "r1n2",
+                secs: 120,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Lan,
+                within_secs: 0,
+            },
+            Op::DeclaredDown {
+                node: "r1n2",
+                pool: Pool::Wan,
+                within_secs: 0,
+            },
+        ],
+    );
 }

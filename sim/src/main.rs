@@ -11,7 +11,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use tenure_sim::runner::{self, Summary};
 use tenure_sim::scenario::Scenario;
-use tenure_sim::world::RunOutcome;
+use tenure_sim::world::{convergence_bound_ms, RunOutcome};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -109,6 +109,17 @@ fn run() -> anyhow::Result<bool> {
             print_one(o, wall_s);
         }
     }
+    println!(
+        "convergence: {} of {} seeds converged within the bound ({} ms after healing); {} converged at some point, the slowest (seed {}) {} ms after its last fault ended",
+        summary.seeds - summary.not_converged,
+        summary.seeds,
+        convergence_bound_ms(scenario.heartbeat.interval_ms),
+        summary.converged,
+        summary
+            .slowest_seed
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        summary.converged_after_ms_max
+    );
     if summary.not_converged > 0 {
         println!(
             "membership not converged within the bound after healing on {} of {} seeds",
@@ -189,4 +200,8 @@ fn print_one(o: &RunOutcome, wall_s: f64) {
         "dependencies: true={} reported/wrong: {:?} (tenure first, then legacy)",
         s.true_dependencies, s.dependencies
     );
+    match s.converged_after_ms {
+        Some(ms) => println!("converged {ms} ms after the last fault ended"),
+        None => println!("never converged after the last fault ended"),
+    }
 }

@@ -69,6 +69,11 @@ pub struct Summary {
     pub trace_hash: u64,
     /// Seeds whose membership had not converged within the bound after healing.
     pub not_converged: u64,
+    /// Seeds whose views matched the truth at some point after their last fault, the
+    /// longest time that took among them, in ms, and the seed that took it.
+    pub converged: u64,
+    pub converged_after_ms_max: u64,
+    pub slowest_seed: Option<u64>,
     /// Flows emitted more than once (same `flow_id`): at-least-once after crashes,
     /// pauses and ack timeouts. Counted, not failures.
     pub duplicates: u64,
@@ -113,6 +118,13 @@ impl Summary {
                     s.misattributed += 1;
                 }
                 s.failures.push((o.seed, v.clone()));
+            }
+            if let Some(ms) = o.stats.converged_after_ms {
+                s.converged += 1;
+                if s.slowest_seed.is_none() || ms > s.converged_after_ms_max {
+                    s.converged_after_ms_max = ms;
+                    s.slowest_seed = Some(o.seed);
+                }
             }
             if let Some(v) = &o.convergence {
                 s.not_converged += 1;

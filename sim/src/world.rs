@@ -49,6 +49,8 @@ const REPLACEMENT_GAP_MS_MAX: u64 = 2_000;
 const EVENTS_PER_RUN_MAX: u64 = 2_000_000_000;
 /// The key of the trace hash: fixed, so that traces compare across runs and machines.
 const TRACE_KEY: (u64, u64) = (0x7465_6e75_7265_2d73, 0x696d_2d74_7261_6365);
+/// How often the views are compared with the truth after healing, to time convergence.
+const CONVERGENCE_PROBE_MS: u64 = 1_000;
 /// Sender ids of exporters start here in sealed envelopes (collectors count from 1).
 const EXPORTER_SENDER_ID_BASE: u64 = 1 << 32;
 
@@ -119,6 +121,9 @@ enum Ev {
     FaultStart(u32),
     FaultEnd(u32),
     Heal,
+    /// Are the views right yet? Looked at every [`CONVERGENCE_PROBE_MS`] from the end of
+    /// the last fault until they are, to time convergence.
+    ConvergenceProbe,
     ConvergenceCheck,
     End,
 }
@@ -212,6 +217,9 @@ pub struct RunStats {
     pub recovered: u64,
     /// Journal writes a crash lost before their fsync (never acknowledged).
     pub unsynced_lost: u64,
+    /// How long after the last fault ended every view first matched the truth (LAN, WAN,
+    /// ring, handoff; looked at every second), if it did before the end of the run.
+    pub converged_after_ms: Option<u64>,
 }
 
 impl RunStats {
@@ -281,6 +289,9 @@ pub struct World<'s> {
     start: u64,
     flows_start: u64,
     heal_at: u64,
+    /// When the last fault episode ended (`heal_at` without faults): convergence is timed
+    /// from here.
+    faults_end: u64,
     bounded_from: u64,
     flows_end: u64,
     end_at: u64,
@@ -449,6 +460,7 @@ impl<'s> World<'s> {
             start,
             flows_start,
             heal_at,
+            faults_end: heal_at,
             bounded_from: heal_at + scenario.run.settle_s * 1_000,
             flows_end,
             end_at: flows_end + drain,
@@ -534,6 +546,13 @@ impl<'s> World<'s> {
             self.push(f.end_ms, Ev::FaultEnd(id as u32));
         }
         self.stats.faults = fault::describe_enabled(&self.faults);
+        self.faults_end = self
+            .faults
+            .iter()
+            .map(|f| f.end_ms)
+            .max()
+            .map_or(self.heal_at, |end| end.min(self.heal_at));
+        self.push(self.faults_end, Ev::ConvergenceProbe);
         self.push(self.heal_at, Ev::Heal);
         self.push(self.end_at, Ev::End);
     }
@@ -769,6 +788,13 @@ impl<'s> World<'s> {
                 self.trace(15, 0, 0);
                 let bound = convergence_bound_ms(self.scenario.heartbeat.interval_ms);
                 self.push(self.now + bound, Ev::ConvergenceCheck);
+            }
+            Ev::ConvergenceProbe => {
+                if self.convergence_gaps().is_empty() {
+                    self.stats.converged_after_ms = Some(self.now - self.faults_end);
+                } else {
+                    self.push(self.now + CONVERGENCE_PROBE_MS, Ev::ConvergenceProbe);
+                }
             }
             Ev::ConvergenceCheck => {
                 self.trace(16, 0, 0);
