@@ -120,6 +120,16 @@ pub(crate) enum Judgement {
 #[inline]
 pub(crate) fn judge(history: History<'_>, window: Window) -> Judgement {
     let first = history.partition_point(|s| s.end_raw() < window.start.0);
+    // The first segment that reaches the window covers all of it: the usual answer, found
+    // without walking the history.
+    if let Some(segment) = history.get(first) {
+        if segment.start <= window.start.0 && segment.end_raw() >= window.end.0 {
+            return match segment.owner() {
+                Owner::Workload(id) => Judgement::Covered(id),
+                Owner::Conflict => Judgement::Conflict,
+            };
+        }
+    }
     let mut intersecting = history
         .iter()
         .skip(first)
@@ -127,12 +137,7 @@ pub(crate) fn judge(history: History<'_>, window: Window) -> Judgement {
     let Some(segment) = intersecting.next() else {
         return Judgement::Empty;
     };
-    if segment.start <= window.start.0 && segment.end_raw() >= window.end.0 {
-        return match segment.owner() {
-            Owner::Workload(id) => Judgement::Covered(id),
-            Owner::Conflict => Judgement::Conflict,
-        };
-    }
+    // It does not cover all of the window (else the answer came above).
     let one = segment.owner;
     let mut judgement = if one == CONFLICT {
         Judgement::Conflict
@@ -181,6 +186,16 @@ impl<'a> History<'a> {
     #[inline]
     pub(crate) fn iter(&self) -> impl Iterator<Item = Segment> + 'a {
         self.older.iter().copied().chain(self.latest)
+    }
+
+    /// The `index`th segment, oldest first.
+    #[inline]
+    fn get(&self, index: usize) -> Option<Segment> {
+        match self.older.get(index) {
+            Some(segment) => Some(*segment),
+            None if index == self.older.len() => self.latest,
+            None => None,
+        }
     }
 
     /// The number of leading segments for which `pred` holds (`pred` must be monotone).
