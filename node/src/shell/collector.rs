@@ -82,6 +82,10 @@ pub(crate) struct Shared {
     pub(crate) node: String,
     pub(crate) bound: Bound,
     pub(crate) event_token: Option<String>,
+    /// This collector's clock: the system clock plus the admin-set offset.
+    pub(crate) clock: clock::Clock,
+    /// The bearer token of `/admin/*`; `None` when fault injection is disabled.
+    pub(crate) admin_token: Option<String>,
     /// node id → (region, up), from membership notices, for metrics and /v1/cluster.
     pub(crate) roster: Mutex<BTreeMap<String, (String, bool)>>,
     pub(crate) started: UnixMillis,
@@ -121,7 +125,7 @@ impl Shared {
         let mut out = Vec::new();
         let result = {
             let mut core = lock(&self.core);
-            f(&mut core, clock::now(), &mut out)
+            f(&mut core, self.clock.now(), &mut out)
         };
         self.dispatch(out).await;
         result
@@ -437,6 +441,10 @@ pub async fn run_reloadable(
     let (cluster_ring, exporter_ring) = config
         .keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
         .context("keys")?;
+    let admin_token = config.admin.resolve_token().context("[admin]")?;
+    if admin_token.is_some() {
+        tracing::warn!(node = %config.node_id, "admin fault injection is enabled (/admin/clock); do not run this in production");
+    }
     if config.dev_exporters_use_cluster_key && config.exporter_key.is_none() {
         tracing::warn!(node = %config.node_id, "development mode: exporters use the cluster key, so any exporter can speak as a collector; do not run this in production");
     }
@@ -554,6 +562,8 @@ pub async fn run_reloadable(
         node: config.node_id.clone(),
         bound: bound.clone(),
         event_token: config.event_feed_token.clone(),
+        clock: clock::Clock::new(),
+        admin_token,
         roster: Mutex::new(BTreeMap::new()),
         started: start,
         peer_http: super::fanout::PeerHttp::new(
