@@ -394,6 +394,8 @@ impl Shared {
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
+        metrics::counter!(m::FLOWS_ALREADY_HELD, "node" => node.clone())
+            .absolute(core.stats().flows_already_held);
         metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => "engine")
             .absolute(stats.claims_rejected);
         let admission = core.admission_stats();
