@@ -152,7 +152,9 @@ pub enum SinkConfig {
         /// The directory; created if missing. Default `./tenure-flows`.
         #[serde(default = "default_sink_dir")]
         dir: PathBuf,
-        /// A new file is started after this many ms. Default 600,000 (10 min).
+        /// A new file is started after this many ms. Default 600,000 (10 min). Flows stay
+        /// in the journal until their file is closed (a file without its footer is
+        /// unreadable after a crash), so this also bounds how long the journal holds them.
         #[serde(default = "default_parquet_roll_interval_ms")]
         roll_interval_ms: u64,
         /// ... or once a file reaches this many bytes (compressed, written so far).

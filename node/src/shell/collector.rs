@@ -932,8 +932,9 @@ async fn sink_writer(
             }
             _ = flush.tick() => {
                 writer.tick(clock::now().0)?;
-                // Written to the kernel: survives `kill -9` of this process.
-                durable.store(written, Ordering::SeqCst);
+                // On disk, and readable: survives `kill -9` and a power loss. Rows of an
+                // open Parquet file are not (it has no footer yet): they wait for its roll.
+                durable.store(written.saturating_sub(writer.unsettled_flows()), Ordering::SeqCst);
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.
