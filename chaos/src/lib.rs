@@ -97,7 +97,10 @@ impl fmt::Display for Fault {
                 node,
                 offset_ms,
                 for_ms,
-            } => write!(f, "clock of node {node} off by {offset_ms:+} ms for {for_ms} ms"),
+            } => write!(
+                f,
+                "clock of node {node} off by {offset_ms:+} ms for {for_ms} ms"
+            ),
         }
     }
 }

@@ -76,9 +76,9 @@ use flow::DictionaryBuilder;
 pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
 use journal::Ledger;
+pub use journal::{JournalOp, JournaledFlow};
 use recent::Recent;
 pub use recent::RECENT_FLOWS_MAX;
-pub use journal::{JournalOp, JournaledFlow};
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
     Reason, RegionMap, Resolved, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,

@@ -666,7 +666,11 @@ fn a_peer_re_sending_flows_we_hold_gets_its_ack_after_our_sync_and_no_second_cop
     more.push(flow(3, "10.1.0.9", START + 4_000));
     core.handle_message(7, forwarded(72, more), now, &mut out);
     let ops = journal(&out);
-    let [JournalOp::Append { id: id3, flows: new }] = ops.as_slice() else {
+    let [JournalOp::Append {
+        id: id3,
+        flows: new,
+    }] = ops.as_slice()
+    else {
         panic!("one append for the new flow: {ops:?}");
     };
     assert_eq!(new.iter().map(|f| f.flow_id).collect::<Vec<_>>(), vec![3]);
