@@ -197,10 +197,18 @@ pub fn schedule(options: &Options, nodes: usize, rng: &mut Rng) -> Vec<Fault> {
             offset_ms: -30_000,
             for_ms: 3_000,
         },
+        // Forward by more than the pending deadline: flows waiting there time out at once.
+        Fault::Clock {
+            node: nodes / 2,
+            offset_ms: 20_000,
+            for_ms: 3_000,
+        },
     ];
     // Each fault takes about its length plus ~10 s to converge.
     let mut budget_ms = options.duration_secs.saturating_mul(1_000);
-    budget_ms = budget_ms.saturating_sub(2_000 + 6_000 + 4_000 + 3_000 + 30_000);
+    budget_ms = budget_ms.saturating_sub(2_000 + 6_000 + 4_000 + 3_000 + 3_000 + 30_000);
+    // Random jumps alternate between forward and back.
+    let mut forward = true;
     while budget_ms > 15_000 {
         let node = pick(rng);
         let len = 2_000 + rng.below(6_000);
@@ -221,7 +229,8 @@ pub fn schedule(options: &Options, nodes: usize, rng: &mut Rng) -> Vec<Fault> {
             },
             // A jump beyond δ, forward or back, by up to two minutes.
             _ => {
-                let sign = if rng.below(2) == 0 { 1 } else { -1 };
+                let sign = if forward { 1 } else { -1 };
+                forward = !forward;
                 let magnitude = SKEW_MARGIN_MS * 5 + rng.below(120_000);
                 Fault::Clock {
                     node,
