@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -12,10 +12,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::time::Instant;
 
+use crate::net::{NetError, Netns, Nft};
 use crate::{Emitted, Options};
 
 /// The cluster key every process and exporter shares (a test key).
 pub const KEY_HEX: &str = "6368616f7320636c7573746572206b6579202d206e6f7420666f722070726f64";
+/// The admin bearer token of every collector here (fault injection is on: a test setup).
+pub const ADMIN_TOKEN: &str = "chaos-admin-token-not-for-production";
 /// How long a started process may take to print its LISTENING line.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,24 +61,56 @@ pub fn region_prefix(r: usize) -> String {
     format!("10.{}.0.0/16", r + 1)
 }
 
+/// Where the collectors live on the network (see [`crate::net`]).
+#[derive(Debug)]
+pub enum Network {
+    /// A namespace per collector, on a bridge of this run.
+    Namespaces(Netns),
+    /// Everyone on 127.0.0.1; network faults through nftables on ports (root only).
+    Loopback(Nft),
+}
+
 /// All collectors of the run.
 #[derive(Debug)]
 pub struct Cluster {
     bin: PathBuf,
     dir: PathBuf,
     regions: usize,
+    /// Dropped before `network`: processes die before their namespaces go.
     nodes: Vec<Node>,
+    network: Network,
 }
 
 impl Cluster {
     /// Starts `regions × nodes_per_region` collectors (the first is every other's seed)
     /// and waits until they converge.
     pub async fn start(options: &Options) -> anyhow::Result<Cluster> {
+        let count = options.regions * options.nodes_per_region;
+        let network = if options.namespaces {
+            match Netns::create(count) {
+                Ok(netns) => {
+                    eprintln!(
+                        "chaos: one network namespace per collector ({}..), bridge at {}",
+                        netns.name(0),
+                        netns.gateway()
+                    );
+                    Network::Namespaces(netns)
+                }
+                Err(e) => {
+                    eprintln!("chaos: NETWORK NAMESPACES UNAVAILABLE ({e}); collectors share loopback, and partitions and loss fall back to nftables on their ports, which needs root and nft (skipped otherwise)");
+                    Network::Loopback(Nft::new(std::process::id()))
+                }
+            }
+        } else {
+            eprintln!("chaos: collectors share loopback (namespaces not asked for); partitions and loss use nftables on their ports (root and nft, skipped otherwise)");
+            Network::Loopback(Nft::new(std::process::id()))
+        };
         let mut cluster = Cluster {
             bin: options.tenure_bin.clone(),
             dir: options.dir.clone(),
             regions: options.regions,
             nodes: Vec::new(),
+            network,
         };
         for r in 0..options.regions {
             for n in 0..options.nodes_per_region {
@@ -90,7 +125,8 @@ impl Cluster {
                     .map(|n| n.gossip)
                     .into_iter()
                     .collect();
-                let node = cluster.spawn(spec, &seeds)?;
+                let index = cluster.nodes.len();
+                let node = cluster.spawn(index, spec, &seeds)?;
                 cluster.nodes.push(node);
             }
         }
@@ -114,13 +150,46 @@ impl Cluster {
             .collect()
     }
 
-    /// Gossip and data ports of a node (for partitions).
-    pub fn ports(&self, node: usize) -> (u16, u16) {
-        let n = &self.nodes[node % self.nodes.len()];
-        (n.gossip.port(), n.data.port())
+    /// Whether collectors run in namespaces of their own.
+    pub fn in_namespaces(&self) -> bool {
+        matches!(self.network, Network::Namespaces(_))
     }
 
-    fn config_text(&self, spec: &NodeSpec, seeds: &[SocketAddr], sink: &std::path::Path) -> String {
+    /// Cuts a node off the network (`percent` = 100) or drops that share of its packets.
+    pub fn cut(&self, node: usize, percent: u8) -> Result<(), NetError> {
+        let i = node % self.nodes.len();
+        match &self.network {
+            Network::Namespaces(netns) => netns.cut(i, percent),
+            Network::Loopback(nft) => {
+                let n = &self.nodes[i];
+                nft.cut((n.gossip.port(), n.data.port()), percent)
+            }
+        }
+    }
+
+    /// Undoes [`Cluster::cut`].
+    pub fn heal(&self, node: usize) -> Result<(), NetError> {
+        match &self.network {
+            Network::Namespaces(netns) => netns.heal(node % self.nodes.len()),
+            Network::Loopback(nft) => nft.heal(),
+        }
+    }
+
+    /// The address node `i` binds.
+    fn host(&self, i: usize) -> IpAddr {
+        match &self.network {
+            Network::Namespaces(netns) => netns.addr(i),
+            Network::Loopback(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+
+    fn config_text(
+        &self,
+        host: IpAddr,
+        spec: &NodeSpec,
+        seeds: &[SocketAddr],
+        sink: &std::path::Path,
+    ) -> String {
         let others: String = (0..self.regions)
             .filter(|r| region_name(*r) != spec.region)
             .map(|r| format!("\"{}\" = [\"{}\"]\n", region_name(r), region_prefix(r)))
@@ -130,9 +199,9 @@ impl Cluster {
             r#"node_id = "{id}"
 region = "{region}"
 prefixes = ["{prefix}"]
-gossip_addr = "127.0.0.1:0"
-data_addr = "127.0.0.1:0"
-http_addr = "127.0.0.1:0"
+gossip_addr = "{host}:0"
+data_addr = "{host}:0"
+http_addr = "{host}:0"
 seeds = [{seeds}]
 heartbeat_interval_ms = 500
 forward_ack_timeout_ms = 1000
@@ -147,8 +216,12 @@ dev_exporters_use_cluster_key = true
 sink = {{ kind = "files", dir = "{sink}", roll_interval_ms = 3600000 }}
 
 [engine]
-skew_margin_ms = 200
+skew_margin_ms = {skew}
 pending_deadline_ms = 3000
+
+[admin]
+enable_faults = true
+token = "{ADMIN_TOKEN}"
 
 [regions]
 {others}"#,
@@ -158,18 +231,32 @@ pending_deadline_ms = 3000
             seeds = seeds.join(", "),
             data = self.dir.join("data").display(),
             sink = sink.display(),
+            skew = crate::SKEW_MARGIN_MS,
         )
     }
 
-    fn spawn(&self, spec: NodeSpec, seeds: &[SocketAddr]) -> anyhow::Result<Node> {
+    fn spawn(&self, index: usize, spec: NodeSpec, seeds: &[SocketAddr]) -> anyhow::Result<Node> {
         let sink = self.dir.join(format!("sink-{}", spec.node_id));
         let config = self.dir.join(format!("{}.toml", spec.node_id));
-        std::fs::write(&config, self.config_text(&spec, seeds, &sink))?;
+        std::fs::write(
+            &config,
+            self.config_text(self.host(index), &spec, seeds, &sink),
+        )?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{}.log", spec.node_id)))?;
-        let mut child = Command::new(&self.bin)
+        // `ip netns exec` execs the binary in the namespace: the child's pid is the
+        // collector's, so kill -9 and SIGSTOP reach it.
+        let mut command = match &self.network {
+            Network::Namespaces(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &netns.name(index)]).arg(&self.bin);
+                c
+            }
+            Network::Loopback(_) => Command::new(&self.bin),
+        };
+        let mut child = command
             .args(["collector", "--config"])
             .arg(&config)
             .env("TENURE_LOG", "warn")
@@ -229,9 +316,31 @@ pending_deadline_ms = 3000
             .map(|(_, n)| n.gossip)
             .collect();
         let spec = self.nodes[i].spec.clone();
-        let fresh = self.spawn(spec, &seeds)?;
+        let fresh = self.spawn(i, spec, &seeds)?;
         let _ = &fresh.config;
         self.nodes[i] = fresh;
+        Ok(())
+    }
+
+    /// Sets a node's clock offset through its admin endpoint (0 heals).
+    pub async fn set_clock_offset(&self, node: usize, offset_ms: i64) -> anyhow::Result<()> {
+        let n = &self.nodes[node % self.nodes.len()];
+        let body = format!("{{\"offset_ms\": {offset_ms}}}");
+        let (status, text) = tenure_node::httpc::request(
+            n.http,
+            "POST",
+            "/admin/clock",
+            Some(&body),
+            Some(ADMIN_TOKEN),
+            HTTP_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("{}: POST /admin/clock", n.spec.node_id))?;
+        anyhow::ensure!(
+            status == 200,
+            "{}: POST /admin/clock answered {status}: {text}",
+            n.spec.node_id
+        );
         Ok(())
     }
 
@@ -294,7 +403,7 @@ pending_deadline_ms = 3000
     /// Every line of every sink file, by flow id.
     pub fn read_sinks(&self) -> BTreeMap<u128, Vec<Emitted>> {
         let mut out: BTreeMap<u128, Vec<Emitted>> = BTreeMap::new();
-        for n in &self.nodes {
+        for (index, n) in self.nodes.iter().enumerate() {
             let Ok(entries) = std::fs::read_dir(&n.sink) else {
                 continue;
             };
@@ -311,6 +420,7 @@ pending_deadline_ms = 3000
                         continue;
                     };
                     out.entry(id).or_default().push(Emitted {
+                        node: index,
                         attributed_to: v["remote"]["workload"].as_str().map(str::to_owned),
                         source: v["source"].as_str().map(str::to_owned),
                         unattributed: v["result"] == "unattributed",

@@ -1,7 +1,8 @@
 //! `tenure-chaos`: a real cluster of `tenure collector` processes, a synthetic fleet of
 //! in-process exporters whose ground truth is recorded, and faults injected while traffic
-//! flows: `kill -9` and a restart on the same data directory, SIGSTOP/SIGCONT, and (as
-//! root, with `nft`) a partition of a node and packet loss on its gossip port.
+//! flows: `kill -9` and a restart on the same data directory, SIGSTOP/SIGCONT, clock skew
+//! and jumps (the collectors' admin-set clock offset, `POST /admin/clock`), and (as root,
+//! with `nft`) a partition of a node and packet loss on its gossip port.
 //!
 //! Afterwards the history is checked: every flow acknowledged to an exporter is emitted at
 //! least once (read from every collector's NDJSON sink files), nothing emitted was never
@@ -33,6 +34,8 @@ pub const UNATTRIBUTED_SHARE_MAX: f64 = 0.05;
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long acknowledged flows may take to reach the sinks after traffic stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// δ, the collectors' `skew_margin_ms`: clock faults within it are skew, beyond it jumps.
+pub const SKEW_MARGIN_MS: u64 = 200;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -48,6 +51,9 @@ pub struct Options {
     pub regions: usize,
     pub nodes_per_region: usize,
     pub exporters_per_region: usize,
+    /// Run every collector in a network namespace of its own (root); when they cannot be
+    /// made, or when false, collectors share loopback.
+    pub namespaces: bool,
 }
 
 /// A fault the supervisor injects.
@@ -65,6 +71,13 @@ pub enum Fault {
         percent: u8,
         for_ms: u64,
     },
+    /// The node's clock set `offset_ms` off (within δ: skew; beyond: a jump forward or
+    /// back), then set right again after `for_ms`.
+    Clock {
+        node: usize,
+        offset_ms: i64,
+        for_ms: u64,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -80,6 +93,14 @@ impl fmt::Display for Fault {
                 percent,
                 for_ms,
             } => write!(f, "{percent}% gossip loss at node {node} for {for_ms} ms"),
+            Fault::Clock {
+                node,
+                offset_ms,
+                for_ms,
+            } => write!(
+                f,
+                "clock of node {node} off by {offset_ms:+} ms for {for_ms} ms"
+            ),
         }
     }
 }
@@ -169,27 +190,65 @@ pub fn schedule(options: &Options, nodes: usize, rng: &mut Rng) -> Vec<Fault> {
             node: nodes / 2 + 1,
             for_ms: 4_000,
         },
+        // Back by far more than δ and than the claims' tolerated skew: the node refuses
+        // its exporters' claims as future ones and holds flows past their deadline.
+        Fault::Clock {
+            node: 0,
+            offset_ms: -30_000,
+            for_ms: 3_000,
+        },
+        // Forward by more than the pending deadline: flows waiting there time out at once.
+        Fault::Clock {
+            node: nodes / 2,
+            offset_ms: 20_000,
+            for_ms: 3_000,
+        },
     ];
     // Each fault takes about its length plus ~10 s to converge.
     let mut budget_ms = options.duration_secs.saturating_mul(1_000);
-    budget_ms = budget_ms.saturating_sub(2_000 + 6_000 + 4_000 + 30_000);
+    budget_ms = budget_ms.saturating_sub(2_000 + 6_000 + 4_000 + 3_000 + 3_000 + 30_000);
+    // Random jumps alternate between forward and back.
+    let mut forward = true;
     while budget_ms > 15_000 {
         let node = pick(rng);
         let len = 2_000 + rng.below(6_000);
-        let fault = match rng.below(4) {
+        let fault = match rng.below(6) {
             0 => Fault::Kill { node, down_ms: len },
             1 => Fault::Pause { node, for_ms: len },
             2 => Fault::Partition { node, for_ms: len },
-            _ => Fault::Loss {
+            3 => Fault::Loss {
                 node,
                 percent: 30,
                 for_ms: len,
             },
+            // Skew within δ: nothing may change.
+            4 => Fault::Clock {
+                node,
+                offset_ms: signed(rng, SKEW_MARGIN_MS / 2),
+                for_ms: len,
+            },
+            // A jump beyond δ, forward or back, by up to two minutes.
+            _ => {
+                let sign = if forward { 1 } else { -1 };
+                forward = !forward;
+                let magnitude = SKEW_MARGIN_MS * 5 + rng.below(120_000);
+                Fault::Clock {
+                    node,
+                    offset_ms: sign * i64::try_from(magnitude).unwrap_or(0),
+                    for_ms: len,
+                }
+            }
         };
         faults.push(fault);
         budget_ms = budget_ms.saturating_sub(len + 10_000);
     }
     faults
+}
+
+/// A uniform draw in `-max..=max`.
+fn signed(rng: &mut Rng, max: u64) -> i64 {
+    let draw = i64::try_from(rng.below(2 * max + 1)).unwrap_or(0);
+    draw - i64::try_from(max).unwrap_or(0)
 }
 
 /// Runs the whole scenario: cluster up, traffic, faults, calm phase, drain, checks.
@@ -200,7 +259,6 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let mut cluster = Cluster::start(options).await?;
     let nodes = cluster.len();
     eprintln!("chaos: {nodes} collectors up and converged");
-    let net = net::Nft::new(std::process::id());
     let fleet = Arc::new(Fleet::new(options, &cluster, options.seed));
     let traffic = fleet.clone().start();
 
@@ -228,16 +286,28 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
                 cluster.signal(node, "CONT")?;
                 Instant::now()
             }
+            Fault::Clock {
+                node,
+                offset_ms,
+                for_ms,
+            } => {
+                cluster.set_clock_offset(node, offset_ms).await?;
+                tokio::time::sleep(Duration::from_millis(for_ms)).await;
+                cluster.set_clock_offset(node, 0).await?;
+                Instant::now()
+            }
             Fault::Partition { node, for_ms } | Fault::Loss { node, for_ms, .. } => {
                 let percent = match *fault {
                     Fault::Loss { percent, .. } => percent,
-                    Fault::Partition { .. } | Fault::Kill { .. } | Fault::Pause { .. } => 100,
+                    Fault::Partition { .. }
+                    | Fault::Kill { .. }
+                    | Fault::Pause { .. }
+                    | Fault::Clock { .. } => 100,
                 };
-                let ports = cluster.ports(node);
-                match net.cut(ports, percent) {
+                match cluster.cut(node, percent) {
                     Ok(()) => {
                         tokio::time::sleep(Duration::from_millis(for_ms)).await;
-                        net.heal()?;
+                        cluster.heal(node)?;
                     }
                     Err(e) => {
                         let why = format!("{fault}: skipped ({e})");
@@ -286,6 +356,8 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
 /// One sink line, reduced to what the checks need.
 #[derive(Clone, Debug)]
 pub struct Emitted {
+    /// The collector whose sink holds the line.
+    pub node: usize,
     pub attributed_to: Option<String>,
     pub source: Option<String>,
     pub unattributed: bool,
@@ -309,24 +381,37 @@ pub fn check(
         .count();
     let mut phantom = BTreeSet::new();
     let (mut calm, mut calm_unattributed) = (0usize, 0usize);
+    // Flows to roaming IPs: emitted, attributed, and with no owner for their whole window.
+    let (mut roaming, mut roaming_attributed, mut roaming_ownerless) = (0usize, 0usize, 0usize);
+    // Duplicates written by one node (a replay, a batch taken twice) or by several.
+    let (mut dup_same_node, mut dup_across_nodes) = (0usize, 0usize);
     for (id, lines) in emitted {
         report.duplicates += lines.len().saturating_sub(1);
+        let nodes: BTreeSet<usize> = lines.iter().map(|l| l.node).collect();
+        dup_same_node += lines.len() - nodes.len();
+        dup_across_nodes += nodes.len().saturating_sub(1);
         let Some(truth) = history.sent.get(id) else {
             phantom.insert(*id);
             continue;
         };
         for line in lines {
             if line.source.as_deref() == Some("heartbeat")
-                && line.attributed_to.as_deref() != Some(truth.remote_workload.as_str())
+                && line.attributed_to.as_deref() != truth.remote_workload.as_deref()
             {
                 report.misattributed += 1;
                 eprintln!(
-                    "chaos: flow {id:032x} to {} attributed to {:?}, owner {}",
+                    "chaos: flow {id:032x} to {} attributed to {:?}, owner {:?}",
                     truth.remote_ip, line.attributed_to, truth.remote_workload
                 );
             }
         }
-        if (calm_from_ms..calm_until_ms).contains(&truth.start_ms) {
+        if truth.roaming {
+            roaming += 1;
+            roaming_ownerless += usize::from(truth.remote_workload.is_none());
+            roaming_attributed += usize::from(lines.iter().any(|l| !l.unattributed));
+        }
+        // Flows near a handover may rightly stay unattributed: the share counts the rest.
+        if truth.attributable && (calm_from_ms..calm_until_ms).contains(&truth.start_ms) {
             calm += 1;
             if lines.iter().all(|l| l.unattributed) {
                 calm_unattributed += 1;
@@ -334,6 +419,12 @@ pub fn check(
         }
     }
     report.phantom = phantom.len();
+    eprintln!(
+        "chaos: duplicates: {dup_same_node} written again by the same node, {dup_across_nodes} by another node"
+    );
+    eprintln!(
+        "chaos: {roaming} flows to roaming IPs, {roaming_attributed} attributed, {roaming_ownerless} with no single owner over their window (must not be attributed)"
+    );
     report.unattributed_share = if calm == 0 {
         1.0
     } else {

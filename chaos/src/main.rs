@@ -29,6 +29,9 @@ struct Args {
     nodes_per_region: usize,
     #[arg(long, default_value_t = 8)]
     exporters_per_region: usize,
+    /// Keep every collector on loopback instead of a network namespace of its own.
+    #[arg(long)]
+    loopback: bool,
 }
 
 #[tokio::main]
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         regions: args.regions.max(1),
         nodes_per_region: args.nodes_per_region.max(1),
         exporters_per_region: args.exporters_per_region.max(2),
+        namespaces: !args.loopback,
     };
     let report = run(&options).await?;
     for s in &report.skipped {

@@ -42,6 +42,7 @@ async fn short_scenario_loses_and_misattributes_nothing() -> anyhow::Result<()> 
         regions: 2,
         nodes_per_region: 3,
         exporters_per_region: 6,
+        namespaces: true,
     };
     let report = run(&options).await?;
     println!("{report}");

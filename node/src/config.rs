@@ -152,7 +152,9 @@ pub enum SinkConfig {
         /// The directory; created if missing. Default `./tenure-flows`.
         #[serde(default = "default_sink_dir")]
         dir: PathBuf,
-        /// A new file is started after this many ms. Default 600,000 (10 min).
+        /// A new file is started after this many ms. Default 600,000 (10 min). Flows stay
+        /// in the journal until their file is closed (a file without its footer is
+        /// unreadable after a crash), so this also bounds how long the journal holds them.
         #[serde(default = "default_parquet_roll_interval_ms")]
         roll_interval_ms: u64,
         /// ... or once a file reaches this many bytes (compressed, written so far).
@@ -370,6 +372,67 @@ pub struct CollectorConfig {
     pub region_size_hint: u32,
     #[serde(default = "default_fleet_size")]
     pub fleet_size_hint: u32,
+    /// The admin surface (fault injection for chaos testing). Default: disabled.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: fault injection through HTTP (`/admin/clock`), for chaos testing only.
+/// Disabled by default, and then its routes answer 404.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve `/admin/clock`, which sets an offset on this collector's clock (skew and
+    /// jumps). Never in production: a wrong clock delays attribution for everyone whose
+    /// flows this node judges. Default false.
+    #[serde(default)]
+    pub enable_faults: bool,
+    /// The bearer token admin requests must carry, 16 to 256 bytes; required when
+    /// `enable_faults`. Prefer `token_file` outside tests.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Bounds of an admin token, in bytes.
+pub const ADMIN_TOKEN_BYTES_MIN: usize = 16;
+pub const ADMIN_TOKEN_BYTES_MAX: usize = 256;
+
+impl AdminConfig {
+    /// The token admin requests must present: `None` when fault injection is disabled.
+    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+        if !self.enable_faults {
+            return Ok(None);
+        }
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("admin", "set token or token_file, not both"));
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                return Err(invalid(
+                    "admin",
+                    "enable_faults needs a token (token or token_file)",
+                ));
+            }
+        };
+        if !(ADMIN_TOKEN_BYTES_MIN..=ADMIN_TOKEN_BYTES_MAX).contains(&token.len()) {
+            return Err(invalid(
+                "admin.token",
+                format!("must be {ADMIN_TOKEN_BYTES_MIN} to {ADMIN_TOKEN_BYTES_MAX} bytes"),
+            ));
+        }
+        Ok(Some(token))
+    }
 }
 
 fn one() -> u64 {
@@ -523,6 +586,13 @@ impl CollectorConfig {
             || self.http_request_timeout_ms == 0
         {
             return Err(invalid("*_timeout_ms", "must be above 0"));
+        }
+        if self.admin.enable_faults && self.admin.token.is_none() && self.admin.token_file.is_none()
+        {
+            return Err(invalid(
+                "admin",
+                "enable_faults needs a token (token or token_file)",
+            ));
         }
         Ok(())
     }
@@ -738,6 +808,43 @@ mod tests {
         config.validate().unwrap();
         let bad = format!("{text}\nbogus = 1\n");
         let err = parse::<CollectorConfig>(&bad, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn admin_faults_are_off_by_default_and_need_a_token() {
+        let base = r#"
+            node_id = "a"
+            region = "r"
+            prefixes = ["10.0.0.0/16"]
+            cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
+            exporter_key = { key_hex = "1111111111111111111111111111111111111111111111111111111111111111" }
+        "#;
+        let config: CollectorConfig = parse(base, Path::new("t.toml")).unwrap();
+        assert!(!config.admin.enable_faults);
+        assert_eq!(config.admin.resolve_token().unwrap(), None);
+
+        let no_token = format!("{base}\n[admin]\nenable_faults = true\n");
+        let config: CollectorConfig = parse(&no_token, Path::new("t.toml")).unwrap();
+        assert!(config.validate().is_err());
+        assert!(config.admin.resolve_token().is_err());
+
+        let short = format!("{base}\n[admin]\nenable_faults = true\ntoken = \"short\"\n");
+        let config: CollectorConfig = parse(&short, Path::new("t.toml")).unwrap();
+        assert!(config.admin.resolve_token().is_err());
+
+        let good = format!(
+            "{base}\n[admin]\nenable_faults = true\ntoken = \"a-long-enough-admin-token\"\n"
+        );
+        let config: CollectorConfig = parse(&good, Path::new("t.toml")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.admin.resolve_token().unwrap().as_deref(),
+            Some("a-long-enough-admin-token")
+        );
+
+        let unknown = format!("{base}\n[admin]\nenable_faults = true\nbogus = 1\n");
+        let err = parse::<CollectorConfig>(&unknown, Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 

@@ -54,6 +54,8 @@ pub(super) struct Ledger {
     withheld: VecDeque<WithheldAck>,
     /// Appends settled since the last flush, released together.
     released: Vec<u64>,
+    /// The largest id reported durable by [`Ledger::synced`].
+    synced_upto: u64,
 }
 
 impl Default for Ledger {
@@ -63,6 +65,7 @@ impl Default for Ledger {
             open: BTreeMap::new(),
             withheld: VecDeque::new(),
             released: Vec::new(),
+            synced_upto: 0,
         }
     }
 }
@@ -127,8 +130,40 @@ impl Ledger {
         }
     }
 
+    /// Acks a batch that added no append because every flow of it is held by an earlier
+    /// one (a copy re-sent by a peer): at once when every append so far is durable, else
+    /// once it is.
+    pub(super) fn withhold_behind_last(
+        &mut self,
+        conn: ConnId,
+        batch_id: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let last = self.next_id.saturating_sub(1);
+        if last <= self.synced_upto {
+            out.push(Output::Frame {
+                to: Dest::Conn(conn),
+                message: Message::Ack(wire::Ack {
+                    batch_id,
+                    status: AckStatus::Accepted,
+                }),
+            });
+            return;
+        }
+        debug_assert!(
+            self.withheld.back().is_none_or(|w| w.journal_id <= last),
+            "withheld acks are in append order"
+        );
+        self.withheld.push_back(WithheldAck {
+            journal_id: last,
+            conn,
+            batch_id,
+        });
+    }
+
     /// Acks for every append up to `upto_id`, now durable.
     pub(super) fn synced(&mut self, upto_id: u64, out: &mut Vec<Output>) {
+        self.synced_upto = self.synced_upto.max(upto_id);
         while self
             .withheld
             .front()

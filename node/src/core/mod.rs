@@ -61,6 +61,7 @@
 mod admission;
 mod flow;
 mod journal;
+mod recent;
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +77,8 @@ pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
 use journal::Ledger;
 pub use journal::{JournalOp, JournaledFlow};
+use recent::Recent;
+pub use recent::RECENT_FLOWS_MAX;
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
     Reason, RegionMap, Resolved, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
@@ -275,6 +278,9 @@ pub struct CoreStats {
     /// [`NodeCore::recover`].
     pub journal_appends: u64,
     pub flows_recovered: u64,
+    /// Flows in forwarded batches already journaled here (a peer's re-sent copies), not
+    /// taken again.
+    pub flows_already_held: u64,
 }
 
 /// The node's core. See the module documentation.
@@ -296,6 +302,8 @@ pub struct NodeCore {
     left: bool,
     stats: CoreStats,
     journal: Ledger,
+    /// Flows journaled lately, to drop copies that peers re-send.
+    recent: Recent,
     scratch: tenure_attribution::Outputs<JournaledFlow>,
     admission: Admission,
 }
@@ -350,6 +358,7 @@ impl NodeCore {
             left: false,
             stats: CoreStats::default(),
             journal: Ledger::default(),
+            recent: Recent::default(),
             scratch: tenure_attribution::Outputs::default(),
             admission: Admission::new(AdmissionConfig::default()),
             config,
@@ -692,6 +701,9 @@ impl NodeCore {
         for (journal_id, records) in entries {
             self.journal.recovered(journal_id, records.len());
             self.stats.flows_recovered += records.len() as u64;
+            for r in &records {
+                self.recent.insert(r.exporter_id, r.flow_id);
+            }
             flows.extend(
                 records
                     .into_iter()
@@ -791,9 +803,31 @@ impl NodeCore {
             })
             .collect();
         self.stats.flows_received += flows.len() as u64;
+        let received = flows.len();
+        let flows: Vec<FlowRecord> = if batch.hops > 0 {
+            // A peer's copy of flows we journaled already (it re-sent them while its ack
+            // was late): they go out from that append.
+            let recent = &self.recent;
+            flows
+                .into_iter()
+                .filter(|f| !recent.contains(f.exporter_id, f.flow_id))
+                .collect()
+        } else {
+            flows
+        };
+        let already_held = received - flows.len();
+        self.stats.flows_already_held += already_held as u64;
         if flows.is_empty() {
+            if already_held > 0 {
+                // Acked once the appends holding them are durable.
+                self.journal.withhold_behind_last(conn, id, out);
+                return;
+            }
             // Nothing to make durable: claims are restated by every heartbeat.
             return ack(out, conn, id, AckStatus::Accepted);
+        }
+        for f in &flows {
+            self.recent.insert(f.exporter_id, f.flow_id);
         }
         // Journaled before anything else happens to the flows; the ack waits for
         // `journal_synced`.

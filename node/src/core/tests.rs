@@ -629,3 +629,76 @@ fn an_exporter_over_its_budget_is_told_busy_and_changes_nothing() {
     assert_eq!(acks(&out), vec![AckStatus::Accepted]);
     assert_eq!(core.history("10.1.0.8".parse().unwrap()).segments.len(), 1);
 }
+
+fn forwarded(id: u64, flows: Vec<wire::Flow>) -> Message {
+    let Message::FlowBatch(mut b) = batch(id, "a", flows, Vec::new()) else {
+        unreachable!("batch() builds flow batches")
+    };
+    b.hops = 1;
+    Message::FlowBatch(b)
+}
+
+#[test]
+fn a_peer_re_sending_flows_we_hold_gets_its_ack_after_our_sync_and_no_second_copy() {
+    let mut core = ready_core(START);
+    let now = UnixMillis(START + 4_000);
+    let flows = || {
+        vec![
+            flow(1, "10.1.0.9", START + 4_000),
+            flow(2, "10.1.0.9", START + 4_000),
+        ]
+    };
+    let mut out = Vec::new();
+    core.handle_message(7, forwarded(70, flows()), now, &mut out);
+    let ops = journal(&out);
+    let [JournalOp::Append { id, .. }] = ops.as_slice() else {
+        panic!("one append: {ops:?}");
+    };
+    let id = *id;
+
+    // The peer's ack timed out; it sends the same flows again (a new batch id), and once
+    // more with a new flow among them.
+    let mut out = Vec::new();
+    core.handle_message(7, forwarded(71, flows()), now, &mut out);
+    assert!(journal(&out).is_empty(), "nothing new to journal");
+    assert!(acks(&out).is_empty(), "the first append is not durable yet");
+    let mut more = flows();
+    more.push(flow(3, "10.1.0.9", START + 4_000));
+    core.handle_message(7, forwarded(72, more), now, &mut out);
+    let ops = journal(&out);
+    let [JournalOp::Append {
+        id: id3,
+        flows: new,
+    }] = ops.as_slice()
+    else {
+        panic!("one append for the new flow: {ops:?}");
+    };
+    assert_eq!(new.iter().map(|f| f.flow_id).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(core.stats().flows_already_held, 4);
+
+    // The first sync acks the original and its copy; the mixed batch waits for its own.
+    let mut out = Vec::new();
+    core.journal_synced(id, now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted, AckStatus::Accepted]);
+    let mut out = Vec::new();
+    core.journal_synced(*id3, now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+
+    // A copy arriving once everything is durable is acked at once.
+    let mut out = Vec::new();
+    core.handle_message(7, forwarded(73, flows()), now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert!(journal(&out).is_empty());
+
+    // Each flow goes out once, at its deadline.
+    let mut out = Vec::new();
+    core.tick(UnixMillis(START + 7_000), &mut out);
+    let mut ids: Vec<u128> = emitted(&out).into_iter().map(|(id, _)| id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+
+    // An exporter's batch is never matched against what peers sent: it is taken.
+    let mut out = Vec::new();
+    core.handle_message(8, batch(80, "a", flows(), Vec::new()), now, &mut out);
+    assert_eq!(journal(&out).len(), 1, "an exporter's flows are journaled");
+}

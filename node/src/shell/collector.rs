@@ -82,6 +82,10 @@ pub(crate) struct Shared {
     pub(crate) node: String,
     pub(crate) bound: Bound,
     pub(crate) event_token: Option<String>,
+    /// This collector's clock: the system clock plus the admin-set offset.
+    pub(crate) clock: clock::Clock,
+    /// The bearer token of `/admin/*`; `None` when fault injection is disabled.
+    pub(crate) admin_token: Option<String>,
     /// node id → (region, up), from membership notices, for metrics and /v1/cluster.
     pub(crate) roster: Mutex<BTreeMap<String, (String, bool)>>,
     pub(crate) started: UnixMillis,
@@ -121,7 +125,7 @@ impl Shared {
         let mut out = Vec::new();
         let result = {
             let mut core = lock(&self.core);
-            f(&mut core, clock::now(), &mut out)
+            f(&mut core, self.clock.now(), &mut out)
         };
         self.dispatch(out).await;
         result
@@ -390,6 +394,8 @@ impl Shared {
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
+        metrics::counter!(m::FLOWS_ALREADY_HELD, "node" => node.clone())
+            .absolute(core.stats().flows_already_held);
         metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => "engine")
             .absolute(stats.claims_rejected);
         let admission = core.admission_stats();
@@ -437,6 +443,10 @@ pub async fn run_reloadable(
     let (cluster_ring, exporter_ring) = config
         .keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
         .context("keys")?;
+    let admin_token = config.admin.resolve_token().context("[admin]")?;
+    if admin_token.is_some() {
+        tracing::warn!(node = %config.node_id, "admin fault injection is enabled (/admin/clock); do not run this in production");
+    }
     if config.dev_exporters_use_cluster_key && config.exporter_key.is_none() {
         tracing::warn!(node = %config.node_id, "development mode: exporters use the cluster key, so any exporter can speak as a collector; do not run this in production");
     }
@@ -554,6 +564,8 @@ pub async fn run_reloadable(
         node: config.node_id.clone(),
         bound: bound.clone(),
         event_token: config.event_feed_token.clone(),
+        clock: clock::Clock::new(),
+        admin_token,
         roster: Mutex::new(BTreeMap::new()),
         started: start,
         peer_http: super::fanout::PeerHttp::new(
@@ -920,8 +932,9 @@ async fn sink_writer(
             }
             _ = flush.tick() => {
                 writer.tick(clock::now().0)?;
-                // Written to the kernel: survives `kill -9` of this process.
-                durable.store(written, Ordering::SeqCst);
+                // On disk, and readable: survives `kill -9` and a power loss. Rows of an
+                // open Parquet file are not (it has no footer yet): they wait for its roll.
+                durable.store(written.saturating_sub(writer.unsettled_flows()), Ordering::SeqCst);
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.

@@ -1,6 +1,6 @@
 //! HTTP on every collector (axum): metrics, health, cluster view, ownership queries,
-//! dependencies and the event feed. JSON everywhere; bad parameters get a 4xx with a
-//! message, never a panic.
+//! dependencies, the event feed, and (only when `[admin] enable_faults`) fault injection.
+//! JSON everywhere; bad parameters get a 4xx with a message, never a panic.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,6 +35,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/ips/{ip}/owner", get(owner))
         .route("/v1/dependencies", get(dependencies))
         .route("/v1/ip-events", post(ip_events))
+        .route("/admin/clock", get(admin_clock).post(admin_set_clock))
         .merge(crate::ui::router())
         .layer(axum::extract::DefaultBodyLimit::max(EVENT_BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(
@@ -260,7 +261,7 @@ async fn dependencies(
         Ok(q) => q,
         Err(e) => return bad_request(format!("{e}; parameters: since, until, workload, scope")),
     };
-    let now = clock::now().0;
+    let now = shared.clock.now().0;
     let since = match q.since.as_deref().map(parse_time_ms).transpose() {
         Ok(t) => t.unwrap_or(now.saturating_sub(DEPENDENCIES_DEFAULT_WINDOW_MS)),
         Err(e) => return bad_request(format!("since: {e}")),
@@ -325,11 +326,7 @@ async fn ip_events(
             "the event feed is disabled: set event_feed_token in the configuration",
         );
     };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token) {
+    if !bearer_matches(&headers, token) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let watermark = match q.watermark.as_deref().map(parse_time_ms).transpose() {
@@ -392,4 +389,85 @@ fn event_from_line(line: EventLine) -> Result<IpEvent, String> {
         kind,
         owner,
     })
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time
+/// (the length aside), so that response times do not reveal how much of a guess was right.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let Some(given) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// The admin gate: 404 while fault injection is disabled (the surface does not exist),
+/// 401 without the right bearer token.
+fn admin_gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = shared.admin_token.as_deref() else {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "not found (fault injection is disabled: [admin] enable_faults)",
+        )));
+    };
+    if !bearer_matches(headers, token) {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        )));
+    }
+    Ok(())
+}
+
+fn clock_state(shared: &Shared) -> Value {
+    json!({
+        "node_id": shared.bound.node_id,
+        "offset_ms": shared.clock.offset_ms(),
+        "now_ms": shared.clock.now().0,
+        "system_now_ms": clock::now().0,
+    })
+}
+
+/// `GET /admin/clock`: the offset in force and the time this node believes it is.
+async fn admin_clock(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin_gate(&shared, &headers) {
+        return *r;
+    }
+    Json(clock_state(&shared)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockBody {
+    /// Added to the system clock, in ms; negative sets the clock back. Replaces the
+    /// previous offset (0 heals).
+    offset_ms: i64,
+}
+
+/// `POST /admin/clock` `{"offset_ms": -30000}`: sets this node's clock offset, a skew or a
+/// jump. Every later input to the core carries the shifted time.
+async fn admin_set_clock(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    if let Err(r) = admin_gate(&shared, &headers) {
+        return *r;
+    }
+    let body: ClockBody = match serde_json::from_str(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("expected {{\"offset_ms\": <i64>}}: {e}")),
+    };
+    let before = shared.clock.offset_ms();
+    if let Err(e) = shared.clock.set_offset_ms(body.offset_ms) {
+        return bad_request(e.to_string());
+    }
+    metrics::gauge!(super::metrics::CLOCK_OFFSET, "node" => shared.node.clone())
+        .set(body.offset_ms as f64);
+    tracing::warn!(node = %shared.node, before_ms = before, offset_ms = body.offset_ms, "clock offset set through /admin/clock");
+    Json(clock_state(&shared)).into_response()
 }

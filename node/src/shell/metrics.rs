@@ -30,6 +30,11 @@ pub const ATTRIBUTION_DELAY: &str = "tenure_attribution_delay_seconds";
 pub const EXPORTER_BATCHES_DROPPED: &str = "tenure_exporter_batches_dropped_total";
 pub const EXPORTER_BATCHES_SENT: &str = "tenure_exporter_batches_acked_total";
 pub const EXPORTER_BUFFERED: &str = "tenure_exporter_batches_buffered";
+/// Flows in forwarded batches that this node had journaled already (a peer's re-sent
+/// copies), not taken twice.
+pub const FLOWS_ALREADY_HELD: &str = "tenure_flows_already_held_total";
+/// The admin-set clock offset of a collector, in ms (0 unless fault injection set one).
+pub const CLOCK_OFFSET: &str = "tenure_clock_offset_ms";
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> &'static PrometheusHandle {

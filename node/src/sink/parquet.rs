@@ -191,6 +191,8 @@ pub struct ParquetFiles {
     row_group_rows_max: usize,
     current: Option<Current>,
     sequence: u64,
+    /// Rows in the current file: unreadable until it is closed.
+    rows_open: u64,
 }
 
 impl ParquetFiles {
@@ -213,6 +215,7 @@ impl ParquetFiles {
             row_group_rows_max: row_group_rows_max.max(1),
             current: None,
             sequence: 0,
+            rows_open: 0,
         })
     }
 
@@ -239,7 +242,15 @@ impl ParquetFiles {
             .map_err(|source| SinkError::Parquet {
                 path: current.partial.clone(),
                 source,
-            })
+            })?;
+        self.rows_open += flows.len() as u64;
+        Ok(())
+    }
+
+    /// Rows written to the file still open: a `kill -9` now would lose them (the file has
+    /// no footer yet), so their journal entries must stay.
+    pub fn rows_open(&self) -> u64 {
+        self.rows_open
     }
 
     /// Closes the current file if its time is up.
@@ -255,13 +266,19 @@ impl ParquetFiles {
         let Some(current) = self.current.take() else {
             return Ok(());
         };
-        current
+        let file = current
             .writer
-            .close()
+            .into_inner()
             .map_err(|source| SinkError::Parquet {
                 path: current.partial.clone(),
                 source,
             })?;
+        // On disk before the journal lets its rows go.
+        file.sync_data().map_err(|source| SinkError::File {
+            path: current.partial.clone(),
+            source,
+        })?;
+        self.rows_open = 0;
         fs::rename(&current.partial, &current.done).map_err(|source| SinkError::File {
             path: current.done.clone(),
             source,
@@ -340,5 +357,68 @@ impl Drop for ParquetFiles {
         if let Err(e) = self.close() {
             tracing::warn!(error = %e, "closing the parquet sink file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use tenure_attribution::{Reason, Verdict};
+    use tenure_gossip::wire::Direction;
+
+    use super::*;
+    use crate::core::FlowRecord;
+
+    fn flow(id: u128) -> EmittedFlow {
+        let ip: IpAddr = "10.1.0.1".parse().unwrap();
+        EmittedFlow {
+            record: FlowRecord {
+                flow_id: id,
+                local_ip: ip,
+                local_port: 1,
+                remote_ip: ip,
+                remote_port: 2,
+                local_workload: "w".into(),
+                start_ms: 1,
+                end_ms: 2,
+                bytes_sent: 0,
+                bytes_received: 0,
+                packets: 0,
+                retransmits: 0,
+                direction: Direction::Outbound,
+                ongoing: false,
+                exporter_id: 1,
+                exporter_region: "a".into(),
+                hops: 0,
+            },
+            verdict: Verdict::Unattributed(Reason::NoOwner),
+            waited_ms: 0,
+            emitted_ms: 3,
+        }
+    }
+
+    /// Rows of the open file are not readable after a crash: the journal must keep them
+    /// until the file rolls.
+    #[test]
+    fn rows_stay_unsettled_until_their_file_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = ParquetFiles::new(dir.path(), 1_000, u64::MAX, 10, 1_000).unwrap();
+        files.write(&[flow(1), flow(2)], 0).unwrap();
+        files.tick(500).unwrap();
+        assert_eq!(files.rows_open(), 2, "the file is still open");
+        files.write(&[flow(3)], 600).unwrap();
+        assert_eq!(files.rows_open(), 3);
+        // A write past the roll interval closes the old file first.
+        files.write(&[flow(4)], 1_200).unwrap();
+        assert_eq!(files.rows_open(), 1);
+        files.tick(2_300).unwrap();
+        assert_eq!(files.rows_open(), 0);
+        let done = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().to_string_lossy().ends_with(DONE_SUFFIX))
+            .count();
+        assert_eq!(done, 2);
     }
 }
