@@ -255,6 +255,13 @@ impl Shared {
         if let (Dest::Peer { region, .. }, Message::FlowBatch(batch)) = (&to, message) {
             metrics::counter!(m::FLOWS_FORWARDED, "node" => self.node.clone(), "region" => region.clone()).increment(batch.flows.len() as u64);
         }
+        if let Dest::Peer { .. } = &to {
+            let kind = message_kind(message);
+            metrics::counter!(m::PEER_BYTES_SENT, "node" => self.node.clone(), "message" => kind)
+                .increment(bytes.len() as u64);
+            metrics::counter!(m::PEER_FRAMES_SENT, "node" => self.node.clone(), "message" => kind)
+                .increment(1);
+        }
         let conn = match &to {
             Dest::Conn(id) => *id,
             Dest::Peer { data_addr, .. } => self.peer_conn(*data_addr),
@@ -389,6 +396,8 @@ impl Shared {
             .set((memory.pending_flows + core.held_len()) as f64);
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
+        metrics::gauge!(m::ENGINE_TABLE_BYTES, "node" => node.clone())
+            .set(memory.table_bytes as f64);
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
         metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => "engine")
             .absolute(stats.claims_rejected);
@@ -662,6 +671,19 @@ pub async fn run_reloadable(
     }
     tracing::info!(node = %bound.node_id, "stopped");
     Ok(())
+}
+
+/// The `message` label of the peer traffic metrics.
+fn message_kind(message: &Message) -> &'static str {
+    match message {
+        Message::FlowBatch(_) => "flows",
+        Message::ClaimBatch(_) => "claims",
+        Message::IpEventBatch(_) => "events",
+        Message::RangeRequest(_) => "range_requests",
+        Message::RangeSnapshot(_) => "ranges",
+        Message::Ack(_) => "acks",
+        Message::RegionDirectory(_) => "directory",
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
