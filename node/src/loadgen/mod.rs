@@ -458,7 +458,7 @@ async fn exporter(
     let mut flows = Vec::new();
     loop {
         if *stop.borrow() {
-            return outcome;
+            break;
         }
         let now = clock::now().0;
         if queue.is_empty() {
@@ -513,10 +513,7 @@ async fn exporter(
             }
         }
         let Some(next) = queue.front() else { continue };
-        let sent = tokio::select! {
-            r = send(&mut client, collectors[current], &crypto, &next.batch) => r,
-            _ = stop.changed() => return outcome,
-        };
+        let sent = send(&mut client, collectors[current], &crypto, &next.batch).await;
         match sent {
             Ok(AckStatus::Accepted) => {
                 if let Some(done) = queue.pop_front() {
@@ -549,6 +546,28 @@ async fn exporter(
             }
         }
     }
+    // A last heartbeat once the last flows' windows (widened by δ) are in the past, as an
+    // exporter sends when it stops: without it, flows waiting for their remote IPs' next
+    // heartbeat would wait in vain.
+    tokio::time::sleep(Duration::from_millis(LOAD_SKEW_MARGIN_MS + 50)).await;
+    claims.clear();
+    fleet.claims(region, e, last_heartbeat, clock::now().0, &mut claims);
+    for chunk in claims.chunks(wire::CLAIMS_PER_BATCH_MAX_DEFAULT) {
+        batch_id += 1;
+        let batch = build_batch(
+            &fleet, region, &name, exporter_id, batch_id, &[], chunk, &mut dictionary,
+        );
+        for _ in 0..3 {
+            match send(&mut client, collectors[current], &crypto, &batch).await {
+                Ok(AckStatus::Accepted) => break,
+                Ok(_) | Err(_) => {
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    outcome
 }
 
 async fn send(
