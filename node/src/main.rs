@@ -104,16 +104,17 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         exporters_per_region: u32,
         /// Workload IPs per region, every one heartbeated each interval.
-        #[arg(long, default_value_t = 50_000)]
+        #[arg(long, default_value_t = 20_000)]
         ips_per_region: u32,
         /// Heartbeat interval of the exporters and collectors, in ms.
-        #[arg(long, default_value_t = 1_000)]
+        #[arg(long, default_value_t = 2_000)]
         heartbeat_interval_ms: u64,
         /// Owners of each IP on a region's ring.
         #[arg(long, default_value_t = 2)]
         replication: usize,
-        /// Seconds of load before the measured window.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds of load before the measured window (at least two heartbeat intervals,
+        /// so that pending queues reach their steady size).
+        #[arg(long, default_value_t = 10)]
         warmup_secs: u64,
         /// Seconds measured.
         #[arg(long, default_value_t = 20)]

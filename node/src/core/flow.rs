@@ -152,10 +152,24 @@ impl EmittedFlow {
 pub(crate) struct DictionaryBuilder {
     names: Vec<String>,
     index: std::collections::BTreeMap<Arc<str>, u32>,
+    /// The last name looked up and its index: flows of one batch share their names'
+    /// `Arc`s, so most lookups end at a pointer comparison instead of a tree search.
+    last: Option<(Arc<str>, u32)>,
 }
 
 impl DictionaryBuilder {
     pub(crate) fn index_of(&mut self, name: &Arc<str>) -> u32 {
+        if let Some((last, i)) = &self.last {
+            if Arc::ptr_eq(last, name) {
+                return *i;
+            }
+        }
+        let i = self.lookup(name);
+        self.last = Some((name.clone(), i));
+        i
+    }
+
+    fn lookup(&mut self, name: &Arc<str>) -> u32 {
         if let Some(&i) = self.index.get(name) {
             return i;
         }

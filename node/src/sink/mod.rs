@@ -182,12 +182,20 @@ impl<'a> FlowLine<'a> {
 /// Every emitted flow passes here, and building a `FlowLine` (three `String`s) and
 /// serializing it was a tenth of a collector's CPU under `tenure loadgen`.
 pub fn write_line(flow: &EmittedFlow, out: &mut Vec<u8>) {
-    use std::io::Write as _;
     let r = &flow.record;
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{{\"flow_id\":\"{:032x}\",\"local\":{{\"ip\":\"{}\",\"port\":{},\"workload\":", r.flow_id, r.local_ip, r.local_port);
+    out.extend_from_slice(b"{\"flow_id\":\"");
+    push_hex128(out, r.flow_id);
+    out.extend_from_slice(b"\",\"local\":{\"ip\":\"");
+    push_ip(out, r.local_ip);
+    out.extend_from_slice(b"\",\"port\":");
+    push_u64(out, u64::from(r.local_port));
+    out.extend_from_slice(b",\"workload\":");
     json_str(out, &r.local_workload);
-    let _ = write!(out, "}},\"remote\":{{\"ip\":\"{}\",\"port\":{},\"workload\":", r.remote_ip, r.remote_port);
+    out.extend_from_slice(b"},\"remote\":{\"ip\":\"");
+    push_ip(out, r.remote_ip);
+    out.extend_from_slice(b"\",\"port\":");
+    push_u64(out, u64::from(r.remote_port));
+    out.extend_from_slice(b",\"workload\":");
     match flow.remote_workload() {
         Some(w) => json_str(out, w),
         None => out.extend_from_slice(b"null"),
@@ -204,22 +212,79 @@ pub fn write_line(flow: &EmittedFlow, out: &mut Vec<u8>) {
         Some(reason) => json_str(out, reason.as_str()),
         None => out.extend_from_slice(b"null"),
     }
-    let direction = match r.direction {
-        tenure_gossip::wire::Direction::Outbound => "outbound",
-        tenure_gossip::wire::Direction::Inbound => "inbound",
-    };
-    let _ = write!(
-        out,
-        ",\"start_ms\":{},\"end_ms\":{},\"emitted_ms\":{},\"waited_ms\":{},\"bytes_sent\":{},\"bytes_received\":{},\"direction\":\"{direction}\",\"ongoing\":{},\"exporter_id\":{},\"exporter_region\":",
-        r.start_ms, r.end_ms, flow.emitted_ms, flow.waited_ms, r.bytes_sent, r.bytes_received, r.ongoing, r.exporter_id
-    );
+    for (name, value) in [
+        (&b",\"start_ms\":"[..], r.start_ms),
+        (b",\"end_ms\":", r.end_ms),
+        (b",\"emitted_ms\":", flow.emitted_ms),
+        (b",\"waited_ms\":", flow.waited_ms),
+        (b",\"bytes_sent\":", r.bytes_sent),
+        (b",\"bytes_received\":", r.bytes_received),
+    ] {
+        out.extend_from_slice(name);
+        push_u64(out, value);
+    }
+    out.extend_from_slice(match r.direction {
+        tenure_gossip::wire::Direction::Outbound => b",\"direction\":\"outbound\"",
+        tenure_gossip::wire::Direction::Inbound => b",\"direction\":\"inbound\"",
+    });
+    out.extend_from_slice(if r.ongoing {
+        b",\"ongoing\":true"
+    } else {
+        b",\"ongoing\":false"
+    });
+    out.extend_from_slice(b",\"exporter_id\":");
+    push_u64(out, r.exporter_id);
+    out.extend_from_slice(b",\"exporter_region\":");
     json_str(out, &r.exporter_region);
     out.extend_from_slice(b"}\n");
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `n` as 32 lowercase hex digits.
+fn push_hex128(out: &mut Vec<u8>, n: u128) {
+    for shift in (0..32).rev() {
+        out.push(HEX_DIGITS[((n >> (shift * 4)) & 0xf) as usize]);
+    }
+}
+
+/// Appends `ip` as its `Display` writes it.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            // The compressed form has rules of its own; `Display` knows them. Writing into
+            // a Vec cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -238,8 +303,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&bytes[start..i]);
         if escape.is_empty() {
             out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+            out.push(HEX_DIGITS[usize::from(b >> 4)]);
+            out.push(HEX_DIGITS[usize::from(b & 0xf)]);
         } else {
             out.extend_from_slice(escape);
         }
@@ -424,7 +489,16 @@ mod tests {
                 Verdict::Attributed(Attribution::External),
                 Verdict::Unattributed(Reason::Ambiguous),
             ] {
-                let f = flow(name, verdict);
+                let mut f = flow(name, verdict);
+                if name.is_empty() {
+                    f.record.local_ip = "0.0.0.0".parse().unwrap();
+                    f.record.remote_ip = "::ffff:10.0.0.1".parse().unwrap();
+                    f.record.flow_id = 0;
+                    f.record.local_port = 0;
+                    f.record.bytes_sent = 0;
+                    f.record.direction = tenure_gossip::wire::Direction::Outbound;
+                    f.record.ongoing = false;
+                }
                 let mut ours = Vec::new();
                 write_line(&f, &mut ours);
                 let mut theirs = serde_json::to_vec(&FlowLine::new(&f)).unwrap();
