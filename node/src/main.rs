@@ -125,6 +125,9 @@ enum Command {
         /// Flows per exporter batch (at most 16384).
         #[arg(long, default_value_t = 16_384)]
         batch_flows: usize,
+        /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
+        #[arg(long, default_value_t = 32)]
+        fanout: u32,
         /// Seed of the synthetic fleet.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -267,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration_secs,
             rate,
             batch_flows,
+            fanout,
             seed,
             dir,
             keep,
@@ -287,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options.duration_secs = duration_secs;
             options.rate = rate;
             options.batch_flows = batch_flows;
+            options.fanout = fanout;
             options.seed = seed;
             let result = tenure_node::loadgen::run(options).await;
             if temporary && !keep {

@@ -933,8 +933,11 @@ impl NodeCore {
                 for group in groups {
                     let id = if many { self.next_id() } else { batch_id };
                     let head = &group[0].record;
-                    let (hops, exporter_id, region) =
-                        (head.hops, head.exporter_id, head.exporter_region.to_string());
+                    let (hops, exporter_id, region) = (
+                        head.hops,
+                        head.exporter_id,
+                        head.exporter_region.to_string(),
+                    );
                     let mut dict = DictionaryBuilder::default();
                     let wire_flows = group
                         .iter()

@@ -41,6 +41,10 @@ pub struct LoadFleetConfig {
     pub cross_region_share: f64,
     /// Longest flow.
     pub flow_ms_max: u64,
+    /// Remote IPs each workload calls (its dependencies, per region); 0: any IP. A
+    /// service calls a bounded set of others, so the dependency graph stays sparse, as a
+    /// real one is.
+    pub fanout: u32,
     /// The run's start: epochs are placed relative to it.
     pub start_ms: u64,
 }
@@ -115,7 +119,11 @@ impl LoadFleet {
     }
 
     pub fn ip(&self, r: usize, index: u32) -> IpAddr {
-        let base = self.config.regions.get(r).map_or(0, |(_, p)| u32::from(p.network()));
+        let base = self
+            .config
+            .regions
+            .get(r)
+            .map_or(0, |(_, p)| u32::from(p.network()));
         IpAddr::V4(Ipv4Addr::from(base.wrapping_add(IP_OFFSET + index)))
     }
 
@@ -150,9 +158,8 @@ impl LoadFleet {
         let origin = i128::from(self.config.start_ms) + i128::from(phase);
         let start = origin + i128::from(k) * i128::from(period);
         let end = start + i128::from(period);
-        let workload =
-            (mix(self.key(r, index) ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
-                % u64::from(self.config.workloads_per_region.max(1))) as u32;
+        let workload = (mix(self.key(r, index) ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
+            % u64::from(self.config.workloads_per_region.max(1))) as u32;
         let clamp = |t: i128| u64::try_from(t.max(0)).unwrap_or(u64::MAX);
         Tenure {
             workload,
@@ -190,7 +197,14 @@ impl LoadFleet {
 
     /// Exporter `e`'s heartbeats at `now`: each IP's current tenure, and the final claim
     /// of a tenure that ended since `last_ms` (the previous heartbeat).
-    pub fn claims(&self, r: usize, e: u32, last_ms: Option<u64>, now: u64, out: &mut Vec<LoadClaim>) {
+    pub fn claims(
+        &self,
+        r: usize,
+        e: u32,
+        last_ms: Option<u64>,
+        now: u64,
+        out: &mut Vec<LoadClaim>,
+    ) {
         for index in self.ips_of(e) {
             let k = self.epoch_at(r, index, now);
             let current = self.epoch(r, index, k);
@@ -218,7 +232,14 @@ impl LoadFleet {
     /// One flow of exporter `e` of region `r` that ended at `now`: from one of its own IPs
     /// to an IP of its region (or, with `cross_region_share`, of another) held by one
     /// workload for the whole flow. `None` when a few draws found none.
-    pub fn flow(&self, r: usize, e: u32, seq: u64, now: u64, rng: &mut SplitMix64) -> Option<LoadFlow> {
+    pub fn flow(
+        &self,
+        r: usize,
+        e: u32,
+        seq: u64,
+        now: u64,
+        rng: &mut SplitMix64,
+    ) -> Option<LoadFlow> {
         let c = &self.config;
         let exporters = c.exporters_per_region.max(1);
         let own = c.ips_per_region.saturating_sub(e).div_ceil(exporters);
@@ -241,7 +262,14 @@ impl LoadFleet {
             } else {
                 r
             };
-            let remote_index = rng.range(0, u64::from(c.ips_per_region) - 1) as u32;
+            let remote_index = if c.fanout == 0 {
+                rng.range(0, u64::from(c.ips_per_region) - 1) as u32
+            } else {
+                let j = rng.range(0, u64::from(c.fanout) - 1);
+                let callee =
+                    mix(c.seed ^ (u64::from(local.workload) << 20) ^ (target as u64) << 50 ^ j);
+                (callee % u64::from(c.ips_per_region)) as u32
+            };
             let Some(remote) = self.holder(target, remote_index, start) else {
                 continue;
             };
@@ -339,6 +367,7 @@ mod tests {
             gap_ms: 200,
             cross_region_share: 0.01,
             flow_ms_max: 1_000,
+            fanout: 0,
             start_ms: 1_000_000,
         })
     }
@@ -355,7 +384,9 @@ mod tests {
                 continue;
             };
             made += 1;
-            let (r, w) = f.truth(flow.remote_ip, flow.start_ms, flow.end_ms).expect("held");
+            let (r, w) = f
+                .truth(flow.remote_ip, flow.start_ms, flow.end_ms)
+                .expect("held");
             cross += usize::from(r != 0);
             let (lr, li) = f.locate(flow.local_ip).unwrap();
             assert_eq!((lr, li % 3), (0, 1), "the local IP is the exporter's own");
@@ -373,6 +404,29 @@ mod tests {
     }
 
     #[test]
+    fn with_a_fanout_each_workload_calls_a_few_ips() {
+        let mut config = fleet().config().clone();
+        config.fanout = 4;
+        let f = LoadFleet::new(config);
+        let mut rng = SplitMix64::new(5);
+        let mut callees: std::collections::BTreeMap<u32, std::collections::BTreeSet<IpAddr>> =
+            Default::default();
+        for step in 0..3_000u64 {
+            if let Some(flow) = f.flow(0, 0, step, 1_000_000 + step, &mut rng) {
+                callees
+                    .entry(flow.local_workload)
+                    .or_default()
+                    .insert(flow.remote_ip);
+            }
+        }
+        assert!(!callees.is_empty());
+        for (w, ips) in &callees {
+            // Four in-region callees, plus the odd cross-region one.
+            assert!(ips.len() <= 4 + 3, "workload {w} called {} IPs", ips.len());
+        }
+    }
+
+    #[test]
     fn ips_are_reused_by_other_workloads_after_a_gap() {
         let f = fleet();
         let first = f.holder(0, 7, 1_000_000).map(|t| t.end_ms);
@@ -380,6 +434,9 @@ mod tests {
         assert!(f.holder(0, 7, end).is_none(), "free during the gap");
         let next = f.holder(0, 7, end + 200).expect("held after the gap");
         assert_eq!(next.since_ms, end + 200);
-        assert!(f.truth(f.ip(0, 7), end - 10, end + 300).is_none(), "no truth across a change");
+        assert!(
+            f.truth(f.ip(0, 7), end - 10, end + 300).is_none(),
+            "no truth across a change"
+        );
     }
 }

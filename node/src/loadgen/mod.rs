@@ -82,6 +82,8 @@ pub struct LoadOptions {
     pub rate: u64,
     /// Flows per exporter batch (at most the wire's 16,384).
     pub batch_flows: usize,
+    /// Remote IPs each workload calls per region; 0: any IP (a dense, all-to-all graph).
+    pub fanout: u32,
     pub seed: u64,
     /// Where configs, journals, logs and sinks go.
     pub dir: PathBuf,
@@ -104,6 +106,7 @@ impl LoadOptions {
             duration_secs: 20,
             rate: 0,
             batch_flows: wire::FLOWS_PER_BATCH_MAX_DEFAULT,
+            fanout: 32,
             seed: 1,
             dir,
         }
@@ -111,8 +114,14 @@ impl LoadOptions {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!((1..=14).contains(&self.regions), "regions: 1 to 14");
-        anyhow::ensure!(self.collectors_per_region >= 1, "collectors per region: at least 1");
-        anyhow::ensure!(self.exporters_per_region >= 1, "exporters per region: at least 1");
+        anyhow::ensure!(
+            self.collectors_per_region >= 1,
+            "collectors per region: at least 1"
+        );
+        anyhow::ensure!(
+            self.exporters_per_region >= 1,
+            "exporters per region: at least 1"
+        );
         anyhow::ensure!(
             (self.exporters_per_region..=1_000_000).contains(&self.ips_per_region),
             "IPs per region: at least one per exporter, at most 1,000,000"
@@ -488,14 +497,27 @@ async fn exporter(
             for chunk in chunks {
                 batch_id += 1;
                 let batch = build_batch(
-                    &fleet, region, &name, exporter_id, batch_id, &[], chunk, &mut dictionary,
+                    &fleet,
+                    region,
+                    &name,
+                    exporter_id,
+                    batch_id,
+                    &[],
+                    chunk,
+                    &mut dictionary,
                 );
                 queue.push_back(Outgoing { batch, seqs: None });
             }
             if !flows.is_empty() || !with_flows.is_empty() {
                 batch_id += 1;
                 let batch = build_batch(
-                    &fleet, region, &name, exporter_id, batch_id, &flows, with_flows,
+                    &fleet,
+                    region,
+                    &name,
+                    exporter_id,
+                    batch_id,
+                    &flows,
+                    with_flows,
                     &mut dictionary,
                 );
                 queue.push_front(Outgoing {
@@ -554,7 +576,14 @@ async fn exporter(
     for chunk in claims.chunks(wire::CLAIMS_PER_BATCH_MAX_DEFAULT) {
         batch_id += 1;
         let batch = build_batch(
-            &fleet, region, &name, exporter_id, batch_id, &[], chunk, &mut dictionary,
+            &fleet,
+            region,
+            &name,
+            exporter_id,
+            batch_id,
+            &[],
+            chunk,
+            &mut dictionary,
         );
         for _ in 0..3 {
             match send(&mut client, collectors[current], &crypto, &batch).await {
@@ -644,6 +673,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         gap_ms: options.heartbeat_interval_ms / 2,
         cross_region_share: options.cross_region_share,
         flow_ms_max: 2_000,
+        fanout: options.fanout,
         start_ms,
     }));
     let counters = Arc::new(Counters::default());

@@ -178,9 +178,11 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             None if rest.starts_with(' ') => ("", rest),
             None => continue,
         };
-        let matches = labels
-            .iter()
-            .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        let matches = labels.iter().all(|(k, v)| {
+            label_text
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        });
         if matches {
             sum += value.trim().parse::<f64>().unwrap_or(0.0);
         }

@@ -62,7 +62,12 @@ struct Cost {
 }
 
 impl Cost {
-    fn send(&mut self, crypto: &Crypto, claims: &[&(IpAddr, u64)], times: u64) -> anyhow::Result<()> {
+    fn send(
+        &mut self,
+        crypto: &Crypto,
+        claims: &[&(IpAddr, u64)],
+        times: u64,
+    ) -> anyhow::Result<()> {
         for chunk in claims.chunks(FORWARD_CLAIMS_PER_BATCH_MAX) {
             let mut dictionary: Vec<String> = Vec::new();
             let mut index: BTreeMap<u64, u32> = BTreeMap::new();
@@ -179,12 +184,18 @@ mod tests {
         let three = rows[0];
         // With 3 nodes and R = 2, a claim reaches 2 owners, one of them the receiver a
         // third of the time: 2 − 2/3 copies on average.
-        assert!((three.ring_copies_per_claim - 4.0 / 3.0).abs() < 0.1, "{three:?}");
+        assert!(
+            (three.ring_copies_per_claim - 4.0 / 3.0).abs() < 0.1,
+            "{three:?}"
+        );
         assert_eq!(three.broadcast_copies_per_claim, 2.0);
         let thirty = rows[1];
         assert_eq!(thirty.broadcast_copies_per_claim, 29.0);
         assert!(thirty.ring_copies_per_claim < 2.0);
         assert!(thirty.bytes_ratio() < 0.1, "{thirty:?}");
-        assert!(thirty.ring_bytes_per_claim > 20.0, "a claim is not free on the wire");
+        assert!(
+            thirty.ring_bytes_per_claim > 20.0,
+            "a claim is not free on the wire"
+        );
     }
 }

@@ -205,8 +205,8 @@ impl SinkTally {
                 }
                 if line.emitted_ms >= window.0 && line.emitted_ms < window.1 {
                     self.attributed_in_window += 1;
-                    let delay = (line.emitted_ms.saturating_sub(line.end_ms) as usize)
-                        .min(DELAY_MS_MAX);
+                    let delay =
+                        (line.emitted_ms.saturating_sub(line.end_ms) as usize).min(DELAY_MS_MAX);
                     if self.delays.len() <= delay {
                         self.delays.resize(delay + 1, 0);
                     }

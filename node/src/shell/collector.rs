@@ -694,7 +694,9 @@ impl EmitTally {
             None => self.counts.push((result, detail, 1)),
         }
         self.delay
-            .get_or_insert_with(|| metrics::histogram!(m::ATTRIBUTION_DELAY, "node" => node.to_owned()))
+            .get_or_insert_with(
+                || metrics::histogram!(m::ATTRIBUTION_DELAY, "node" => node.to_owned()),
+            )
             .record(flow.delay_ms() as f64 / 1_000.0);
     }
 

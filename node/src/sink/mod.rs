@@ -480,7 +480,8 @@ mod tests {
         use tenure_attribution::{Attribution, Reason, Verdict};
         let names = [
             "svc-a".to_owned(),
-            "quote\"back\\slash\nnew\rret\ttab\u{8}\u{c}\u{1}\u{1f}\u{7f}\u{e9}\u{1f600}".to_owned(),
+            "quote\"back\\slash\nnew\rret\ttab\u{8}\u{c}\u{1}\u{1f}\u{7f}\u{e9}\u{1f600}"
+                .to_owned(),
             String::new(),
         ];
         for name in &names {
@@ -503,7 +504,10 @@ mod tests {
                 write_line(&f, &mut ours);
                 let mut theirs = serde_json::to_vec(&FlowLine::new(&f)).unwrap();
                 theirs.push(b'\n');
-                assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&theirs)
+                );
             }
         }
     }
