@@ -380,12 +380,17 @@ async fn wait_ready(collectors: &[Collector], per_region: usize) -> anyhow::Resu
     }
 }
 
+/// Who sends a batch: an exporter of one region of the fleet.
+struct Speaker<'a> {
+    fleet: &'a LoadFleet,
+    region: usize,
+    region_name: &'a str,
+    exporter_id: u64,
+}
+
 /// One exporter's batch: claims first (the flows may need them), then flows.
 fn build_batch(
-    fleet: &LoadFleet,
-    region: usize,
-    region_name: &str,
-    exporter_id: u64,
+    who: &Speaker<'_>,
     batch_id: u64,
     flows: &[LoadFlow],
     claims: &[LoadClaim],
@@ -395,7 +400,7 @@ fn build_batch(
         .iter()
         .map(|c| wire::Claim {
             ip: c.ip,
-            workload: dictionary.index(fleet, region, c.workload),
+            workload: dictionary.index(who.fleet, who.region, c.workload),
             instance: 0,
             since_ms: c.since_ms,
             until_ms: c.until_ms,
@@ -404,15 +409,15 @@ fn build_batch(
     let flows = flows
         .iter()
         .map(|f| {
-            let w = dictionary.index(fleet, region, f.local_workload);
-            fleet::wire_flow(f, exporter_id, w)
+            let w = dictionary.index(who.fleet, who.region, f.local_workload);
+            fleet::wire_flow(f, who.exporter_id, w)
         })
         .collect();
     FlowBatch {
         batch_id,
-        exporter_id,
+        exporter_id: who.exporter_id,
         hops: 0,
-        region: region_name.to_owned(),
+        region: who.region_name.to_owned(),
         dictionary: dictionary.take(),
         flows,
         claims,
@@ -446,6 +451,12 @@ async fn exporter(
     let start = clock::now().0;
     let crypto = Crypto::new(EXPORTER_KEY_ID, &key, None, exporter_id, start);
     let name = region_name(region);
+    let who = Speaker {
+        fleet: &fleet,
+        region,
+        region_name: &name,
+        exporter_id,
+    };
     let mut rng = SplitMix64::new(options.seed ^ exporter_id.wrapping_mul(0x9e37_79b9));
     let mut dictionary = BatchDictionary::new(options.workloads_per_region);
     let mut outcome = ExporterOutcome {
@@ -496,30 +507,12 @@ async fn exporter(
             let with_flows = chunks.next().unwrap_or(&[]);
             for chunk in chunks {
                 batch_id += 1;
-                let batch = build_batch(
-                    &fleet,
-                    region,
-                    &name,
-                    exporter_id,
-                    batch_id,
-                    &[],
-                    chunk,
-                    &mut dictionary,
-                );
+                let batch = build_batch(&who, batch_id, &[], chunk, &mut dictionary);
                 queue.push_back(Outgoing { batch, seqs: None });
             }
             if !flows.is_empty() || !with_flows.is_empty() {
                 batch_id += 1;
-                let batch = build_batch(
-                    &fleet,
-                    region,
-                    &name,
-                    exporter_id,
-                    batch_id,
-                    &flows,
-                    with_flows,
-                    &mut dictionary,
-                );
+                let batch = build_batch(&who, batch_id, &flows, with_flows, &mut dictionary);
                 queue.push_front(Outgoing {
                     batch,
                     seqs: (seq > first).then_some((first, seq)),
@@ -575,16 +568,7 @@ async fn exporter(
     fleet.claims(region, e, last_heartbeat, clock::now().0, &mut claims);
     for chunk in claims.chunks(wire::CLAIMS_PER_BATCH_MAX_DEFAULT) {
         batch_id += 1;
-        let batch = build_batch(
-            &fleet,
-            region,
-            &name,
-            exporter_id,
-            batch_id,
-            &[],
-            chunk,
-            &mut dictionary,
-        );
+        let batch = build_batch(&who, batch_id, &[], chunk, &mut dictionary);
         for _ in 0..3 {
             match send(&mut client, collectors[current], &crypto, &batch).await {
                 Ok(AckStatus::Accepted) => break,
