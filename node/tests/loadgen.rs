@@ -54,16 +54,18 @@ fn a_small_load_run_reports_attributed_flows_and_loses_none() {
         .lines()
         .find(|l| l.starts_with("flows: "))
         .unwrap_or_else(|| panic!("no flows line in:\n{stdout}"));
-    let get = |line: &str, name: &str| {
-        field(line, name).unwrap_or_else(|| panic!("{name} in {line:?}"))
-    };
+    let get =
+        |line: &str, name: &str| field(line, name).unwrap_or_else(|| panic!("{name} in {line:?}"));
     assert!(get(result, "flows_per_cpu_sec") > 0.0, "{result}");
     assert!(get(result, "p99_attribution_delay_ms") > 0.0, "{result}");
     assert!(get(result, "bytes_per_tracked_ip") > 0.0, "{result}");
     let ratio = get(result, "replication_bytes_ratio_vs_broadcast_at_30_nodes");
     assert!(ratio > 0.0 && ratio < 0.2, "{result}");
     let acked = get(flows_line, "acked");
-    assert!(acked > 5_000.0, "most of ~20,000 paced flows are acknowledged: {flows_line}");
+    assert!(
+        acked > 5_000.0,
+        "most of ~20,000 paced flows are acknowledged: {flows_line}"
+    );
     assert_eq!(get(flows_line, "lost"), 0.0, "{flows_line}");
     assert_eq!(get(flows_line, "misattributed"), 0.0, "{flows_line}");
     assert!(
