@@ -147,21 +147,33 @@ impl EmittedFlow {
 }
 
 /// Builds a dictionary of workload names for an outgoing batch: each name once, in the
-/// order first met.
+/// order first met. Every forwarded flow looks its name up here, so the index is a
+/// fixed-seed hash map (a tree compared whole names a dozen times per flow), with the
+/// last name checked first by pointer: flows of one batch share their names' `Arc`s.
 #[derive(Debug, Default)]
 pub(crate) struct DictionaryBuilder {
     names: Vec<String>,
-    index: std::collections::BTreeMap<Arc<str>, u32>,
+    index: hashbrown::HashMap<Arc<str>, u32, foldhash::fast::FixedState>,
+    last: Option<(Arc<str>, u32)>,
 }
 
 impl DictionaryBuilder {
     pub(crate) fn index_of(&mut self, name: &Arc<str>) -> u32 {
-        if let Some(&i) = self.index.get(name) {
-            return i;
+        if let Some((last, i)) = &self.last {
+            if Arc::ptr_eq(last, name) {
+                return *i;
+            }
         }
-        let i = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        self.names.push(name.to_string());
-        self.index.insert(name.clone(), i);
+        let i = match self.index.get(name) {
+            Some(&i) => i,
+            None => {
+                let i = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+                self.names.push(name.to_string());
+                self.index.insert(name.clone(), i);
+                i
+            }
+        };
+        self.last = Some((name.clone(), i));
         i
     }
 

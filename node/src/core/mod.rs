@@ -842,42 +842,69 @@ impl NodeCore {
 
     /// Routes flows to the owners of their remote IPs: here, a peer, another region, or a
     /// verdict at once.
+    ///
+    /// Every accepted flow passes here, so peers are told apart by the address of their
+    /// identity in the ring (stable while routing) and each peer's `Dest` is built once per
+    /// call, not once per flow.
     fn route_flows(&mut self, flows: Vec<JournaledFlow>, now: UnixMillis, out: &mut Vec<Output>) {
-        let mut remote: Vec<(Dest, String, JournaledFlow)> = Vec::new();
-        let mut local: Vec<JournaledFlow> = Vec::new();
-        let me = self.config.identity.node_id().to_owned();
-        for flow in flows {
-            let origin = if flow.record.hops == 0 {
-                Origin::Exporter
-            } else {
-                Origin::Forwarded
-            };
+        let mut local: Vec<JournaledFlow> = Vec::with_capacity(flows.len());
+        let mut peers: Vec<(Dest, String, Vec<JournaledFlow>)> = Vec::new();
+        let mut verdicts: Vec<(JournaledFlow, Verdict)> = Vec::new();
+        {
+            let me = self.config.identity.node_id();
             let ctx = RouteContext {
                 local_region: &self.region,
                 regions: &self.regions,
                 local_ring: &self.ring,
                 remote_rings: &self.remote_rings,
             };
-            let decision = match route_flow(&ctx, flow.record.remote_ip, origin) {
-                Route::Owners(owners) => match owners.first() {
-                    Some(o) if o.node_id() == me || flow.record.hops >= HOPS_MAX => None,
-                    Some(o) => Some(Ok((Dest::peer(o), o.node_id().to_owned()))),
-                    None => Some(Err(Verdict::Unattributed(Reason::RegionUnreachable))),
-                },
-                Route::Forward { via, .. } => Some(Ok((Dest::peer(via), via.node_id().to_owned()))),
-                Route::External => Some(Err(Verdict::Attributed(Attribution::External))),
-                Route::RegionUnreachable { .. } | Route::Misdirected { .. } => {
-                    Some(Err(Verdict::Unattributed(Reason::RegionUnreachable)))
+            // Identity address → index in `peers`.
+            let mut peer_index: Vec<(*const NodeIdentity, usize)> = Vec::new();
+            for flow in flows {
+                let origin = if flow.record.hops == 0 {
+                    Origin::Exporter
+                } else {
+                    Origin::Forwarded
+                };
+                let target = match route_flow(&ctx, flow.record.remote_ip, origin) {
+                    Route::Owners(owners) => match owners.first() {
+                        Some(o) if o.node_id() == me || flow.record.hops >= HOPS_MAX => Ok(None),
+                        Some(o) => Ok(Some(*o)),
+                        None => Err(Verdict::Unattributed(Reason::RegionUnreachable)),
+                    },
+                    Route::Forward { via, .. } => Ok(Some(via)),
+                    Route::External => Err(Verdict::Attributed(Attribution::External)),
+                    Route::RegionUnreachable { .. } | Route::Misdirected { .. } => {
+                        Err(Verdict::Unattributed(Reason::RegionUnreachable))
+                    }
+                };
+                match target {
+                    Ok(None) => local.push(flow),
+                    Ok(Some(member)) => {
+                        let key: *const NodeIdentity = member;
+                        let index = match peer_index.iter().find(|(k, _)| std::ptr::eq(*k, key)) {
+                            Some((_, i)) => *i,
+                            None => {
+                                peers.push((
+                                    Dest::peer(member),
+                                    member.node_id().to_owned(),
+                                    Vec::new(),
+                                ));
+                                peer_index.push((key, peers.len() - 1));
+                                peers.len() - 1
+                            }
+                        };
+                        peers[index].2.push(flow);
+                    }
+                    Err(verdict) => verdicts.push((flow, verdict)),
                 }
-            };
-            match decision {
-                None => local.push(flow),
-                Some(Ok((dest, node_id))) => remote.push((dest, node_id, flow)),
-                Some(Err(verdict)) => self.emit(flow, verdict, 0, now, out),
             }
         }
+        for (flow, verdict) in verdicts {
+            self.emit(flow, verdict, 0, now, out);
+        }
         self.deliver_local(local, now, out);
-        self.send_flows(remote, now, out);
+        self.send_grouped(peers, now, out);
     }
 
     /// Sends flows to peers, one batch per peer, tracked until acknowledged.
@@ -891,26 +918,60 @@ impl NodeCore {
         for (dest, node_id, flow) in flows {
             by_peer.entry((dest, node_id)).or_default().push(flow);
         }
-        for ((dest, node_id), flows) in by_peer {
-            for chunk in flows.chunks(FORWARD_FLOWS_PER_BATCH_MAX) {
-                let chunk = chunk.to_vec();
+        let grouped = by_peer
+            .into_iter()
+            .map(|((dest, node_id), flows)| (dest, node_id, flows))
+            .collect();
+        self.send_grouped(grouped, now, out);
+    }
+
+    /// Sends each peer its flows, in batches of at most `FORWARD_FLOWS_PER_BATCH_MAX`
+    /// that share hops, exporter and region (as the wire wants), tracked until
+    /// acknowledged. The flows move into the in-flight table; none is copied.
+    fn send_grouped(
+        &mut self,
+        peers: Vec<(Dest, String, Vec<JournaledFlow>)>,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        for (dest, node_id, flows) in peers {
+            let mut flows = flows.into_iter().peekable();
+            while flows.peek().is_some() {
+                let chunk: Vec<JournaledFlow> =
+                    flows.by_ref().take(FORWARD_FLOWS_PER_BATCH_MAX).collect();
                 self.stats.flows_forwarded += chunk.len() as u64;
                 let batch_id = self.next_id();
                 // Flows of one batch share hops and region on the wire; group by them.
-                let mut groups: BTreeMap<(u8, u64, Arc<str>), Vec<&JournaledFlow>> =
-                    BTreeMap::new();
-                for f in &chunk {
-                    let r = &f.record;
-                    groups
-                        .entry((r.hops, r.exporter_id, r.exporter_region.clone()))
-                        .or_default()
-                        .push(f);
-                }
+                // Nearly always there is one group (one exporter's batch); check first.
+                let first = &chunk[0].record;
+                let one_group = chunk.iter().all(|f| {
+                    f.record.hops == first.hops
+                        && f.record.exporter_id == first.exporter_id
+                        && f.record.exporter_region == first.exporter_region
+                });
+                let groups: Vec<Vec<JournaledFlow>> = if one_group {
+                    vec![chunk]
+                } else {
+                    let mut by_key: BTreeMap<(u8, u64, Arc<str>), Vec<JournaledFlow>> =
+                        BTreeMap::new();
+                    for f in chunk {
+                        let r = &f.record;
+                        by_key
+                            .entry((r.hops, r.exporter_id, r.exporter_region.clone()))
+                            .or_default()
+                            .push(f);
+                    }
+                    by_key.into_values().collect()
+                };
                 let many = groups.len() > 1;
-                let mut ids = Vec::new();
-                for ((hops, exporter_id, region), group) in groups {
+                for group in groups {
                     let id = if many { self.next_id() } else { batch_id };
-                    ids.push(id);
+                    let head = &group[0].record;
+                    let (hops, exporter_id, region) = (
+                        head.hops,
+                        head.exporter_id,
+                        head.exporter_region.to_string(),
+                    );
                     let mut dict = DictionaryBuilder::default();
                     let wire_flows = group
                         .iter()
@@ -925,21 +986,20 @@ impl NodeCore {
                             batch_id: id,
                             exporter_id,
                             hops: hops.saturating_add(1),
-                            region: region.to_string(),
+                            region,
                             dictionary: dict.finish(),
                             flows: wire_flows,
                             claims: Vec::new(),
                         }),
                     });
-                    let flows: Vec<JournaledFlow> = group.into_iter().cloned().collect();
-                    self.inflight_flows += flows.len();
+                    self.inflight_flows += group.len();
                     self.inflight.insert(
                         id,
                         Inflight {
                             to: dest.clone(),
                             node_id: node_id.clone(),
                             sent_at: now,
-                            flows,
+                            flows: group,
                         },
                     );
                 }

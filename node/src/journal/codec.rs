@@ -61,25 +61,38 @@ pub enum DecodeError {
 
 /// Encodes `record` (header included) onto `out`.
 pub fn encode(record: &Record, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
     match record {
-        Record::Append { id, flows } => {
-            out[start + 8] = KIND_APPEND;
-            out.extend_from_slice(&id.to_le_bytes());
-            put_u32(out, flows.len());
-            for flow in flows {
-                encode_flow(flow, out);
-            }
-        }
+        Record::Append { id, flows } => encode_append(*id, flows, out),
         Record::Release { ids } => {
+            let start = out.len();
+            out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
             out[start + 8] = KIND_RELEASE;
             put_u32(out, ids.len());
             for id in ids {
                 out.extend_from_slice(&id.to_le_bytes());
             }
+            seal_record(start, out);
         }
     }
+}
+
+/// Encodes `Record::Append { id, flows }` onto `out` without building the record: every
+/// accepted flow is journaled, and copying a batch only to encode it was a visible share
+/// of a collector's CPU under `tenure loadgen`.
+pub fn encode_append(id: u64, flows: &[FlowRecord], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
+    out[start + 8] = KIND_APPEND;
+    out.extend_from_slice(&id.to_le_bytes());
+    put_u32(out, flows.len());
+    for flow in flows {
+        encode_flow(flow, out);
+    }
+    seal_record(start, out);
+}
+
+/// Writes the header (payload length, checksum) of the record that starts at `start`.
+fn seal_record(start: usize, out: &mut [u8]) {
     let len = out.len() - start - RECORD_HEADER_BYTES;
     let crc = crc32fast::hash(&out[start + 8..]);
     out[start..start + 4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());

@@ -238,13 +238,7 @@ impl Journal {
         self.roll_if_needed()?;
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
-        codec::encode(
-            &Record::Append {
-                id,
-                flows: flows.to_vec(),
-            },
-            &mut bytes,
-        );
+        codec::encode_append(id, flows, &mut bytes);
         let path = self.current_path();
         if let Err(e) = self.check(Step::AppendTorn) {
             // Leave half a record behind, as a crash in the middle of a write would.

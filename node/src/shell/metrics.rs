@@ -11,6 +11,12 @@ pub const FLOWS_PENDING: &str = "tenure_flows_pending";
 pub const FLOWS_FORWARDED: &str = "tenure_flows_forwarded_total";
 pub const RANGES: &str = "tenure_ranges";
 pub const IPS_TRACKED: &str = "tenure_ips_tracked";
+/// Bytes of the engine's ownership tables (map and segment storage).
+pub const ENGINE_TABLE_BYTES: &str = "tenure_engine_table_bytes";
+/// Sealed bytes sent to other collectors (`message`: flows, claims, acks, ranges...).
+pub const PEER_BYTES_SENT: &str = "tenure_peer_bytes_sent_total";
+/// Frames sent to other collectors (`message` as above).
+pub const PEER_FRAMES_SENT: &str = "tenure_peer_frames_sent_total";
 pub const CLAIMS_APPLIED: &str = "tenure_claims_applied_total";
 pub const CLAIMS_REJECTED: &str = "tenure_claims_rejected_total";
 /// Whole exporter messages refused by the core (`reason`: rate_limited, peer_only...).
