@@ -719,7 +719,10 @@ impl<F> Engine<F> {
         if !self.pending.has_ip(&key) {
             return;
         }
-        for slot in self.pending.slots_for(&key) {
+        let mut cursor = self.pending.first_for(&key);
+        while let Some(slot) = cursor {
+            // Taken before `slot` may leave the list.
+            cursor = self.pending.next_for(slot);
             let Some(entry) = self.pending.get(slot) else {
                 continue;
             };
