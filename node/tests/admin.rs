@@ -66,17 +66,6 @@ data_dir = "{sink}-data"
     })
 }
 
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the test stamps its claims with the wall clock, as an exporter does"
-)]
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 async fn http(
     addr: SocketAddr,
     method: &str,
@@ -111,8 +100,8 @@ async fn claims_rejected(addr: SocketAddr, reason: &str) -> anyhow::Result<u64> 
 /// Sends one heartbeat (a claim for 10.1.0.5 until the real now) as exporter 7.
 async fn heartbeat(addr: SocketAddr, batch_id: u64) -> anyhow::Result<AckStatus> {
     let key = tenure_node::config::parse_key(EXPORTER_KEY_HEX)?;
-    let crypto = Crypto::new(2, &key, None, 7, now_ms() + batch_id);
-    let now = now_ms();
+    let crypto = Crypto::new(2, &key, None, 7, common::now_ms() + batch_id);
+    let now = common::now_ms();
     let message = Message::FlowBatch(wire::FlowBatch {
         batch_id,
         exporter_id: 7,

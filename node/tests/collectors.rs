@@ -137,17 +137,6 @@ async fn wait_ready(collectors: &[&Collector], ring_sizes: &[usize]) -> anyhow::
     }
 }
 
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the test stamps its flows with the wall clock, as an exporter does"
-)]
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn flow(id: u128, local: &str, remote: &str, start_ms: u64) -> wire::Flow {
     wire::Flow {
         flow_id: id,
@@ -183,7 +172,7 @@ async fn send(
     batch: wire::FlowBatch,
 ) -> anyhow::Result<AckStatus> {
     let key = tenure_node::config::parse_key(KEY_HEX)?;
-    let crypto = Crypto::new(1, &key, None, exporter_id, now_ms());
+    let crypto = Crypto::new(1, &key, None, exporter_id, common::now_ms());
     let mut client = Client::connect(addr, &crypto, Duration::from_secs(5)).await?;
     let id = batch.batch_id;
     client.send(&crypto, &Message::FlowBatch(batch)).await?;
@@ -238,7 +227,7 @@ async fn collectors_attribute_cross_region_and_reused_ips() -> anyhow::Result<()
 
     // Ownership: 10.1.0.100 belonged to old-svc, was freed and reused by new-svc. Times
     // are ahead of now (claims may state up to a minute ahead), so no clock wait is needed.
-    let t0 = now_ms() + 1_000;
+    let t0 = common::now_ms() + 1_000;
     let reused = "10.1.0.100";
     let a_batch = wire::FlowBatch {
         batch_id: 1,

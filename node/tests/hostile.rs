@@ -91,17 +91,6 @@ pending_deadline_ms = 3000
     })
 }
 
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the test stamps its claims with the wall clock, as an exporter does"
-)]
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     Ok(httpc::request(addr, "GET", path, None, None, Duration::from_secs(5)).await?)
 }
@@ -181,7 +170,7 @@ fn exporter_crypto(exporter_id: u64) -> anyhow::Result<Crypto> {
         &key,
         None,
         exporter_id,
-        now_ms(),
+        common::now_ms(),
     ))
 }
 
@@ -245,7 +234,7 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Result<()> {
-    let seed = 0x7e47_5e11_u64 ^ now_ms();
+    let seed = 0x7e47_5e11_u64 ^ common::now_ms();
     println!("hostile input seed: {seed}");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir()?;
@@ -262,7 +251,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     }
 
     // The legitimate owner of 10.1.0.7: "web", from 30 s ago until now.
-    let t0 = now_ms();
+    let t0 = common::now_ms();
     let web = exporter_crypto(1)?;
     let status = send(
         data,
@@ -357,7 +346,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
         raw.iter_mut().for_each(|b| *b = rng.next() as u8);
         let key = tenure_gossip::seal::SecretKey::from_bytes(raw);
         let key_id = if i % 2 == 0 { EXPORTER_KEY_ID } else { 1 };
-        let forger = Crypto::new(key_id, &key, None, 77, now_ms());
+        let forger = Crypto::new(key_id, &key, None, 77, common::now_ms());
         let frame = forger.frame(&batch(
             2_000 + i,
             77,
@@ -377,7 +366,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     let cluster_key = tenure_node::config::parse_key(CLUSTER_KEY_HEX)?;
     for i in 0..20u64 {
         let exporter = exporter_crypto(80 + i)?;
-        let peer = Crypto::new(1, &cluster_key, None, 90 + i, now_ms());
+        let peer = Crypto::new(1, &cluster_key, None, 90 + i, common::now_ms());
         let mut bytes =
             exporter.frame(&batch(3_000 + i, 80 + i, &["x"], Vec::new(), Vec::new()))?;
         bytes.extend(peer.frame(&batch(3_100 + i, 80 + i, &["x"], Vec::new(), Vec::new()))?);
@@ -521,7 +510,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     //     region's CIDR, an external IP. The batch is accepted; its claims are not. (An
     //     inverted claim cannot even be encoded: the wire refuses it on both sides.)
     let forger = exporter_crypto(7)?;
-    let now = now_ms();
+    let now = common::now_ms();
     let mut claims = Vec::new();
     for i in 0..100u64 {
         claims.push(claim("10.1.0.7", 0, now + 60_000 + i, now + 3_600_000));
@@ -628,7 +617,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     let (health, _) = get(http, "/healthz").await?;
     assert_eq!(health, 200);
     let api = exporter_crypto(2)?;
-    let now = now_ms();
+    let now = common::now_ms();
     let status = send(
         data,
         &api,

@@ -62,17 +62,6 @@ fn key_line(name: &str, id: u32, hex: &str) -> String {
     format!("{name} = {{ key_id = {id}, key_hex = \"{hex}\" }}\n")
 }
 
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the test stamps its flows with the wall clock, as an exporter does"
-)]
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn start(path: &Path) -> anyhow::Result<Collector> {
     let (child, at) = common::spawn_collector(path, "error")?;
     Ok(Collector {
@@ -112,11 +101,11 @@ async fn reload(collector: &Collector, path: &Path, text: &str, n: u64) -> anyho
 
 fn exporter(id: u32, hex: &str) -> anyhow::Result<Arc<Crypto>> {
     let key = tenure_node::config::parse_key(hex)?;
-    Ok(Arc::new(Crypto::new(id, &key, None, 1, now_ms())))
+    Ok(Arc::new(Crypto::new(id, &key, None, 1, common::now_ms())))
 }
 
 fn one_flow_batch(batch_id: u64) -> Message {
-    let t = now_ms();
+    let t = common::now_ms();
     Message::FlowBatch(wire::FlowBatch {
         batch_id,
         exporter_id: 1,

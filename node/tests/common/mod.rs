@@ -60,3 +60,16 @@ pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<(Child
     };
     Ok((child, listening))
 }
+
+/// Milliseconds since the Unix epoch: tests stamp their flows and claims with the wall
+/// clock, as an exporter does.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the tests stamp flows and claims with the wall clock, as an exporter does"
+)]
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
