@@ -8,7 +8,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -23,20 +22,7 @@ const TOKEN: &str = "admin-test-token-0123456789";
 /// How far ahead of the node's clock a claim may reach, in this test.
 const CLAIM_SKEW_MAX_MS: u64 = 5_000;
 
-struct Collector {
-    child: Child,
-    data: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, admin: &str) -> anyhow::Result<Collector> {
+fn start(dir: &Path, admin: &str) -> anyhow::Result<common::Collector> {
     std::fs::create_dir_all(dir)?;
     let sink = dir.join("sink");
     let path = dir.join("collector.toml");
@@ -58,12 +44,7 @@ data_dir = "{sink}-data"
         sink = sink.display(),
     );
     std::fs::write(&path, text)?;
-    let (child, at) = common::spawn_collector(&path, "error")?;
-    Ok(Collector {
-        data: at.data,
-        http: at.http,
-        child,
-    })
+    common::spawn_collector(&path, "error")
 }
 
 async fn http(

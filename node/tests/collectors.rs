@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,20 +23,23 @@ const TOKEN: &str = "test-token";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const RESULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A collector process, killed on drop.
+/// A collector process of the cluster (killed on drop), with its name and sink.
 struct Collector {
-    child: Child,
+    process: common::Collector,
     node_id: String,
-    data: SocketAddr,
-    http: SocketAddr,
-    gossip: SocketAddr,
     sink: PathBuf,
 }
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Collector {
+    type Target = common::Collector;
+    fn deref(&self) -> &common::Collector {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Collector {
+    fn deref_mut(&mut self) -> &mut common::Collector {
+        &mut self.process
     }
 }
 
@@ -95,14 +98,10 @@ fn start(
         &path,
         config_text(node_id, region, prefix, other, seed, &sink),
     )?;
-    let (child, at) = common::spawn_collector(&path, "warn")?;
     Ok(Collector {
+        process: common::spawn_collector(&path, "warn")?,
         node_id: node_id.to_owned(),
-        data: at.data,
-        http: at.http,
-        gossip: at.gossip,
         sink,
-        child,
     })
 }
 

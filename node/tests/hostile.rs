@@ -13,7 +13,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -36,21 +35,7 @@ const CONNECTIONS_PER_IP_MAX: usize = 32;
 /// How much the collector's resident memory may grow over the whole hostile run.
 const RSS_GROWTH_MAX_KIB: u64 = 64 * 1024;
 
-/// A collector process, killed on drop.
-struct Collector {
-    child: Child,
-    data: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path) -> anyhow::Result<Collector> {
+fn start(dir: &Path) -> anyhow::Result<common::Collector> {
     let sink = dir.join("sink");
     let path = dir.join("collector.toml");
     let text = format!(
@@ -83,12 +68,7 @@ pending_deadline_ms = 3000
         sink = sink.display(),
     );
     std::fs::write(&path, text)?;
-    let (child, at) = common::spawn_collector(&path, "error")?;
-    Ok(Collector {
-        data: at.data,
-        http: at.http,
-        child,
-    })
+    common::spawn_collector(&path, "error")
 }
 
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {

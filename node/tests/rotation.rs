@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,19 +25,6 @@ const OLD_KEY_HEX: &str = "6f6c64206578706f72746572206b6579202d206e6f7420666f722
 const NEW_KEY_HEX: &str = "6e6577206578706f72746572206b6579202d206e6f7420666f722070726f6421";
 const OLD_KEY_ID: u32 = 2;
 const NEW_KEY_ID: u32 = 3;
-
-struct Collector {
-    child: Child,
-    data: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn config_text(dir: &Path, exporter_keys: &str) -> String {
     let sink = dir.join("sink");
@@ -62,13 +49,8 @@ fn key_line(name: &str, id: u32, hex: &str) -> String {
     format!("{name} = {{ key_id = {id}, key_hex = \"{hex}\" }}\n")
 }
 
-fn start(path: &Path) -> anyhow::Result<Collector> {
-    let (child, at) = common::spawn_collector(path, "error")?;
-    Ok(Collector {
-        data: at.data,
-        http: at.http,
-        child,
-    })
+fn start(path: &Path) -> anyhow::Result<common::Collector> {
+    common::spawn_collector(path, "error")
 }
 
 async fn reloads(http: SocketAddr) -> anyhow::Result<u64> {
@@ -83,7 +65,12 @@ async fn reloads(http: SocketAddr) -> anyhow::Result<u64> {
 }
 
 /// Rewrites the config, sends SIGHUP and waits until the collector reports reload `n`.
-async fn reload(collector: &Collector, path: &Path, text: &str, n: u64) -> anyhow::Result<()> {
+async fn reload(
+    collector: &common::Collector,
+    path: &Path,
+    text: &str,
+    n: u64,
+) -> anyhow::Result<()> {
     std::fs::write(path, text)?;
     let status = Command::new("kill")
         .args(["-HUP", &collector.child.id().to_string()])

@@ -10,17 +10,26 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-/// The addresses a collector prints on its `LISTENING` line once its sockets are bound.
-pub(crate) struct Listening {
+/// A collector process, killed on drop, with the addresses it printed on its `LISTENING`
+/// line once its sockets were bound.
+pub(crate) struct Collector {
+    pub(crate) child: Child,
     pub(crate) data: SocketAddr,
     pub(crate) http: SocketAddr,
     #[allow(dead_code, reason = "only the multi-node tests join through it")]
     pub(crate) gossip: SocketAddr,
 }
 
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `tenure collector --config <config>` with `TENURE_LOG=<log>` and waits (20 s at
-/// most) for its `LISTENING` line. The caller kills the child on drop.
-pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<(Child, Listening)> {
+/// most) for its `LISTENING` line.
+pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<Collector> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tenure"))
         .args(["collector", "--config"])
         .arg(config)
@@ -53,12 +62,21 @@ pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<(Child
             .parse()
             .with_context(|| format!("{name} address"))
     };
-    let listening = Listening {
-        data: field("data")?,
-        http: field("http")?,
-        gossip: field("gossip")?,
+    let addresses = (field("data"), field("http"), field("gossip"));
+    let (data, http, gossip) = match addresses {
+        (Ok(data), Ok(http), Ok(gossip)) => (data, http, gossip),
+        (data, http, gossip) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(data.and(http).and(gossip).unwrap_err());
+        }
     };
-    Ok((child, listening))
+    Ok(Collector {
+        child,
+        data,
+        http,
+        gossip,
+    })
 }
 
 /// Milliseconds since the Unix epoch: tests stamp their flows and claims with the wall
