@@ -793,15 +793,18 @@ impl ExporterConfig {
 mod tests {
     use super::*;
 
+    /// The least a collector's configuration must say.
+    const MINIMAL: &str = r#"
+        node_id = "a"
+        region = "r"
+        prefixes = ["10.0.0.0/16"]
+        cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
+        exporter_key = { key_hex = "1111111111111111111111111111111111111111111111111111111111111111" }
+    "#;
+
     #[test]
     fn unknown_keys_are_rejected_and_defaults_apply() {
-        let text = r#"
-            node_id = "a"
-            region = "r"
-            prefixes = ["10.0.0.0/16"]
-            cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
-            exporter_key = { key_hex = "1111111111111111111111111111111111111111111111111111111111111111" }
-        "#;
+        let text = MINIMAL;
         let config: CollectorConfig = parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(config.heartbeat_interval_ms, 10_000);
         assert_eq!(config.engine_config().pending_deadline_ms, 25_000);
@@ -813,13 +816,7 @@ mod tests {
 
     #[test]
     fn admin_faults_are_off_by_default_and_need_a_token() {
-        let base = r#"
-            node_id = "a"
-            region = "r"
-            prefixes = ["10.0.0.0/16"]
-            cluster_key = { key_hex = "0000000000000000000000000000000000000000000000000000000000000000" }
-            exporter_key = { key_hex = "1111111111111111111111111111111111111111111111111111111111111111" }
-        "#;
+        let base = MINIMAL;
         let config: CollectorConfig = parse(base, Path::new("t.toml")).unwrap();
         assert!(!config.admin.enable_faults);
         assert_eq!(config.admin.resolve_token().unwrap(), None);
