@@ -804,15 +804,19 @@ impl NodeCore {
             .collect();
         self.stats.flows_received += flows.len() as u64;
         let received = flows.len();
+        // Remembered as journaled here (the append follows below). A peer's copy of flows
+        // we journaled already (it re-sent them while its ack was late) is dropped: they go
+        // out from that append. An exporter's flows are all taken.
+        let recent = &mut self.recent;
         let flows: Vec<FlowRecord> = if batch.hops > 0 {
-            // A peer's copy of flows we journaled already (it re-sent them while its ack
-            // was late): they go out from that append.
-            let recent = &self.recent;
             flows
                 .into_iter()
-                .filter(|f| !recent.contains(f.exporter_id, f.flow_id))
+                .filter(|f| recent.insert(f.exporter_id, f.flow_id))
                 .collect()
         } else {
+            for f in &flows {
+                recent.insert(f.exporter_id, f.flow_id);
+            }
             flows
         };
         let already_held = received - flows.len();
@@ -825,9 +829,6 @@ impl NodeCore {
             }
             // Nothing to make durable: claims are restated by every heartbeat.
             return ack(out, conn, id, AckStatus::Accepted);
-        }
-        for f in &flows {
-            self.recent.insert(f.exporter_id, f.flow_id);
         }
         // Journaled before anything else happens to the flows; the ack waits for
         // `journal_synced`.

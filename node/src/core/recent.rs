@@ -32,14 +32,16 @@ pub(super) struct Recent {
 
 impl Recent {
     /// Whether `(exporter_id, flow_id)` was journaled here lately.
-    pub(super) fn contains(&self, exporter_id: u64, flow_id: u128) -> bool {
+    #[cfg(test)]
+    fn contains(&self, exporter_id: u64, flow_id: u128) -> bool {
         self.set.contains(&(exporter_id, flow_id))
     }
 
-    /// Remembers a journaled flow, forgetting the oldest past [`RECENT_FLOWS_MAX`].
-    pub(super) fn insert(&mut self, exporter_id: u64, flow_id: u128) {
+    /// Remembers a journaled flow, forgetting the oldest past [`RECENT_FLOWS_MAX`]; `false`
+    /// when it was remembered already.
+    pub(super) fn insert(&mut self, exporter_id: u64, flow_id: u128) -> bool {
         if !self.set.insert((exporter_id, flow_id)) {
-            return;
+            return false;
         }
         self.order.push_back((exporter_id, flow_id));
         while self.order.len() > RECENT_FLOWS_MAX {
@@ -48,6 +50,7 @@ impl Recent {
             }
         }
         debug_assert_eq!(self.set.len(), self.order.len(), "set and queue agree");
+        true
     }
 
     #[cfg(test)]
