@@ -44,7 +44,7 @@ pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DATAGRAM_BUFFER_BYTES: usize = 9_000;
 /// How often the sink writer flushes (and rolls Parquet files whose time is up), in ms.
 const SINK_FLUSH_INTERVAL_MS: u64 = 500;
-/// Flows handed to the sink in one write.
+/// Flows handed to the sink in one batch (and, at most, in one write).
 const SINK_BATCH_FLOWS_MAX: usize = 1_024;
 /// Connections held at once (inbound plus outbound); past it new inbound ones are closed.
 pub const CONNECTIONS_MAX: usize = 4_096;
@@ -76,7 +76,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     udp: Arc<UdpSocket>,
     timers: mpsc::Sender<(u64, membership::Timer)>,
-    sink: mpsc::Sender<EmittedFlow>,
+    /// Batches of at most [`SINK_BATCH_FLOWS_MAX`] flows.
+    sink: mpsc::Sender<Vec<EmittedFlow>>,
     tap: Option<mpsc::Sender<EmittedFlow>>,
     pub(crate) deps: Mutex<Dependencies>,
     pub(crate) node: String,
@@ -133,6 +134,10 @@ impl Shared {
 
     async fn dispatch(self: &Arc<Self>, outputs: Vec<Output>) {
         let mut tally = EmitTally::default();
+        // Emitted flows go to the sink in batches: one queue slot, one lock of the
+        // dependency table and one count per batch, not per flow. A release waits for every
+        // flow emitted before it, so the batch is handed over before a release is noted.
+        let mut emitted: Vec<EmittedFlow> = Vec::new();
         for output in outputs {
             match output {
                 Output::Frame { to, message } => self.send_frame(to, &message),
@@ -151,8 +156,10 @@ impl Shared {
                 }
                 Output::Emit(flow) => {
                     tally.count(&self.node, &flow);
-                    self.emit(flow).await;
-                    self.durability.emitted.fetch_add(1, Ordering::SeqCst);
+                    emitted.push(flow);
+                    if emitted.len() >= SINK_BATCH_FLOWS_MAX {
+                        self.emit(std::mem::take(&mut emitted)).await;
+                    }
                 }
                 Output::Notice(notice) => self.notice(notice),
                 Output::Journal(JournalOp::Append { id, flows }) => {
@@ -163,25 +170,40 @@ impl Shared {
                     }
                 }
                 Output::Journal(JournalOp::Release { ids }) => {
+                    self.emit(std::mem::take(&mut emitted)).await;
                     // Released once the sink holds every flow emitted up to now.
                     let emitted = self.durability.emitted.load(Ordering::SeqCst);
                     lock(&self.durability.releases).push((emitted, ids));
                 }
             }
         }
+        self.emit(emitted).await;
         tally.flush(&self.node);
     }
 
-    async fn emit(&self, flow: EmittedFlow) {
-        lock(&self.deps).record(&flow);
+    /// Hands a batch of emitted flows to the dependency table, the tap and the sink.
+    async fn emit(&self, flows: Vec<EmittedFlow>) {
+        if flows.is_empty() {
+            return;
+        }
+        {
+            let mut deps = lock(&self.deps);
+            for flow in &flows {
+                deps.record(flow);
+            }
+        }
         if let Some(tap) = &self.tap {
             // The demo's tally: it must see every flow, so wait for room.
-            let _ = tap.send(flow.clone()).await;
+            for flow in &flows {
+                let _ = tap.send(flow.clone()).await;
+            }
         }
+        let n = flows.len() as u64;
         // Waiting here is the backpressure: connection readers stop reading.
-        if self.sink.send(flow).await.is_err() {
-            tracing::error!("sink writer is gone; a flow could not be written");
+        if self.sink.send(flows).await.is_err() {
+            tracing::error!("sink writer is gone; flows could not be written");
         }
+        self.durability.emitted.fetch_add(n, Ordering::SeqCst);
     }
 
     fn notice(&self, notice: Notice) {
@@ -243,7 +265,13 @@ impl Shared {
     }
 
     fn send_frame(self: &Arc<Self>, to: Dest, message: &Message) {
-        let bytes = match self.crypto.frame(message) {
+        // A reply goes out under the key its connection's frames came with (an exporter's
+        // own); everything else under the cluster key. Sealed once.
+        let origin = match &to {
+            Dest::Conn(id) => lock(&self.origins).get(id).copied(),
+            Dest::Peer { .. } => None,
+        };
+        let bytes = match self.crypto.frame_to(message, origin) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "encoding a frame");
@@ -263,19 +291,6 @@ impl Shared {
         let conn = match &to {
             Dest::Conn(id) => *id,
             Dest::Peer { data_addr, .. } => self.peer_conn(*data_addr),
-        };
-        let bytes = match &to {
-            Dest::Conn(id) => match lock(&self.origins).get(id).copied() {
-                Some(origin) => match self.crypto.frame_to(message, Some(origin)) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "encoding a reply");
-                        return;
-                    }
-                },
-                None => bytes,
-            },
-            Dest::Peer { .. } => bytes,
         };
         let sender = lock(&self.conns).get(&conn).cloned();
         match sender {
@@ -382,9 +397,11 @@ impl Shared {
             core.handle_message_from(conn, origin.sender, message, now, out)
         })
         .await;
-        self.update_gauges();
     }
 
+    /// Refreshes the engine and admission gauges; the timer task calls it every tick
+    /// (`TICK_INTERVAL_MS`), not every message: it takes the core's lock and looks up a
+    /// dozen metrics.
     fn update_gauges(&self) {
         let core = lock(&self.core);
         let memory = core.engine().memory();
@@ -536,7 +553,8 @@ pub async fn run_reloadable(
     }
     let sink_durable = Arc::new(AtomicU64::new(0));
 
-    let (sink_tx, sink_rx) = mpsc::channel(config.sink_queue_flows_max);
+    // The queue holds batches; its bound in flows stays about `sink_queue_flows_max`.
+    let (sink_tx, sink_rx) = mpsc::channel(config.sink_queue_flows_max.div_ceil(SINK_BATCH_FLOWS_MAX));
     let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE_MAX);
     let bound = Bound {
         node_id: config.node_id.clone(),
@@ -962,24 +980,21 @@ async fn group_commit(shared: Arc<Shared>, interval_ms: u64, mut stop: watch::Re
 /// releases after the sink.
 async fn sink_writer(
     config: SinkConfig,
-    mut rx: mpsc::Receiver<EmittedFlow>,
+    mut rx: mpsc::Receiver<Vec<EmittedFlow>>,
     mut stop: watch::Receiver<bool>,
     durable: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut written: u64 = 0;
     let mut writer = sink::Writer::open(&config)?;
     let mut flush = tokio::time::interval(Duration::from_millis(SINK_FLUSH_INTERVAL_MS));
-    let mut batch = Vec::with_capacity(SINK_BATCH_FLOWS_MAX);
     loop {
         tokio::select! {
             received = rx.recv() => {
-                let Some(flow) = received else { break };
-                batch.clear();
-                batch.push(flow);
+                let Some(mut batch) = received else { break };
                 // Take whatever else is queued, up to a bound, in one write.
                 while batch.len() < SINK_BATCH_FLOWS_MAX {
                     match rx.try_recv() {
-                        Ok(f) => batch.push(f),
+                        Ok(more) => batch.extend(more),
                         Err(_) => break,
                     }
                 }
@@ -994,9 +1009,9 @@ async fn sink_writer(
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.
-                batch.clear();
-                while let Ok(f) = rx.try_recv() {
-                    batch.push(f);
+                let mut batch = Vec::new();
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
                 }
                 writer.write(&batch, clock::now().0)?;
                 break;
