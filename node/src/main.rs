@@ -134,6 +134,10 @@ enum Command {
         /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
         #[arg(long, default_value_t = 32)]
         fanout: u32,
+        /// Tokio worker threads of each collector process (TOKIO_WORKER_THREADS); 0: the
+        /// machine's cores divided among the collectors, at least 1.
+        #[arg(long, default_value_t = 0)]
+        collector_threads: usize,
         /// Seed of the synthetic fleet.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -277,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             batch_flows,
             fanout,
+            collector_threads,
             seed,
             dir,
             keep,
@@ -298,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options.rate = rate;
             options.batch_flows = batch_flows;
             options.fanout = fanout;
+            options.collector_threads = collector_threads;
             options.seed = seed;
             let result = tenure_node::loadgen::run(options).await;
             if temporary && !keep {

@@ -84,6 +84,9 @@ pub struct LoadOptions {
     pub batch_flows: usize,
     /// Remote IPs each workload calls per region; 0: any IP (a dense, all-to-all graph).
     pub fanout: u32,
+    /// Tokio worker threads of each collector process; 0: the machine's cores divided
+    /// among the collectors (at least 1), as a deployment sizes a collector to its cores.
+    pub collector_threads: usize,
     pub seed: u64,
     /// Where configs, journals, logs and sinks go.
     pub dir: PathBuf,
@@ -107,6 +110,7 @@ impl LoadOptions {
             rate: 0,
             batch_flows: wire::FLOWS_PER_BATCH_MAX_DEFAULT,
             fanout: 32,
+            collector_threads: 0,
             seed: 1,
             dir,
         }
@@ -146,6 +150,15 @@ impl LoadOptions {
         );
         anyhow::ensure!(self.duration_secs >= 1, "duration: at least 1 s");
         Ok(())
+    }
+
+    /// `collector_threads`, or the machine's cores shared among the collectors.
+    pub fn collector_threads_or_share(&self) -> usize {
+        if self.collector_threads > 0 {
+            return self.collector_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        (cores / (self.regions * self.collectors_per_region).max(1)).max(1)
     }
 
     fn pending_deadline_ms(&self) -> u64 {
@@ -311,6 +324,7 @@ fn start_cluster(
     exporter_hex: &str,
 ) -> anyhow::Result<Vec<Collector>> {
     let exe = std::env::current_exe().context("finding this executable")?;
+    let threads = options.collector_threads_or_share();
     let mut collectors: Vec<Collector> = Vec::new();
     for region in 0..options.regions {
         for i in 0..options.collectors_per_region {
@@ -329,7 +343,7 @@ fn start_cluster(
             let path = options.dir.join(format!("{node_id}.toml"));
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
             let collector =
-                Collector::spawn(&exe, &path, &node_id, &region_name(region), sink_dir)?;
+                Collector::spawn(&exe, &path, &node_id, &region_name(region), sink_dir, threads)?;
             println!(
                 "collector {node_id} pid={} data={} http=http://{}",
                 collector.pid(),
@@ -640,7 +654,11 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
 
     let mut collectors = start_cluster(&options, &cluster_hex, &exporter_hex)?;
     wait_ready(&collectors, options.collectors_per_region).await?;
-    println!("cluster ready: {} collectors", collectors.len());
+    println!(
+        "cluster ready: {} collectors, {} tokio worker thread(s) each",
+        collectors.len(),
+        options.collector_threads_or_share()
+    );
 
     let start_ms = clock::now().0;
     let regions = (0..options.regions)

@@ -49,6 +49,7 @@ impl Collector {
         node_id: &str,
         region: &str,
         sink_dir: PathBuf,
+        worker_threads: usize,
     ) -> anyhow::Result<Collector> {
         let log = std::fs::File::create(config.with_extension("log"))
             .with_context(|| format!("creating the log of {node_id}"))?;
@@ -56,6 +57,8 @@ impl Collector {
             .args(["collector", "--config"])
             .arg(config)
             .env("TENURE_LOG", "warn")
+            // tokio's own setting of a runtime's worker threads.
+            .env("TOKIO_WORKER_THREADS", worker_threads.max(1).to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
