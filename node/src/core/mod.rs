@@ -795,13 +795,11 @@ impl NodeCore {
         // Claims first: a flow of this batch may need them.
         self.route_claims(&claims, &dictionary, origin, now, out);
         let region: Arc<str> = Arc::from(batch.region.as_str());
-        let flows: Vec<FlowRecord> = batch
-            .flows
-            .iter()
-            .filter_map(|f| {
-                FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops)
-            })
-            .collect();
+        // Sized once: a collect through `filter_map` would grow (and copy) it step by step.
+        let mut flows: Vec<FlowRecord> = Vec::with_capacity(batch.flows.len());
+        flows.extend(batch.flows.iter().filter_map(|f| {
+            FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops)
+        }));
         self.stats.flows_received += flows.len() as u64;
         let received = flows.len();
         // Remembered as journaled here (the append follows below). A peer's copy of flows
