@@ -14,48 +14,53 @@
 //! ([`RECENT_FLOWS_MAX`], oldest forgotten first) and empty after a restart; a copy it
 //! misses is a duplicate, never a loss.
 
-use std::collections::VecDeque;
-
-/// Flows remembered; past it the oldest are forgotten. 32 bytes each, twice (set and
-/// queue): about 4 MiB.
+/// Flows remembered at most; at least the latest half of them are. 32 bytes each in a
+/// hash set: about 2.5 MiB with the sets' spare room.
 pub const RECENT_FLOWS_MAX: usize = 65_536;
 
 type Key = (u64, u128);
 type Set = hashbrown::HashSet<Key, foldhash::fast::FixedState>;
 
 /// See the module documentation.
+///
+/// Two generations instead of a set and a queue of insertion order: a flow goes into the
+/// current one; when it holds half of [`RECENT_FLOWS_MAX`] it becomes the previous one and
+/// the old previous one is cleared (its memory kept). One hash probe per remembered flow
+/// and nothing to evict one by one: forgetting is a clear per generation, and the oldest
+/// half are still forgotten first.
 #[derive(Debug, Default)]
 pub(super) struct Recent {
-    set: Set,
-    order: VecDeque<Key>,
+    current: Set,
+    previous: Set,
 }
 
 impl Recent {
     /// Whether `(exporter_id, flow_id)` was journaled here lately.
     #[cfg(test)]
     fn contains(&self, exporter_id: u64, flow_id: u128) -> bool {
-        self.set.contains(&(exporter_id, flow_id))
+        let key = (exporter_id, flow_id);
+        self.current.contains(&key) || self.previous.contains(&key)
     }
 
-    /// Remembers a journaled flow, forgetting the oldest past [`RECENT_FLOWS_MAX`]; `false`
-    /// when it was remembered already.
+    /// Remembers a journaled flow; `false` when it was remembered already.
     pub(super) fn insert(&mut self, exporter_id: u64, flow_id: u128) -> bool {
-        if !self.set.insert((exporter_id, flow_id)) {
+        let key = (exporter_id, flow_id);
+        if !self.previous.is_empty() && self.previous.contains(&key) {
             return false;
         }
-        self.order.push_back((exporter_id, flow_id));
-        while self.order.len() > RECENT_FLOWS_MAX {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
+        if !self.current.insert(key) {
+            return false;
         }
-        debug_assert_eq!(self.set.len(), self.order.len(), "set and queue agree");
+        if self.current.len() >= RECENT_FLOWS_MAX / 2 {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
+        }
         true
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.set.len()
+        self.current.len() + self.previous.len()
     }
 }
 
@@ -66,17 +71,22 @@ mod tests {
     #[test]
     fn remembers_until_the_bound_then_forgets_the_oldest() {
         let mut recent = Recent::default();
-        recent.insert(1, 10);
-        recent.insert(1, 10);
+        assert!(recent.insert(1, 10));
+        assert!(!recent.insert(1, 10), "a second insert finds it");
         assert!(recent.contains(1, 10));
         assert!(!recent.contains(2, 10), "keyed by exporter too");
         assert_eq!(recent.len(), 1);
         for i in 0..RECENT_FLOWS_MAX as u128 {
-            recent.insert(3, i);
+            assert!(recent.insert(3, i));
+            assert!(recent.len() <= RECENT_FLOWS_MAX, "bounded");
         }
-        assert_eq!(recent.len(), RECENT_FLOWS_MAX);
         assert!(!recent.contains(1, 10), "the oldest is forgotten");
-        assert!(recent.contains(3, 0));
-        assert!(recent.contains(3, RECENT_FLOWS_MAX as u128 - 1));
+        let n = RECENT_FLOWS_MAX as u128;
+        for i in n / 2..n {
+            assert!(recent.contains(3, i), "the latest half is remembered: {i}");
+        }
+        assert!(!recent.insert(3, n - 1));
+        // A flow of the previous generation is found there, not taken again.
+        assert!(!recent.insert(3, n / 2));
     }
 }
