@@ -603,12 +603,23 @@ pub async fn run_reloadable(
     let _ = m::handle();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sink_task = tokio::spawn(sink_writer(
-        config.sink.clone(),
-        sink_rx,
-        stop_rx.clone(),
-        sink_durable,
-    ));
+    // The sink writer has a thread (and a one-thread runtime) of its own: its writes and
+    // fsyncs block, and must not hold up the workers that serve connections.
+    let (sink_done_tx, sink_task) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    {
+        let (sink_config, stop) = (config.sink.clone(), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("tenure-sink".into())
+            .spawn(move || {
+                let written = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .context("starting the sink writer's runtime")
+                    .and_then(|rt| rt.block_on(sink_writer(sink_config, sink_rx, stop, sink_durable)));
+                let _ = sink_done_tx.send(written);
+            })
+            .context("starting the sink writer's thread")?;
+    }
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(gossip_reader(
         shared.clone(),
