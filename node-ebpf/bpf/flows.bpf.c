@@ -76,15 +76,21 @@ struct {
 
 /*
  * Closed flows. 2 MiB holds about 20 000 records between two userspace reads. Waking the
- * reader for every record costs a context switch per closed socket, so records are
- * submitted quietly and the reader is woken only once WAKEUP_BYTES are waiting; the
- * loader also drains on a short timer, which bounds how long a record can wait.
+ * reader costs an interrupt and a context switch, so records are submitted quietly and
+ * the reader is woken once per WAKEUP_BYTES of records waiting: by the record whose
+ * reservation takes the waiting bytes past a multiple of WAKEUP_BYTES, not by every
+ * record submitted while the threshold is exceeded (that woke the reader for nearly every
+ * record whenever it lagged). Wakeups only shorten the wait: the loader also drains on a
+ * short timer, which bounds how long a record can wait, so a crossing missed because two
+ * CPUs reserved at once costs latency, never a record.
  */
-#define WAKEUP_BYTES (64 * (sizeof(struct flow_record) + 8))
+#define RINGBUF_BYTES (1 << 21)
+#define RECORD_BYTES (sizeof(struct flow_record) + 8) /* with the ring's record header */
+#define WAKEUP_BYTES (RINGBUF_BYTES / 8)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 21);
+	__uint(max_entries, RINGBUF_BYTES);
 } events SEC(".maps");
 
 struct {
@@ -126,16 +132,21 @@ static __always_inline void set_v4_mapped(__u8 dst[16], __be32 addr)
 	__builtin_memcpy(dst + 12, &addr, 4);
 }
 
-/* Counters common to close records and snapshots. */
+/*
+ * Counters common to close records and snapshots. Plain loads, not BPF_CORE_READ: the
+ * socket is a BTF-typed pointer (tp_btf argument, bpf_skc_to_tcp_sock), so the verifier
+ * lets the program load its fields directly (a fault-safe load, offsets relocated by
+ * CO-RE), where BPF_CORE_READ would call bpf_probe_read_kernel once per field.
+ */
 static __always_inline void fill_counters(struct flow_record *r, const struct tcp_sock *tp)
 {
-	r->bytes_sent = BPF_CORE_READ(tp, bytes_acked);
-	r->bytes_received = BPF_CORE_READ(tp, bytes_received);
-	r->segs_in = BPF_CORE_READ(tp, segs_in);
-	r->segs_out = BPF_CORE_READ(tp, segs_out);
-	r->retransmits = BPF_CORE_READ(tp, total_retrans);
+	r->bytes_sent = tp->bytes_acked;
+	r->bytes_received = tp->bytes_received;
+	r->segs_in = tp->segs_in;
+	r->segs_out = tp->segs_out;
+	r->retransmits = tp->total_retrans;
 	/* The kernel keeps the smoothed RTT in units of 1/8 us. */
-	r->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	r->srtt_us = tp->srtt_us >> 3;
 }
 
 static __always_inline __u8 guess_direction(__u16 local_port)
@@ -145,20 +156,37 @@ static __always_inline __u8 guess_direction(__u16 local_port)
 	return DIRECTION_UNKNOWN;
 }
 
-/* The socket's addresses, IPv4 ones IPv4-mapped, and ports, into a record (a socket is
- * its own sock_common and inet_sock: both sit at its start). */
-static __always_inline void fill_endpoints(struct flow_record *r, const struct sock_common *skc)
+static __always_inline void copy_v6(__u8 dst[16], const struct in6_addr *src)
 {
-	if (BPF_CORE_READ(skc, skc_family) == AF_INET) {
-		set_v4_mapped(r->local_addr, BPF_CORE_READ(skc, skc_rcv_saddr));
-		set_v4_mapped(r->remote_addr, BPF_CORE_READ(skc, skc_daddr));
+	__u32 *words = (__u32 *)dst;
+
+	words[0] = src->in6_u.u6_addr32[0];
+	words[1] = src->in6_u.u6_addr32[1];
+	words[2] = src->in6_u.u6_addr32[2];
+	words[3] = src->in6_u.u6_addr32[3];
+}
+
+/*
+ * The socket's addresses, IPv4 ones IPv4-mapped, and ports, into a record, by plain loads
+ * as in fill_counters. A tcp_sock is its own sock_common and inet_sock (both sit at its
+ * start), so the casts only pick the CO-RE relocation; the verifier checks every load
+ * against the kernel's tcp_sock.
+ */
+static __always_inline void fill_endpoints(struct flow_record *r, const struct tcp_sock *tp)
+{
+	const struct sock_common *skc = (const struct sock_common *)tp;
+	const struct inet_sock *inet = (const struct inet_sock *)tp;
+
+	if (skc->skc_family == AF_INET) {
+		set_v4_mapped(r->local_addr, skc->skc_rcv_saddr);
+		set_v4_mapped(r->remote_addr, skc->skc_daddr);
 	} else {
-		BPF_CORE_READ_INTO(&r->local_addr, skc, skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&r->remote_addr, skc, skc_v6_daddr.in6_u.u6_addr8);
+		copy_v6(r->local_addr, &skc->skc_v6_rcv_saddr);
+		copy_v6(r->remote_addr, &skc->skc_v6_daddr);
 	}
 	/* Not skc_num: a closing socket has already given its port back (skc_num is 0). */
-	r->local_port = bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)skc, inet_sport));
-	r->remote_port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	r->local_port = bpf_ntohs(inet->inet_sport);
+	r->remote_port = bpf_ntohs(skc->skc_dport);
 }
 
 /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
@@ -169,10 +197,11 @@ int inet_sock_set_state(__u64 *ctx)
 	int oldstate = (int)ctx[1];
 	int newstate = (int)ctx[2];
 	__u64 key = (__u64)sk;
-	__u64 now;
+	__u64 now, waiting;
 	struct birth fresh = {};
 	struct birth *b;
 	struct flow_record *r;
+	struct tcp_sock *tp;
 	__u8 direction;
 
 	/* Only births and closes matter; most state changes leave here, reading nothing. */
@@ -198,6 +227,10 @@ int inet_sock_set_state(__u64 *ctx)
 		return 0;
 	}
 
+	/* NULL only for what is not a full TCP stream socket, which never had a birth. */
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
 	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
 		count(STAT_RINGBUF_FULL);
@@ -205,7 +238,7 @@ int inet_sock_set_state(__u64 *ctx)
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
-	fill_endpoints(r, &sk->__sk_common);
+	fill_endpoints(r, tp);
 	r->end_ns = now;
 	b = bpf_map_lookup_elem(&births, &key);
 	if (b) {
@@ -220,11 +253,13 @@ int inet_sock_set_state(__u64 *ctx)
 		r->flags = FLOW_FLAG_START_LATE;
 	}
 	r->version = FLOW_RECORD_VERSION;
-	fill_counters(r, (const struct tcp_sock *)sk);
+	fill_counters(r, tp);
 	r->workload_id = workload_of(r->local_addr, r->local_port);
-	bpf_ringbuf_submit(r, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES
-				      ? BPF_RB_FORCE_WAKEUP
-				      : BPF_RB_NO_WAKEUP);
+	waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(r, waiting >= RECORD_BYTES &&
+				      waiting / WAKEUP_BYTES != (waiting - RECORD_BYTES) / WAKEUP_BYTES
+			      ? BPF_RB_FORCE_WAKEUP
+			      : BPF_RB_NO_WAKEUP);
 	return 0;
 }
 
@@ -244,11 +279,11 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 
 	if (!skc)
 		return 0;
-	state = BPF_CORE_READ(skc, skc_state);
-	family = BPF_CORE_READ(skc, skc_family);
+	state = skc->skc_state;
+	family = skc->skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	r.local_port = BPF_CORE_READ(skc, skc_num);
+	r.local_port = skc->skc_num;
 	if (state == TCP_LISTEN) {
 		/* The iterator walks listeners before connections, so this is complete in time. */
 		bpf_map_update_elem(&listen_ports, &r.local_port, &one, BPF_ANY);
@@ -278,7 +313,7 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 			count(STAT_BIRTH_INSERT_FAILED);
 	}
 
-	fill_endpoints(&r, skc);
+	fill_endpoints(&r, tp);
 	r.start_ns = fresh.start_ns;
 	r.end_ns = now;
 	r.direction = fresh.direction;
