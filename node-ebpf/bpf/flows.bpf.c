@@ -17,6 +17,7 @@
  * the kernel would first build for a classic tracepoint, so a state change the program
  * ignores costs almost nothing, and only a close reads the socket's addresses and ports.
  */
+#include <stdbool.h>
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -35,16 +36,50 @@ struct birth {
 };
 
 /*
- * Sockets whose close is still to come, keyed by the socket's address. LRU so that a
- * missed close (the program was replaced mid-flight) cannot fill the map; an evicted
- * socket is still reported at close, flagged FLOW_FLAG_START_LATE. Preallocated, so a
- * birth allocates nothing.
+ * Births of sockets whose close is still to come: a set-associative table, BIRTH_WAYS
+ * slots in each of BIRTH_BUCKETS buckets, the bucket chosen by a hash of the socket's
+ * address. It replaces an LRU hash map, whose locks (bucket lock, LRU list locks, with
+ * interrupts off) around every birth and every close were the largest share of the
+ * program's cost; here a birth or a close is a few loads and two atomic instructions.
+ *
+ * The promises are the LRU map's: the table is bounded; a birth that finds its bucket
+ * full evicts the oldest birth there, so a missed close (or any number of them) cannot
+ * fill it; a socket whose birth was evicted, or never recorded, is still reported at
+ * close, flagged FLOW_FLAG_START_LATE, never with another socket's start time; a close
+ * removes its socket's birth.
+ *
+ * A slot's owner is the socket's address, 0 when free. Only the program run that has
+ * claimed a slot, by swapping its owner to an address tagged SLOT_BUSY with one
+ * compare-and-swap, touches the slot's birth; it ends the claim with an atomic exchange,
+ * which publishes the birth together with the new owner. So a birth read under a claim of
+ * owner S was written by the run that published S, for socket S, on every CPU. A claim
+ * that loses a race is not retried: the birth is not recorded (STAT_BIRTH_INSERT_FAILED)
+ * or the close finds none and is flagged START_LATE, the LRU map's behaviour under
+ * eviction. Nothing waits on a claim, so nothing can spin or deadlock.
  */
+#define BIRTH_WAYS 4
+/*
+ * log2 of the number of buckets. The loader sets it with the map's size (its births_max
+ * option); the default, 2^14 buckets of 4, holds 65536 births, as the LRU map did.
+ */
+const volatile __u32 birth_bucket_bits = 14;
+/* Socket addresses are at least 8-byte aligned, so the low bit is free for the tag. */
+#define SLOT_BUSY 1ULL
+
+struct birth_slot {
+	__u64 owner;
+	struct birth birth;
+};
+
+struct birth_bucket {
+	struct birth_slot slot[BIRTH_WAYS];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, struct birth);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << 14);
+	__type(key, __u32);
+	__type(value, struct birth_bucket);
 } births SEC(".maps");
 
 /* Local IP -> workload id, filled by userspace (Capture::set_workloads). */
@@ -156,6 +191,90 @@ static __always_inline __u8 guess_direction(__u16 local_port)
 	return DIRECTION_UNKNOWN;
 }
 
+static __always_inline struct birth_bucket *bucket_of(__u64 sk)
+{
+	/* Fibonacci hashing: the top bits of the product mix all bits of the address. */
+	__u32 index = (sk * 0x9E3779B97F4A7C15ULL) >> (64 - birth_bucket_bits);
+
+	return bpf_map_lookup_elem(&births, &index);
+}
+
+/*
+ * Records the birth of socket `sk`, in the slot it already owns (a stale birth, when its
+ * close was missed), else a free slot, else in place of the bucket's oldest birth.
+ */
+static __always_inline void birth_put(__u64 sk, const struct birth *birth)
+{
+	struct birth_bucket *bucket = bucket_of(sk);
+	struct birth_slot *victim = NULL, *slot;
+	__u64 seen = 0, owner, oldest = ~0ULL;
+	int i;
+
+	if (!bucket || !sk) {
+		count(STAT_BIRTH_INSERT_FAILED);
+		return;
+	}
+#pragma unroll
+	for (i = 0; i < BIRTH_WAYS; i++) {
+		slot = &bucket->slot[i];
+		owner = *(volatile __u64 *)&slot->owner;
+		if ((owner & ~SLOT_BUSY) == sk) {
+			/* Its own slot, or none: never a second slot for one socket. */
+			victim = owner & SLOT_BUSY ? NULL : slot;
+			seen = owner;
+			break;
+		}
+		if (owner & SLOT_BUSY)
+			continue;
+		if (owner == 0) {
+			if (oldest) {
+				victim = slot;
+				seen = 0;
+				oldest = 0;
+			}
+		} else if (slot->birth.start_ns < oldest) {
+			/* A hint only (read unclaimed): the claim below checks the owner. */
+			victim = slot;
+			seen = owner;
+			oldest = slot->birth.start_ns;
+		}
+	}
+	if (!victim ||
+	    __sync_val_compare_and_swap(&victim->owner, seen, sk | SLOT_BUSY) != seen) {
+		count(STAT_BIRTH_INSERT_FAILED);
+		return;
+	}
+	victim->birth = *birth;
+	__sync_lock_test_and_set(&victim->owner, sk);
+}
+
+/*
+ * Copies the birth of socket `sk` into `out`, and frees its slot when `remove`. False when
+ * the table holds no birth for `sk` (never recorded, or evicted).
+ */
+static __always_inline bool birth_get(__u64 sk, struct birth *out, bool remove)
+{
+	struct birth_bucket *bucket = bucket_of(sk);
+	struct birth_slot *slot;
+	int i;
+
+	/* (A zero address must not match a free slot.) */
+	if (!bucket || !sk)
+		return false;
+#pragma unroll
+	for (i = 0; i < BIRTH_WAYS; i++) {
+		slot = &bucket->slot[i];
+		if (*(volatile __u64 *)&slot->owner != sk)
+			continue;
+		if (__sync_val_compare_and_swap(&slot->owner, sk, sk | SLOT_BUSY) != sk)
+			return false;
+		*out = slot->birth;
+		__sync_lock_test_and_set(&slot->owner, remove ? 0 : sk);
+		return true;
+	}
+	return false;
+}
+
 static __always_inline void copy_v6(__u8 dst[16], const struct in6_addr *src)
 {
 	__u32 *words = (__u32 *)dst;
@@ -196,10 +315,8 @@ int inet_sock_set_state(__u64 *ctx)
 	struct sock *sk = (struct sock *)ctx[0];
 	int oldstate = (int)ctx[1];
 	int newstate = (int)ctx[2];
-	__u64 key = (__u64)sk;
-	__u64 now, waiting;
+	__u64 key = 0, now, waiting;
 	struct birth fresh = {};
-	struct birth *b;
 	struct flow_record *r;
 	struct tcp_sock *tp;
 	__u8 direction;
@@ -218,12 +335,17 @@ int inet_sock_set_state(__u64 *ctx)
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	now = bpf_ktime_get_ns();
+	/*
+	 * The socket's address as a number, to hash: the verifier forbids arithmetic on the
+	 * typed pointer itself, so the argument is copied out as plain bytes. (It cannot
+	 * fail; if it did, the key would stay 0, which matches no birth.)
+	 */
+	bpf_probe_read_kernel(&key, sizeof(key), &ctx[0]);
 
 	if (direction != DIRECTION_UNKNOWN) {
 		fresh.start_ns = now;
 		fresh.direction = direction;
-		if (bpf_map_update_elem(&births, &key, &fresh, BPF_ANY))
-			count(STAT_BIRTH_INSERT_FAILED);
+		birth_put(key, &fresh);
 		return 0;
 	}
 
@@ -234,18 +356,16 @@ int inet_sock_set_state(__u64 *ctx)
 	r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
 	if (!r) {
 		count(STAT_RINGBUF_FULL);
-		bpf_map_delete_elem(&births, &key);
+		birth_get(key, &fresh, true);
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
 	fill_endpoints(r, tp);
 	r->end_ns = now;
-	b = bpf_map_lookup_elem(&births, &key);
-	if (b) {
-		r->start_ns = b->start_ns;
-		r->direction = b->direction;
-		r->flags = b->flags;
-		bpf_map_delete_elem(&births, &key);
+	if (birth_get(key, &fresh, true)) {
+		r->start_ns = fresh.start_ns;
+		r->direction = fresh.direction;
+		r->flags = fresh.flags;
 	} else {
 		count(STAT_UNTRACKED_CLOSE);
 		r->start_ns = now;
@@ -270,9 +390,8 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 	struct seq_file *seq = ctx->meta->seq;
 	struct flow_record r = {};
 	struct birth fresh = {};
-	struct birth *known;
 	struct tcp_sock *tp;
-	__u64 now, key;
+	__u64 now, key = 0;
 	__u16 family;
 	__u8 state;
 	__u8 one = 1;
@@ -297,20 +416,16 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 
 	now = bpf_ktime_get_ns();
-	key = (__u64)skc;
-	known = bpf_map_lookup_elem(&births, &key);
-	if (known) {
-		/* Copied out, so that no pointer arithmetic on a maybe-null value gets hoisted. */
-		fresh = *known;
-	} else {
+	bpf_probe_read_kernel(&key, sizeof(key), &ctx->sk_common);
+	if (!birth_get(key, &fresh, false)) {
 		/* Born before capture started: adopt it, so its close is reported in full. */
 		fresh.start_ns = now;
 		fresh.direction = guess_direction(r.local_port);
 		if (fresh.direction == DIRECTION_UNKNOWN)
 			fresh.direction = DIRECTION_OUTBOUND;
 		fresh.flags = FLOW_FLAG_START_LATE;
-		if (bpf_map_update_elem(&births, &key, &fresh, BPF_NOEXIST))
-			count(STAT_BIRTH_INSERT_FAILED);
+		/* The socket is locked while the iterator runs us: its close cannot interleave. */
+		birth_put(key, &fresh);
 	}
 
 	fill_endpoints(&r, tp);

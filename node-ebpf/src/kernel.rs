@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
@@ -30,6 +30,16 @@ const MAP_EVENTS: &str = "events";
 const MAP_BY_IP: &str = "workload_by_ip";
 const MAP_BY_ENDPOINT: &str = "workload_by_endpoint";
 const MAP_STATS: &str = "stats";
+const MAP_BIRTHS: &str = "births";
+const GLOBAL_BIRTH_BUCKET_BITS: &str = "birth_bucket_bits";
+
+/// Slots per bucket of the `births` table (`BIRTH_WAYS` in the C).
+const BIRTH_WAYS: u32 = 4;
+/// Bounds of [`CaptureOptions::births_max`]: two buckets at least (the program hashes
+/// into 2^n buckets with n ≥ 1), 2^20 at most (24 MiB of table).
+pub const BIRTHS_MIN: u32 = 2 * BIRTH_WAYS;
+/// See [`BIRTHS_MIN`].
+pub const BIRTHS_MAX: u32 = 1 << 20;
 
 /// Capacity of `workload_by_ip` and `workload_by_endpoint` (`max_entries` in the C).
 pub const WORKLOAD_ENTRIES_MAX: usize = 16384;
@@ -55,6 +65,12 @@ pub struct CaptureOptions {
     /// Run one snapshot during load so that sockets opened before capture started are
     /// adopted and reported in full when they close. Default true.
     pub adopt_existing: bool,
+    /// Sockets whose birth the kernel table keeps until they close: a power of two from
+    /// [`BIRTHS_MIN`] to [`BIRTHS_MAX`], 24 bytes each. The table is set-associative
+    /// (buckets of 4); a birth that finds its bucket full evicts the oldest there, and an
+    /// evicted socket is reported at close with `start_exact == false`, so this bounds
+    /// memory, never correctness. Default 65536.
+    pub births_max: NonZeroU32,
 }
 
 impl Default for CaptureOptions {
@@ -64,6 +80,7 @@ impl Default for CaptureOptions {
             snapshot_flows_max: NonZeroUsize::new(65536).unwrap_or(NonZeroUsize::MIN),
             drain_interval_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
             adopt_existing: true,
+            births_max: NonZeroU32::new(65536).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -77,7 +94,9 @@ pub struct CaptureStats {
     /// Sockets that closed without capture having seen them open; they were still
     /// reported, with `start_exact == false`.
     pub untracked_closes: u64,
-    /// Births the kernel could not record (should stay 0: the map is LRU).
+    /// Births the kernel did not record because another CPU held their table slot at
+    /// that instant (rare); those sockets are reported at close with
+    /// `start_exact == false`.
     pub birth_insert_failed: u64,
     /// Ring-buffer or snapshot records that failed to decode and were skipped.
     pub malformed_records: u64,
@@ -117,10 +136,14 @@ impl Capture {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(CaptureError::NoRuntime);
         }
+        let buckets = birth_buckets(options.births_max)?;
+        let bucket_bits = buckets.trailing_zeros();
         let btf = Btf::from_sys_fs().map_err(|source| CaptureError::NoBtf { source })?;
 
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .override_global(GLOBAL_BIRTH_BUCKET_BITS, &bucket_bits, true)
+            .map_max_entries(MAP_BIRTHS, buckets)
             .load(OBJECT)
             .map_err(|source| CaptureError::Object { source })?;
 
@@ -291,6 +314,20 @@ impl Capture {
     }
 }
 
+/// Buckets of the `births` table for [`CaptureOptions::births_max`]: a power of two, so
+/// that the program's hash picks one with a shift.
+fn birth_buckets(births_max: NonZeroU32) -> Result<u32, CaptureError> {
+    let births = births_max.get();
+    if !births.is_power_of_two() || !(BIRTHS_MIN..=BIRTHS_MAX).contains(&births) {
+        return Err(CaptureError::BirthsMax {
+            given: births,
+            min: BIRTHS_MIN,
+            max: BIRTHS_MAX,
+        });
+    }
+    Ok(births / BIRTH_WAYS)
+}
+
 /// Hands the ring buffer to tokio's reactor. tokio made this `unsafe` because a type's
 /// `as_raw_fd` could return an fd that closes while registered; here it cannot.
 #[allow(
@@ -381,5 +418,32 @@ fn program_error(program: &'static str, error: ProgramError) -> CaptureError {
     CaptureError::Program {
         program,
         source: error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets(births: u32) -> Result<u32, CaptureError> {
+        birth_buckets(NonZeroU32::new(births).unwrap_or(NonZeroU32::MIN))
+    }
+
+    #[test]
+    fn births_max_is_a_bounded_power_of_two() {
+        assert_eq!(buckets(65536).ok(), Some(16384));
+        assert_eq!(buckets(BIRTHS_MIN).ok(), Some(2));
+        assert_eq!(buckets(BIRTHS_MAX).ok(), Some(BIRTHS_MAX / 4));
+        for bad in [4, 12, 65535, BIRTHS_MAX * 2] {
+            assert!(
+                matches!(buckets(bad), Err(CaptureError::BirthsMax { given, .. }) if given == bad),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn default_births_max_is_valid() {
+        assert!(birth_buckets(CaptureOptions::default().births_max).is_ok());
     }
 }
