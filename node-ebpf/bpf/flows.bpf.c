@@ -4,23 +4,33 @@
  *
  * One record per TCP socket lifetime: the tracepoint inet_sock_set_state notes each
  * socket's birth (CLOSE->SYN_SENT is an active open, LISTEN->SYN_RECV the accepted child of
- * a passive open) in an LRU map keyed by the socket's address, and at ->CLOSE reads the
- * socket's counters, emits one flow_record through the `events` ring buffer and forgets
- * the socket. (Socket-local storage was tried in place of the map: its allocation and
- * memory-cgroup charge at every birth cost more than the preallocated LRU map.) The iter/tcp program `snapshot_tcp` walks the live sockets of the caller's
- * network namespace and writes one ongoing record per socket, so that long-lived flows
- * are reported every heartbeat and sockets born before capture started get adopted.
+ * a passive open) in the `births` table, keyed by the socket's address, and at ->CLOSE
+ * reads the socket's counters, emits one flow_record through the `events` ring buffer and
+ * forgets the socket. The iter/tcp program `snapshot_tcp` walks the live sockets of the
+ * caller's network namespace and writes one ongoing record per socket, so that long-lived
+ * flows are reported every heartbeat and sockets born before capture started get adopted.
+ *
+ * Cost. The program runs at every state change of every TCP socket of the host, so what
+ * it does per socket is budgeted (overhead bench: benches/overhead.rs, target <= 5% of a
+ * connect/close loop). Measured, per connection (two sockets), before the current design:
+ * the births LRU hash map's locks, reading ~12 socket fields through
+ * bpf_probe_read_kernel, and waking the reader for nearly every record once it lagged
+ * were the largest shares. Hence: births in a lock-free table (see `births`), fields read
+ * by plain BTF loads, and one wakeup per eighth of the ring buffer. Tried and dropped:
+ * socket-local storage in place of the map (its allocation and memory-cgroup charge at
+ * every birth cost more), BPF_F_NO_COMMON_LRU (no measurable change).
  *
  * fentry/kprobes are unavailable on the target kernels, hence the tracepoint. It is
  * attached as a BTF tracepoint (tp_btf: no trampoline needed): the program gets the
  * tracepoint's arguments, a typed socket pointer and both states, rather than the record
  * the kernel would first build for a classic tracepoint, so a state change the program
  * ignores costs almost nothing, and only a close reads the socket's addresses and ports.
+ * The births table's compare-and-swap needs BPF atomics (build.sh compiles for -mcpu=v3),
+ * so Linux 5.12 or later.
  */
 #include <stdbool.h>
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "flows.h"
 

@@ -20,7 +20,7 @@
 #define FLOW_FLAG_ONGOING 1
 /*
  * The socket was born before capture saw it (it predates the program, or its state was
- * evicted from the LRU map): start_ns is when capture first saw it, later than the real
+ * evicted from the births table): start_ns is when capture first saw it, later than the real
  * start. Later is the safe side: a flow never claims ownership time it cannot prove.
  */
 #define FLOW_FLAG_START_LATE 2
