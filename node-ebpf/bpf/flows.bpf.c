@@ -109,6 +109,18 @@ struct {
 } workload_by_endpoint SEC(".maps");
 
 /*
+ * Whether each workload map has entries (USED_* in flows.h). Most hosts leave
+ * workload_by_endpoint empty, and a lookup in an empty hash map still hashes the key and
+ * reads a bucket, likely a cache miss: a close skips it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, USED_COUNT);
+	__type(key, __u32);
+	__type(value, __u32);
+} workload_maps_used SEC(".maps");
+
+/*
  * Local ports seen listening by the last snapshot. Only used to guess the direction of
  * sockets that capture did not see being born.
  */
@@ -153,6 +165,13 @@ static __always_inline void count(__u32 index)
 		*value += 1;
 }
 
+static __always_inline bool workload_map_used(__u32 map)
+{
+	__u32 *used = bpf_map_lookup_elem(&workload_maps_used, &map);
+
+	return used && *used;
+}
+
 static __always_inline __u32 workload_of(const __u8 addr[16], __u16 port)
 {
 	struct endpoint_key key = {};
@@ -160,12 +179,16 @@ static __always_inline __u32 workload_of(const __u8 addr[16], __u16 port)
 
 	__builtin_memcpy(key.addr, addr, 16);
 	key.port = port;
-	id = bpf_map_lookup_elem(&workload_by_endpoint, &key);
-	if (id)
-		return *id;
-	id = bpf_map_lookup_elem(&workload_by_ip, key.addr);
-	if (id)
-		return *id;
+	if (workload_map_used(USED_BY_ENDPOINT)) {
+		id = bpf_map_lookup_elem(&workload_by_endpoint, &key);
+		if (id)
+			return *id;
+	}
+	if (workload_map_used(USED_BY_IP)) {
+		id = bpf_map_lookup_elem(&workload_by_ip, key.addr);
+		if (id)
+			return *id;
+	}
 	return 0;
 }
 

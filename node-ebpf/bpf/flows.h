@@ -69,4 +69,13 @@ _Static_assert(sizeof(struct endpoint_key) == 20, "endpoint_key layout is shared
 #define STAT_BIRTH_INSERT_FAILED 2
 #define STAT_COUNT 3
 
+/*
+ * Indexes of the `workload_maps_used` array: nonzero while the map has entries. Userspace
+ * sets it before it inserts and clears it after it has emptied the map, so 0 always
+ * means empty and a close may skip the lookup.
+ */
+#define USED_BY_IP 0
+#define USED_BY_ENDPOINT 1
+#define USED_COUNT 2
+
 #endif

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, Iter, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
@@ -30,6 +30,10 @@ const MAP_EVENTS: &str = "events";
 const MAP_BY_IP: &str = "workload_by_ip";
 const MAP_BY_ENDPOINT: &str = "workload_by_endpoint";
 const MAP_STATS: &str = "stats";
+const MAP_USED: &str = "workload_maps_used";
+/// Indexes of `workload_maps_used` (`USED_*` in `bpf/flows.h`).
+const USED_BY_IP: u32 = 0;
+const USED_BY_ENDPOINT: u32 = 1;
 const MAP_BIRTHS: &str = "births";
 const GLOBAL_BIRTH_BUCKET_BITS: &str = "birth_bucket_bits";
 
@@ -111,6 +115,7 @@ pub struct Capture {
     events: AsyncFd<RingBuf<MapData>>,
     by_ip: HashMap<MapData, [u8; 16], u32>,
     by_endpoint: HashMap<MapData, [u8; 20], u32>,
+    maps_used: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     options: CaptureOptions,
     malformed_records: u64,
@@ -181,6 +186,12 @@ impl Capture {
                     source,
                 }
             })?;
+        let maps_used = Array::try_from(take_map(&mut ebpf, MAP_USED)?).map_err(|source| {
+            CaptureError::Map {
+                map: MAP_USED,
+                source,
+            }
+        })?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, MAP_STATS)?).map_err(|source| {
             CaptureError::Map {
                 map: MAP_STATS,
@@ -194,6 +205,7 @@ impl Capture {
             events,
             by_ip,
             by_endpoint,
+            maps_used,
             stats,
             options,
             malformed_records: 0,
@@ -278,7 +290,8 @@ impl Capture {
     /// either the old or the new id for an IP, never a missing one for a kept IP.
     pub fn set_workloads(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), CaptureError> {
         let desired = entries.iter().map(|&(ip, id)| (ip_key(ip), id));
-        replace(&mut self.by_ip, MAP_BY_IP, desired)
+        let used = (&mut self.maps_used, USED_BY_IP);
+        replace(&mut self.by_ip, MAP_BY_IP, used, desired)
     }
 
     /// Replaces the (local IP, local port) → workload table, which wins over
@@ -289,7 +302,8 @@ impl Capture {
         entries: &[(SocketAddr, u32)],
     ) -> Result<(), CaptureError> {
         let desired = entries.iter().map(|&(addr, id)| (endpoint_key(addr), id));
-        replace(&mut self.by_endpoint, MAP_BY_ENDPOINT, desired)
+        let used = (&mut self.maps_used, USED_BY_ENDPOINT);
+        replace(&mut self.by_endpoint, MAP_BY_ENDPOINT, used, desired)
     }
 
     /// Counters of what was lost or skipped since load.
@@ -362,11 +376,19 @@ fn drain(
     (flows, false)
 }
 
+/// Makes `map` hold exactly `desired`, and keeps its flag in `workload_maps_used` true to
+/// the program's promise: the flag goes up before the first insert and down only once
+/// the map is empty, so a close that sees it down may skip the lookup.
 fn replace<const N: usize>(
     map: &mut HashMap<MapData, [u8; N], u32>,
     name: &'static str,
+    (used, used_index): (&mut Array<MapData, u32>, u32),
     desired: impl Iterator<Item = ([u8; N], u32)>,
 ) -> Result<(), CaptureError> {
+    let used_err = |source| CaptureError::Map {
+        map: MAP_USED,
+        source,
+    };
     let map_err = |source| CaptureError::Map { map: name, source };
     let current = map.keys().collect::<Result<Vec<_>, _>>().map_err(map_err)?;
     let plan = workload::plan(current, desired, WORKLOAD_ENTRIES_MAX).map_err(|too_many| {
@@ -376,11 +398,18 @@ fn replace<const N: usize>(
             max: too_many.max,
         }
     })?;
+    let in_use = !plan.upsert.is_empty();
+    if in_use {
+        used.set(used_index, 1, 0).map_err(used_err)?;
+    }
     for key in &plan.remove {
         map.remove(key).map_err(map_err)?;
     }
     for (key, id) in &plan.upsert {
         map.insert(key, id, 0).map_err(map_err)?;
+    }
+    if !in_use {
+        used.set(used_index, 0, 0).map_err(used_err)?;
     }
     Ok(())
 }
