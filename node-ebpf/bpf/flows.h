@@ -19,9 +19,9 @@
 /* Emitted by the iter/tcp snapshot: the socket is still open, counters are cumulative. */
 #define FLOW_FLAG_ONGOING 1
 /*
- * The socket was born before capture saw it (it predates the program, or its state was
- * evicted from the births table): start_ns is when capture first saw it, later than the real
- * start. Later is the safe side: a flow never claims ownership time it cannot prove.
+ * The socket was born before capture saw it (it predates the program, or its birth was
+ * evicted from the births table): start_ns is when capture first saw it, later than the
+ * real start. Later is the safe side: a flow never claims ownership time it cannot prove.
  */
 #define FLOW_FLAG_START_LATE 2
 
