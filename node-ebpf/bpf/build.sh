@@ -32,7 +32,7 @@ build() {
 	# Compile from inside bpf/ with relative paths so nothing machine-specific is recorded.
 	(
 		cd "$here"
-		"$CLANG" -O2 -g -target bpf -Wall -Werror \
+		"$CLANG" -O2 -g -target bpf -mcpu=v3 -Wall -Werror \
 			-fdebug-prefix-map="$here"=. \
 			-fdebug-compilation-dir=. \
 			-c flows.bpf.c -o "$out"

@@ -19,9 +19,9 @@
 /* Emitted by the iter/tcp snapshot: the socket is still open, counters are cumulative. */
 #define FLOW_FLAG_ONGOING 1
 /*
- * The socket was born before capture saw it (it predates the program, or its state was
- * evicted from the LRU map): start_ns is when capture first saw it, later than the real
- * start. Later is the safe side: a flow never claims ownership time it cannot prove.
+ * The socket was born before capture saw it (it predates the program, or its birth was
+ * evicted from the births table): start_ns is when capture first saw it, later than the
+ * real start. Later is the safe side: a flow never claims ownership time it cannot prove.
  */
 #define FLOW_FLAG_START_LATE 2
 
@@ -68,5 +68,14 @@ _Static_assert(sizeof(struct endpoint_key) == 20, "endpoint_key layout is shared
 #define STAT_UNTRACKED_CLOSE 1   /* a socket closed that capture never saw open */
 #define STAT_BIRTH_INSERT_FAILED 2
 #define STAT_COUNT 3
+
+/*
+ * Indexes of the `workload_maps_used` array: nonzero while the map has entries. Userspace
+ * sets it before it inserts and clears it after it has emptied the map, so 0 always
+ * means empty and a close may skip the lookup.
+ */
+#define USED_BY_IP 0
+#define USED_BY_ENDPOINT 1
+#define USED_COUNT 2
 
 #endif

@@ -108,6 +108,18 @@ pub enum CaptureError {
         max: usize,
     },
 
+    /// [`crate::CaptureOptions::births_max`] is not a power of two within its bounds.
+    /// Nothing was loaded.
+    #[error("births_max = {given} must be a power of two from {min} to {max}")]
+    BirthsMax {
+        /// The value given.
+        given: u32,
+        /// The smallest allowed.
+        min: u32,
+        /// The largest allowed.
+        max: u32,
+    },
+
     /// [`crate::Capture::load`] ran outside a tokio runtime; the ring buffer is read
     /// through tokio's reactor. Nothing stays loaded.
     #[error("Capture::load must be called from within a tokio runtime (it registers the ring buffer with the reactor)")]

@@ -5,10 +5,10 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, Iter, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
@@ -30,6 +30,20 @@ const MAP_EVENTS: &str = "events";
 const MAP_BY_IP: &str = "workload_by_ip";
 const MAP_BY_ENDPOINT: &str = "workload_by_endpoint";
 const MAP_STATS: &str = "stats";
+const MAP_USED: &str = "workload_maps_used";
+/// Indexes of `workload_maps_used` (`USED_*` in `bpf/flows.h`).
+const USED_BY_IP: u32 = 0;
+const USED_BY_ENDPOINT: u32 = 1;
+const MAP_BIRTHS: &str = "births";
+const GLOBAL_BIRTH_BUCKET_BITS: &str = "birth_bucket_bits";
+
+/// Slots per bucket of the `births` table (`BIRTH_WAYS` in the C).
+const BIRTH_WAYS: u32 = 4;
+/// Bounds of [`CaptureOptions::births_max`]: two buckets at least (the program hashes
+/// into 2^n buckets with n ≥ 1), 2^20 at most (24 MiB of table).
+pub const BIRTHS_MIN: u32 = 2 * BIRTH_WAYS;
+/// See [`BIRTHS_MIN`].
+pub const BIRTHS_MAX: u32 = 1 << 20;
 
 /// Capacity of `workload_by_ip` and `workload_by_endpoint` (`max_entries` in the C).
 pub const WORKLOAD_ENTRIES_MAX: usize = 16384;
@@ -55,6 +69,14 @@ pub struct CaptureOptions {
     /// Run one snapshot during load so that sockets opened before capture started are
     /// adopted and reported in full when they close. Default true.
     pub adopt_existing: bool,
+    /// Sockets whose birth the kernel table keeps until they close: a power of two from
+    /// [`BIRTHS_MIN`] to [`BIRTHS_MAX`], 24 bytes each. The table is set-associative
+    /// (buckets of 4); a birth that finds its bucket full evicts the oldest there, and an
+    /// evicted socket is reported at close with `start_exact == false`, so this bounds
+    /// memory, never correctness. A bucket can fill before the table does: with `n`
+    /// sockets open at once, about P(Poisson(4n / births_max) ≥ 4) of births evict a
+    /// live one (with the default, ~1.4% at 30 000 open sockets). Default 131072 (3 MiB).
+    pub births_max: NonZeroU32,
 }
 
 impl Default for CaptureOptions {
@@ -64,6 +86,7 @@ impl Default for CaptureOptions {
             snapshot_flows_max: NonZeroUsize::new(65536).unwrap_or(NonZeroUsize::MIN),
             drain_interval_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
             adopt_existing: true,
+            births_max: NonZeroU32::new(131072).unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -77,7 +100,9 @@ pub struct CaptureStats {
     /// Sockets that closed without capture having seen them open; they were still
     /// reported, with `start_exact == false`.
     pub untracked_closes: u64,
-    /// Births the kernel could not record (should stay 0: the map is LRU).
+    /// Births the kernel did not record because another CPU held their table slot at
+    /// that instant (rare); those sockets are reported at close with
+    /// `start_exact == false`.
     pub birth_insert_failed: u64,
     /// Ring-buffer or snapshot records that failed to decode and were skipped.
     pub malformed_records: u64,
@@ -92,6 +117,7 @@ pub struct Capture {
     events: AsyncFd<RingBuf<MapData>>,
     by_ip: HashMap<MapData, [u8; 16], u32>,
     by_endpoint: HashMap<MapData, [u8; 20], u32>,
+    maps_used: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     options: CaptureOptions,
     malformed_records: u64,
@@ -117,10 +143,14 @@ impl Capture {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(CaptureError::NoRuntime);
         }
+        let buckets = birth_buckets(options.births_max)?;
+        let bucket_bits = buckets.trailing_zeros();
         let btf = Btf::from_sys_fs().map_err(|source| CaptureError::NoBtf { source })?;
 
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .override_global(GLOBAL_BIRTH_BUCKET_BITS, &bucket_bits, true)
+            .map_max_entries(MAP_BIRTHS, buckets)
             .load(OBJECT)
             .map_err(|source| CaptureError::Object { source })?;
 
@@ -158,6 +188,12 @@ impl Capture {
                     source,
                 }
             })?;
+        let maps_used = Array::try_from(take_map(&mut ebpf, MAP_USED)?).map_err(|source| {
+            CaptureError::Map {
+                map: MAP_USED,
+                source,
+            }
+        })?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, MAP_STATS)?).map_err(|source| {
             CaptureError::Map {
                 map: MAP_STATS,
@@ -171,6 +207,7 @@ impl Capture {
             events,
             by_ip,
             by_endpoint,
+            maps_used,
             stats,
             options,
             malformed_records: 0,
@@ -255,7 +292,8 @@ impl Capture {
     /// either the old or the new id for an IP, never a missing one for a kept IP.
     pub fn set_workloads(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), CaptureError> {
         let desired = entries.iter().map(|&(ip, id)| (ip_key(ip), id));
-        replace(&mut self.by_ip, MAP_BY_IP, desired)
+        let used = (&mut self.maps_used, USED_BY_IP);
+        replace(&mut self.by_ip, MAP_BY_IP, used, desired)
     }
 
     /// Replaces the (local IP, local port) → workload table, which wins over
@@ -266,7 +304,8 @@ impl Capture {
         entries: &[(SocketAddr, u32)],
     ) -> Result<(), CaptureError> {
         let desired = entries.iter().map(|&(addr, id)| (endpoint_key(addr), id));
-        replace(&mut self.by_endpoint, MAP_BY_ENDPOINT, desired)
+        let used = (&mut self.maps_used, USED_BY_ENDPOINT);
+        replace(&mut self.by_endpoint, MAP_BY_ENDPOINT, used, desired)
     }
 
     /// Counters of what was lost or skipped since load.
@@ -289,6 +328,20 @@ impl Capture {
             snapshots_truncated: self.snapshots_truncated,
         })
     }
+}
+
+/// Buckets of the `births` table for [`CaptureOptions::births_max`]: a power of two, so
+/// that the program's hash picks one with a shift.
+fn birth_buckets(births_max: NonZeroU32) -> Result<u32, CaptureError> {
+    let births = births_max.get();
+    if !births.is_power_of_two() || !(BIRTHS_MIN..=BIRTHS_MAX).contains(&births) {
+        return Err(CaptureError::BirthsMax {
+            given: births,
+            min: BIRTHS_MIN,
+            max: BIRTHS_MAX,
+        });
+    }
+    Ok(births / BIRTH_WAYS)
 }
 
 /// Hands the ring buffer to tokio's reactor. tokio made this `unsafe` because a type's
@@ -325,11 +378,19 @@ fn drain(
     (flows, false)
 }
 
+/// Makes `map` hold exactly `desired`, and keeps its flag in `workload_maps_used` true to
+/// the program's promise: the flag goes up before the first insert and down only once
+/// the map is empty, so a close that sees it down may skip the lookup.
 fn replace<const N: usize>(
     map: &mut HashMap<MapData, [u8; N], u32>,
     name: &'static str,
+    (used, used_index): (&mut Array<MapData, u32>, u32),
     desired: impl Iterator<Item = ([u8; N], u32)>,
 ) -> Result<(), CaptureError> {
+    let used_err = |source| CaptureError::Map {
+        map: MAP_USED,
+        source,
+    };
     let map_err = |source| CaptureError::Map { map: name, source };
     let current = map.keys().collect::<Result<Vec<_>, _>>().map_err(map_err)?;
     let plan = workload::plan(current, desired, WORKLOAD_ENTRIES_MAX).map_err(|too_many| {
@@ -339,11 +400,18 @@ fn replace<const N: usize>(
             max: too_many.max,
         }
     })?;
+    let in_use = !plan.upsert.is_empty();
+    if in_use {
+        used.set(used_index, 1, 0).map_err(used_err)?;
+    }
     for key in &plan.remove {
         map.remove(key).map_err(map_err)?;
     }
     for (key, id) in &plan.upsert {
         map.insert(key, id, 0).map_err(map_err)?;
+    }
+    if !in_use {
+        used.set(used_index, 0, 0).map_err(used_err)?;
     }
     Ok(())
 }
@@ -381,5 +449,32 @@ fn program_error(program: &'static str, error: ProgramError) -> CaptureError {
     CaptureError::Program {
         program,
         source: error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets(births: u32) -> Result<u32, CaptureError> {
+        birth_buckets(NonZeroU32::new(births).unwrap_or(NonZeroU32::MIN))
+    }
+
+    #[test]
+    fn births_max_is_a_bounded_power_of_two() {
+        assert_eq!(buckets(65536).ok(), Some(16384));
+        assert_eq!(buckets(BIRTHS_MIN).ok(), Some(2));
+        assert_eq!(buckets(BIRTHS_MAX).ok(), Some(BIRTHS_MAX / 4));
+        for bad in [4, 12, 65535, BIRTHS_MAX * 2] {
+            assert!(
+                matches!(buckets(bad), Err(CaptureError::BirthsMax { given, .. }) if given == bad),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn default_births_max_is_valid() {
+        assert!(birth_buckets(CaptureOptions::default().births_max).is_ok());
     }
 }

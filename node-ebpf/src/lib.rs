@@ -45,5 +45,7 @@ mod workload;
 pub use clock::ClockOffset;
 pub use error::CaptureError;
 pub use flow::{CapturedFlow, Direction};
-pub use kernel::{Capture, CaptureOptions, CaptureStats, WORKLOAD_ENTRIES_MAX};
+pub use kernel::{
+    Capture, CaptureOptions, CaptureStats, BIRTHS_MAX, BIRTHS_MIN, WORKLOAD_ENTRIES_MAX,
+};
 pub use privilege::check_privileges;

@@ -71,3 +71,42 @@ async fn ipv4_loopback_flow_is_reported_once_per_side() {
 async fn ipv6_loopback_flow_is_reported_once_per_side() {
     closed_flow_is_reported_per_side(IpAddr::V6(Ipv6Addr::LOCALHOST), "ipv6 loopback").await;
 }
+
+/// Emptying a workload map lowers the flag that lets a close skip its lookup, and filling
+/// it again raises the flag: the reported ids follow every change.
+#[tokio::test]
+async fn workload_maps_can_be_emptied_and_refilled() {
+    if !privileged("workload maps emptied and refilled") {
+        return;
+    }
+    let mut capture = Capture::load(CaptureOptions::default()).expect("load capture");
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let listener = TcpListener::bind((loopback, 0)).expect("bind");
+    let server = listener.local_addr().expect("addr");
+    // (by IP, by endpoint, the server side's expected id)
+    let steps = [
+        (vec![(loopback, 11)], vec![(server, 22)], 22),
+        (vec![(loopback, 11)], vec![], 11),
+        (vec![], vec![], 0),
+        (vec![], vec![(server, 33)], 33),
+    ];
+    for (by_ip, by_endpoint, want) in steps {
+        capture.set_workloads(&by_ip).expect("set workloads");
+        capture
+            .set_port_workloads(&by_endpoint)
+            .expect("set port workloads");
+        let ex = exchange(&listener, 10, 10).expect("exchange");
+        let flows = collect_until(
+            &mut capture,
+            |f| f.local == ex.server && f.remote == ex.client,
+            |seen| !seen.is_empty(),
+        )
+        .await;
+        let got = flows.first().map(|f| f.workload_id);
+        assert_eq!(
+            got,
+            Some(want),
+            "by ip {by_ip:?}, by endpoint {by_endpoint:?}"
+        );
+    }
+}
