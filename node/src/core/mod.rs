@@ -81,7 +81,7 @@ use recent::Recent;
 pub use recent::RECENT_FLOWS_MAX;
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
-    Reason, RegionMap, Resolved, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
+    Reason, RegionMap, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
 };
 use tenure_gossip::directory::RegionRecord;
 use tenure_gossip::handoff::{Handoff, HandoffConfig, Pull, Readiness};
@@ -1120,10 +1120,12 @@ impl NodeCore {
             tracing::warn!(ip = %conflict.ip, existing = %conflict.existing, claimant = %conflict.claimant, "conflicting claims");
             out.push(Output::Notice(Notice::Conflict(conflict)));
         }
-        let resolved: Vec<Resolved<JournaledFlow>> = self.scratch.resolved.drain(..).collect();
-        for r in resolved {
+        // Taken out and put back, so that the flows move once and the vector keeps its room.
+        let mut resolved = std::mem::take(&mut self.scratch.resolved);
+        for r in resolved.drain(..) {
             self.emit(r.payload, r.verdict, r.waited_ms, now, out);
         }
+        self.scratch.resolved = resolved;
     }
 
     /// Emits a flow and settles it in the journal (the release follows the emit in `out`).

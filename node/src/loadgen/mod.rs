@@ -342,8 +342,14 @@ fn start_cluster(
             )?;
             let path = options.dir.join(format!("{node_id}.toml"));
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-            let collector =
-                Collector::spawn(&exe, &path, &node_id, &region_name(region), sink_dir, threads)?;
+            let collector = Collector::spawn(
+                &exe,
+                &path,
+                &node_id,
+                &region_name(region),
+                sink_dir,
+                threads,
+            )?;
             println!(
                 "collector {node_id} pid={} data={} http=http://{}",
                 collector.pid(),

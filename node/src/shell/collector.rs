@@ -554,7 +554,8 @@ pub async fn run_reloadable(
     let sink_durable = Arc::new(AtomicU64::new(0));
 
     // The queue holds batches; its bound in flows stays about `sink_queue_flows_max`.
-    let (sink_tx, sink_rx) = mpsc::channel(config.sink_queue_flows_max.div_ceil(SINK_BATCH_FLOWS_MAX));
+    let (sink_tx, sink_rx) =
+        mpsc::channel(config.sink_queue_flows_max.div_ceil(SINK_BATCH_FLOWS_MAX));
     let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE_MAX);
     let bound = Bound {
         node_id: config.node_id.clone(),
@@ -615,7 +616,9 @@ pub async fn run_reloadable(
                     .enable_time()
                     .build()
                     .context("starting the sink writer's runtime")
-                    .and_then(|rt| rt.block_on(sink_writer(sink_config, sink_rx, stop, sink_durable)));
+                    .and_then(|rt| {
+                        rt.block_on(sink_writer(sink_config, sink_rx, stop, sink_durable))
+                    });
                 let _ = sink_done_tx.send(written);
             })
             .context("starting the sink writer's thread")?;
@@ -1001,14 +1004,9 @@ async fn sink_writer(
     loop {
         tokio::select! {
             received = rx.recv() => {
-                let Some(mut batch) = received else { break };
-                // Take whatever else is queued, up to a bound, in one write.
-                while batch.len() < SINK_BATCH_FLOWS_MAX {
-                    match rx.try_recv() {
-                        Ok(more) => batch.extend(more),
-                        Err(_) => break,
-                    }
-                }
+                // Batches come whole from the dispatcher (up to SINK_BATCH_FLOWS_MAX flows):
+                // written as they are, not copied into a bigger one.
+                let Some(batch) = received else { break };
                 writer.write(&batch, clock::now().0)?;
                 written += batch.len() as u64;
             }
@@ -1020,11 +1018,9 @@ async fn sink_writer(
             }
             _ = stopped(&mut stop) => {
                 // Everything was emitted before the stop: write what is queued and end.
-                let mut batch = Vec::new();
-                while let Ok(more) = rx.try_recv() {
-                    batch.extend(more);
+                while let Ok(batch) = rx.try_recv() {
+                    writer.write(&batch, clock::now().0)?;
                 }
-                writer.write(&batch, clock::now().0)?;
                 break;
             }
         }
