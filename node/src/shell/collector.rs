@@ -93,6 +93,16 @@ pub(crate) struct Shared {
     /// Where peers serve HTTP, for cluster-wide queries.
     pub(crate) peer_http: super::fanout::PeerHttp,
     durability: Durability,
+    /// [`refusals`] when the gauges were last refreshed after a message.
+    refusals_published: AtomicU64,
+}
+
+/// Claims and exporter messages refused so far, every reason together.
+fn refusals(core: &NodeCore) -> u64 {
+    let admission = core.admission_stats();
+    admission.claims_rejected.values().sum::<u64>()
+        + admission.messages_rejected.values().sum::<u64>()
+        + core.engine().stats().claims_rejected
 }
 
 /// The journal and what orders its releases after the sink.
@@ -393,15 +403,21 @@ impl Shared {
                 return;
             }
         }
-        self.with_core(|core, now, out| {
-            core.handle_message_from(conn, origin.sender, message, now, out)
-        })
-        .await;
+        let refusals = self
+            .with_core(|core, now, out| {
+                core.handle_message_from(conn, origin.sender, message, now, out);
+                refusals(core)
+            })
+            .await;
+        // Refusals show in /metrics at once; everything else waits for the next tick.
+        if self.refusals_published.swap(refusals, Ordering::Relaxed) != refusals {
+            self.update_gauges();
+        }
     }
 
     /// Refreshes the engine and admission gauges; the timer task calls it every tick
-    /// (`TICK_INTERVAL_MS`), not every message: it takes the core's lock and looks up a
-    /// dozen metrics.
+    /// (`TICK_INTERVAL_MS`), and a message only when it was refused or had claims refused:
+    /// it takes the core's lock and looks up a dozen metrics.
     fn update_gauges(&self) {
         let core = lock(&self.core);
         let memory = core.engine().memory();
@@ -600,6 +616,7 @@ pub async fn run_reloadable(
             sink_durable: sink_durable.clone(),
             releases: Mutex::new(Vec::new()),
         },
+        refusals_published: AtomicU64::new(0),
     });
     let _ = m::handle();
 
