@@ -10,6 +10,7 @@ use crate::ip::IpKey;
 use crate::pending::{Entry, PendingQueue};
 use crate::ranges::{judge, History, Judgement, Overlap, Owner, RangeTable};
 use crate::snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
+use crate::table::prefetch;
 use crate::time::{UnixMillis, Window};
 use crate::workload::{InternError, Interner, WorkloadId};
 
@@ -583,14 +584,14 @@ impl<F> Engine<F> {
     /// Looks up many flows at once, in the order given, appending to `out`.
     ///
     /// Faster than [`Engine::lookup`] in a loop: the table is far larger than the CPU
-    /// caches, and each lookup is a chain of dependent memory loads (the map's control
-    /// bytes, its bucket, the IP's older segments) followed by data-dependent branches.
-    /// Done one at a time, a mispredicted branch waits for each chain in turn. Here the
-    /// lookups go in groups, in three phases: find every map entry of a group, with no
-    /// branch on what is loaded, so those loads overlap; answer from the latest segment,
-    /// which is enough for nearly every flow, and start loading the older segments of the
-    /// rest; then, one group later, apply the full rules to the rest, on data that has had
-    /// a whole group's time to arrive.
+    /// caches, and each lookup is a chain of dependent memory loads (the IP's table slot,
+    /// then its older segments) followed by data-dependent branches. Done one at a time, a
+    /// mispredicted branch waits for each chain in turn. Here the lookups go in groups, in
+    /// three phases: hash every IP of a group and start loading its slot, with no load
+    /// waited for, so the group's loads overlap; answer from the latest segment, which is
+    /// enough for nearly every flow, and start loading the older segments of the rest; then,
+    /// one group later, apply the full rules to the rest, on data that has had a whole
+    /// group's time to arrive.
     #[inline]
     pub fn lookup_many(&self, queries: &[(IpAddr, Window)], out: &mut Vec<Lookup>) {
         let margin = self.config.skew_margin_ms;
@@ -598,11 +599,11 @@ impl<F> Engine<F> {
         let mut deferred: Option<Deferred<'_, '_>> = None;
         for group in queries.chunks(LOOKUP_GROUP) {
             // Phase one.
-            let mut entries: [Option<&crate::ranges::Entry>; LOOKUP_GROUP] = [None; LOOKUP_GROUP];
-            for (slot, (ip, _)) in entries.iter_mut().zip(group) {
-                *slot = match IpKey::new(*ip) {
-                    IpKey::V4(k) => self.v4.entry(&k),
-                    IpKey::V6(k) => self.v6.entry(&k),
+            let mut homes = [0usize; LOOKUP_GROUP];
+            for (home, (ip, _)) in homes.iter_mut().zip(group) {
+                *home = match IpKey::new(*ip) {
+                    IpKey::V4(k) => self.v4.probe(&k),
+                    IpKey::V6(k) => self.v6.probe(&k),
                 };
             }
             // Phase two: answers straight into `out`; the others keep a placeholder.
@@ -611,12 +612,19 @@ impl<F> Engine<F> {
             let mut rest = Deferred {
                 base,
                 group,
-                entries,
+                entries: [None; LOOKUP_GROUP],
                 rest: [0; LOOKUP_GROUP],
                 len: 0,
             };
-            for (i, (answer, (ip, window))) in out[base..].iter_mut().zip(group).enumerate() {
-                if let Some(entry) = entries[i] {
+            for (i, ((answer, (ip, window)), home)) in
+                out[base..].iter_mut().zip(group).zip(homes).enumerate()
+            {
+                let key = IpKey::new(*ip);
+                let entry = match key {
+                    IpKey::V4(k) => self.v4.entry_from(home, &k),
+                    IpKey::V6(k) => self.v6.entry_from(home, &k),
+                };
+                if let Some(entry) = entry {
                     if let Some(workload) = entry.latest().covering_workload(window.widened(margin))
                     {
                         *answer = Lookup::Attributed {
@@ -625,8 +633,9 @@ impl<F> Engine<F> {
                         };
                         continue;
                     }
-                    prefetch(self.history_of(IpKey::new(*ip), *entry).older());
+                    prefetch(self.history_of(key, *entry).older());
                 }
+                rest.entries[rest.len] = entry;
                 // `i < LOOKUP_GROUP`, which fits in a u8.
                 rest.rest[rest.len] = i as u8;
                 rest.len += 1;
@@ -645,12 +654,11 @@ impl<F> Engine<F> {
     /// the latest segment did not answer.
     fn finish(&self, deferred: Deferred<'_, '_>, out: &mut [Lookup]) {
         let margin = self.config.skew_margin_ms;
-        for &i in &deferred.rest[..deferred.len] {
+        for (&i, entry) in deferred.rest[..deferred.len].iter().zip(deferred.entries) {
             let i = usize::from(i);
             let (ip, window) = deferred.group[i];
             let key = IpKey::new(ip);
-            let history =
-                deferred.entries[i].map_or_else(History::default, |e| self.history_of(key, *e));
+            let history = entry.map_or_else(History::default, |e| self.history_of(key, *e));
             out[deferred.base + i] = self.decide_with(key, history, window.widened(margin));
         }
     }
@@ -944,27 +952,8 @@ struct Deferred<'e, 'q> {
     /// Where the group's answers start in `out`.
     base: usize,
     group: &'q [(IpAddr, Window)],
+    /// The map entries of the lookups in `rest`, in the same order.
     entries: [Option<&'e crate::ranges::Entry>; LOOKUP_GROUP],
     rest: [u8; LOOKUP_GROUP],
     len: usize,
-}
-
-/// Asks the CPU to start loading `data` into cache: a hint, with no visible effect.
-#[inline]
-#[allow(
-    unsafe_code,
-    reason = "a prefetch instruction reads nothing the program observes"
-)]
-fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: _mm_prefetch is only a hint to the cache. It never faults, even for an
-    // invalid address, and its result is not observable; the pointer comes from a live
-    // slice anyway. SSE is part of the x86_64 baseline, so the target feature is present.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            data.as_ptr().cast::<i8>(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
 }
