@@ -596,8 +596,10 @@ impl<F> Engine<F> {
     pub fn lookup_many(&self, queries: &[(IpAddr, Window)], out: &mut Vec<Lookup>) {
         let margin = self.config.skew_margin_ms;
         out.reserve(queries.len());
-        let mut deferred: Option<Deferred<'_, '_>> = None;
-        for group in queries.chunks(LOOKUP_GROUP) {
+        // The group being looked up and the one before it, waiting for phase three. They
+        // take turns, so neither is ever moved.
+        let mut deferred = [Deferred::default(), Deferred::default()];
+        for (number, group) in queries.chunks(LOOKUP_GROUP).enumerate() {
             // Phase one.
             let mut homes = [0usize; LOOKUP_GROUP];
             for (home, (ip, _)) in homes.iter_mut().zip(group) {
@@ -609,20 +611,22 @@ impl<F> Engine<F> {
             // Phase two: answers straight into `out`; the others keep a placeholder.
             let base = out.len();
             out.resize(base + group.len(), Lookup::Pending(Reason::NoOwner));
-            let mut rest = Deferred {
-                base,
-                group,
-                entries: [None; LOOKUP_GROUP],
-                rest: [0; LOOKUP_GROUP],
-                len: 0,
+            let [even, odd] = &mut deferred;
+            let (current, previous) = if number % 2 == 0 {
+                (even, odd)
+            } else {
+                (odd, even)
             };
+            current.base = base;
+            current.group = group;
+            current.len = 0;
             for (i, ((answer, (ip, window)), home)) in
-                out[base..].iter_mut().zip(group).zip(homes).enumerate()
+                out[base..].iter_mut().zip(group).zip(&homes).enumerate()
             {
                 let key = IpKey::new(*ip);
                 let entry = match key {
-                    IpKey::V4(k) => self.v4.entry_from(home, &k),
-                    IpKey::V6(k) => self.v6.entry_from(home, &k),
+                    IpKey::V4(k) => self.v4.entry_from(*home, &k),
+                    IpKey::V6(k) => self.v6.entry_from(*home, &k),
                 };
                 if let Some(entry) = entry {
                     if let Some(workload) = entry.latest().covering_workload(window.widened(margin))
@@ -633,30 +637,26 @@ impl<F> Engine<F> {
                         };
                         continue;
                     }
-                    prefetch(self.history_of(key, *entry).older());
+                    prefetch(self.history_of(key, *entry).older().as_ptr());
                 }
-                rest.entries[rest.len] = entry;
-                // `i < LOOKUP_GROUP`, which fits in a u8.
-                rest.rest[rest.len] = i as u8;
-                rest.len += 1;
+                current.push(i, entry);
             }
             // Phase three, for the previous group.
-            if let Some(previous) = deferred.replace(rest) {
-                self.finish(previous, out);
-            }
+            self.finish(previous, out);
         }
-        if let Some(last) = deferred {
-            self.finish(last, out);
-        }
+        let last = queries.chunks(LOOKUP_GROUP).len().saturating_sub(1);
+        self.finish(&deferred[last % 2], out);
     }
 
     /// Phase three of [`Engine::lookup_many`]: the full rules for a group's lookups that
     /// the latest segment did not answer.
-    fn finish(&self, deferred: Deferred<'_, '_>, out: &mut [Lookup]) {
+    fn finish(&self, deferred: &Deferred<'_, '_>, out: &mut [Lookup]) {
         let margin = self.config.skew_margin_ms;
-        for (&i, entry) in deferred.rest[..deferred.len].iter().zip(deferred.entries) {
+        for (&i, entry) in deferred.rest[..deferred.len].iter().zip(&deferred.entries) {
             let i = usize::from(i);
-            let (ip, window) = deferred.group[i];
+            let Some(&(ip, window)) = deferred.group.get(i) else {
+                continue;
+            };
             let key = IpKey::new(ip);
             let history = entry.map_or_else(History::default, |e| self.history_of(key, *e));
             out[deferred.base + i] = self.decide_with(key, history, window.widened(margin));
@@ -948,6 +948,7 @@ const LOOKUP_GROUP: usize = 32;
 
 /// A group of [`Engine::lookup_many`] waiting for phase three: the lookups (indices into
 /// `group`) that the latest segment did not answer, whose older segments are loading.
+#[derive(Default)]
 struct Deferred<'e, 'q> {
     /// Where the group's answers start in `out`.
     base: usize,
@@ -955,5 +956,22 @@ struct Deferred<'e, 'q> {
     /// The map entries of the lookups in `rest`, in the same order.
     entries: [Option<&'e crate::ranges::Entry>; LOOKUP_GROUP],
     rest: [u8; LOOKUP_GROUP],
+    /// How many of `rest` and `entries` are used: phase three is finished with them once
+    /// this group's turn comes again, so they are overwritten rather than cleared.
     len: usize,
+}
+
+impl<'e> Deferred<'e, '_> {
+    /// Defers the `i`th lookup of the group, whose map entry is `entry`.
+    #[inline]
+    fn push(&mut self, i: usize, entry: Option<&'e crate::ranges::Entry>) {
+        // At most LOOKUP_GROUP lookups per group, so `len` and `i` stay below 32.
+        if let (Some(slot), Some(index)) =
+            (self.entries.get_mut(self.len), self.rest.get_mut(self.len))
+        {
+            *slot = entry;
+            *index = i as u8;
+            self.len += 1;
+        }
+    }
 }

@@ -70,9 +70,7 @@ impl<K: Copy + Eq + Hash + Default, V: Copy + Default> Table<K, V> {
     /// Starts loading the slot `home` into the cache; `home` comes from [`Table::home`].
     #[inline]
     pub(crate) fn prefetch(&self, home: usize) {
-        if let Some(slot) = self.slots.get(home) {
-            prefetch(std::slice::from_ref(slot));
-        }
+        prefetch(self.slots.as_ptr().wrapping_add(home));
     }
 
     #[inline]
@@ -83,9 +81,22 @@ impl<K: Copy + Eq + Hash + Default, V: Copy + Default> Table<K, V> {
     /// [`Table::get`] with `key`'s home already computed by [`Table::home`].
     #[inline]
     pub(crate) fn get_from(&self, home: usize, key: &K) -> Option<&V> {
+        // Most keys are at home: that case goes first, outside the loop.
+        let slot = self.slots.get(home)?;
+        if slot.key == *key && slot.full {
+            return Some(&slot.value);
+        }
+        if !slot.full {
+            return None;
+        }
+        self.get_after(home, key)
+    }
+
+    /// The rest of [`Table::get_from`]: the slots after `home`.
+    fn get_after(&self, home: usize, key: &K) -> Option<&V> {
         let mask = self.mask();
         // Bounded by the table's size; an empty slot ends it long before.
-        for index in home..home + self.slots.len() {
+        for index in home + 1..home + self.slots.len() {
             let slot = self.slots.get(index & mask)?;
             if !slot.full {
                 return None;
@@ -216,21 +227,20 @@ impl<K: Copy + Eq + Hash + Default, V: Copy + Default> Table<K, V> {
     }
 }
 
-/// Asks the CPU to start loading `data` into cache: a hint, with no visible effect.
+/// Asks the CPU to start loading the cache line at `data`: a hint, with no visible effect.
 #[inline]
 #[allow(
     unsafe_code,
     reason = "a prefetch instruction reads nothing the program observes"
 )]
-pub(crate) fn prefetch<T>(data: &[T]) {
+pub(crate) fn prefetch<T>(data: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: _mm_prefetch is only a hint to the cache. It never faults, even for an
-    // invalid address, and its result is not observable; the pointer comes from a live
-    // slice anyway. SSE is part of the x86_64 baseline, so the target feature is present.
+    // invalid address, and its result is not observable; the callers pass addresses inside
+    // live allocations anyway. SSE is part of the x86_64 baseline, so the target feature is
+    // present.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            data.as_ptr().cast::<i8>(),
-        );
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(data.cast::<i8>());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;

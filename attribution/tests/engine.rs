@@ -413,7 +413,5 @@ fn grouped_lookups_agree_with_single_ones_over_a_large_table_after_sweeps() {
     assert_eq!(h.engine.memory().ips, 2_500 + 500);
     let after = check(&h);
     assert_eq!(after.len(), before.len());
-    assert!(after
-        .iter()
-        .any(|l| *l == Lookup::Unattributed(Reason::Expired)));
+    assert!(after.contains(&Lookup::Unattributed(Reason::Expired)));
 }
