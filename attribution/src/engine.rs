@@ -695,15 +695,6 @@ impl<F> Engine<F> {
 
     #[inline]
     fn decide_with(&self, key: IpKey, segments: History<'_>, window: Window) -> Lookup {
-        let floor = self.floor(key);
-        let expired = window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0)));
-        let not_covered = |reason| {
-            if expired {
-                Lookup::Unattributed(Reason::Expired)
-            } else {
-                Lookup::Pending(reason)
-            }
-        };
         match judge(segments, window) {
             Judgement::Covered(workload) => Lookup::Attributed {
                 workload,
@@ -711,15 +702,26 @@ impl<F> Engine<F> {
             },
             Judgement::Conflict => Lookup::Unattributed(Reason::Conflict),
             Judgement::Ambiguous => Lookup::Unattributed(Reason::Ambiguous),
-            Judgement::Gap => not_covered(Reason::NoOwner),
+            Judgement::Gap => self.not_covered(key, window),
             // Events speak only where heartbeats say nothing: they never override them.
             Judgement::Empty => match self.events.judge(&key, window, self.watermark) {
                 EventJudgement::Covered(workload) => Lookup::Attributed {
                     workload,
                     source: Source::Event,
                 },
-                EventJudgement::NotCovered => not_covered(Reason::NoOwner),
+                EventJudgement::NotCovered => self.not_covered(key, window),
             },
+        }
+    }
+
+    /// The answer for a window that nothing covers (yet): pending, or expired when it
+    /// reaches before the retained history.
+    fn not_covered(&self, key: IpKey, window: Window) -> Lookup {
+        let floor = self.floor(key);
+        if window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0))) {
+            Lookup::Unattributed(Reason::Expired)
+        } else {
+            Lookup::Pending(Reason::NoOwner)
         }
     }
 

@@ -70,7 +70,11 @@ impl<K: Copy + Eq + Hash + Default, V: Copy + Default> Table<K, V> {
     /// Starts loading the slot `home` into the cache; `home` comes from [`Table::home`].
     #[inline]
     pub(crate) fn prefetch(&self, home: usize) {
-        prefetch(self.slots.as_ptr().wrapping_add(home));
+        let slot = self.slots.as_ptr().wrapping_add(home);
+        prefetch(slot);
+        // The next slot too: the same cache line for half the homes, and for the other half
+        // the line a probe that does not stop at home goes on to.
+        prefetch(slot.wrapping_add(1));
     }
 
     #[inline]
