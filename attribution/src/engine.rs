@@ -10,6 +10,7 @@ use crate::ip::IpKey;
 use crate::pending::{Entry, PendingQueue};
 use crate::ranges::{judge, History, Judgement, Overlap, Owner, RangeTable};
 use crate::snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
+use crate::table::prefetch;
 use crate::time::{UnixMillis, Window};
 use crate::workload::{InternError, Interner, WorkloadId};
 
@@ -583,40 +584,51 @@ impl<F> Engine<F> {
     /// Looks up many flows at once, in the order given, appending to `out`.
     ///
     /// Faster than [`Engine::lookup`] in a loop: the table is far larger than the CPU
-    /// caches, and each lookup is a chain of dependent memory loads (the map's control
-    /// bytes, its bucket, the IP's older segments) followed by data-dependent branches.
-    /// Done one at a time, a mispredicted branch waits for each chain in turn. Here the
-    /// lookups go in groups, in three phases: find every map entry of a group, with no
-    /// branch on what is loaded, so those loads overlap; answer from the latest segment,
-    /// which is enough for nearly every flow, and start loading the older segments of the
-    /// rest; then, one group later, apply the full rules to the rest, on data that has had
-    /// a whole group's time to arrive.
+    /// caches, and each lookup is a chain of dependent memory loads (the IP's table slot,
+    /// then its older segments) followed by data-dependent branches. Done one at a time, a
+    /// mispredicted branch waits for each chain in turn. Here the lookups go in groups, in
+    /// three phases: hash every IP of a group and start loading its slot, with no load
+    /// waited for, so the group's loads overlap; answer from the latest segment, which is
+    /// enough for nearly every flow, and start loading the older segments of the rest; then,
+    /// one group later, apply the full rules to the rest, on data that has had a whole
+    /// group's time to arrive.
     #[inline]
     pub fn lookup_many(&self, queries: &[(IpAddr, Window)], out: &mut Vec<Lookup>) {
         let margin = self.config.skew_margin_ms;
         out.reserve(queries.len());
-        let mut deferred: Option<Deferred<'_, '_>> = None;
-        for group in queries.chunks(LOOKUP_GROUP) {
+        // The group being looked up and the one before it, waiting for phase three. They
+        // take turns, so neither is ever moved.
+        let mut deferred = [Deferred::default(), Deferred::default()];
+        for (number, group) in queries.chunks(LOOKUP_GROUP).enumerate() {
             // Phase one.
-            let mut entries: [Option<&crate::ranges::Entry>; LOOKUP_GROUP] = [None; LOOKUP_GROUP];
-            for (slot, (ip, _)) in entries.iter_mut().zip(group) {
-                *slot = match IpKey::new(*ip) {
-                    IpKey::V4(k) => self.v4.entry(&k),
-                    IpKey::V6(k) => self.v6.entry(&k),
+            let mut homes = [0usize; LOOKUP_GROUP];
+            for (home, (ip, _)) in homes.iter_mut().zip(group) {
+                *home = match IpKey::new(*ip) {
+                    IpKey::V4(k) => self.v4.probe(&k),
+                    IpKey::V6(k) => self.v6.probe(&k),
                 };
             }
             // Phase two: answers straight into `out`; the others keep a placeholder.
             let base = out.len();
             out.resize(base + group.len(), Lookup::Pending(Reason::NoOwner));
-            let mut rest = Deferred {
-                base,
-                group,
-                entries,
-                rest: [0; LOOKUP_GROUP],
-                len: 0,
+            let [even, odd] = &mut deferred;
+            let (current, previous) = if number % 2 == 0 {
+                (even, odd)
+            } else {
+                (odd, even)
             };
-            for (i, (answer, (ip, window))) in out[base..].iter_mut().zip(group).enumerate() {
-                if let Some(entry) = entries[i] {
+            current.base = base;
+            current.group = group;
+            current.len = 0;
+            for (i, ((answer, (ip, window)), home)) in
+                out[base..].iter_mut().zip(group).zip(&homes).enumerate()
+            {
+                let key = IpKey::new(*ip);
+                let entry = match key {
+                    IpKey::V4(k) => self.v4.entry_from(*home, &k),
+                    IpKey::V6(k) => self.v6.entry_from(*home, &k),
+                };
+                if let Some(entry) = entry {
                     if let Some(workload) = entry.latest().covering_workload(window.widened(margin))
                     {
                         *answer = Lookup::Attributed {
@@ -625,32 +637,28 @@ impl<F> Engine<F> {
                         };
                         continue;
                     }
-                    prefetch(self.history_of(IpKey::new(*ip), *entry).older());
+                    prefetch(self.history_of(key, *entry).older().as_ptr());
                 }
-                // `i < LOOKUP_GROUP`, which fits in a u8.
-                rest.rest[rest.len] = i as u8;
-                rest.len += 1;
+                current.push(i, entry);
             }
             // Phase three, for the previous group.
-            if let Some(previous) = deferred.replace(rest) {
-                self.finish(previous, out);
-            }
+            self.finish(previous, out);
         }
-        if let Some(last) = deferred {
-            self.finish(last, out);
-        }
+        let last = queries.chunks(LOOKUP_GROUP).len().saturating_sub(1);
+        self.finish(&deferred[last % 2], out);
     }
 
     /// Phase three of [`Engine::lookup_many`]: the full rules for a group's lookups that
     /// the latest segment did not answer.
-    fn finish(&self, deferred: Deferred<'_, '_>, out: &mut [Lookup]) {
+    fn finish(&self, deferred: &Deferred<'_, '_>, out: &mut [Lookup]) {
         let margin = self.config.skew_margin_ms;
-        for &i in &deferred.rest[..deferred.len] {
+        for (&i, entry) in deferred.rest[..deferred.len].iter().zip(&deferred.entries) {
             let i = usize::from(i);
-            let (ip, window) = deferred.group[i];
+            let Some(&(ip, window)) = deferred.group.get(i) else {
+                continue;
+            };
             let key = IpKey::new(ip);
-            let history =
-                deferred.entries[i].map_or_else(History::default, |e| self.history_of(key, *e));
+            let history = entry.map_or_else(History::default, |e| self.history_of(key, *e));
             out[deferred.base + i] = self.decide_with(key, history, window.widened(margin));
         }
     }
@@ -687,15 +695,6 @@ impl<F> Engine<F> {
 
     #[inline]
     fn decide_with(&self, key: IpKey, segments: History<'_>, window: Window) -> Lookup {
-        let floor = self.floor(key);
-        let expired = window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0)));
-        let not_covered = |reason| {
-            if expired {
-                Lookup::Unattributed(Reason::Expired)
-            } else {
-                Lookup::Pending(reason)
-            }
-        };
         match judge(segments, window) {
             Judgement::Covered(workload) => Lookup::Attributed {
                 workload,
@@ -703,15 +702,26 @@ impl<F> Engine<F> {
             },
             Judgement::Conflict => Lookup::Unattributed(Reason::Conflict),
             Judgement::Ambiguous => Lookup::Unattributed(Reason::Ambiguous),
-            Judgement::Gap => not_covered(Reason::NoOwner),
+            Judgement::Gap => self.not_covered(key, window),
             // Events speak only where heartbeats say nothing: they never override them.
             Judgement::Empty => match self.events.judge(&key, window, self.watermark) {
                 EventJudgement::Covered(workload) => Lookup::Attributed {
                     workload,
                     source: Source::Event,
                 },
-                EventJudgement::NotCovered => not_covered(Reason::NoOwner),
+                EventJudgement::NotCovered => self.not_covered(key, window),
             },
+        }
+    }
+
+    /// The answer for a window that nothing covers (yet): pending, or expired when it
+    /// reaches before the retained history.
+    fn not_covered(&self, key: IpKey, window: Window) -> Lookup {
+        let floor = self.floor(key);
+        if window.start < self.horizon.max(floor.unwrap_or(UnixMillis(0))) {
+            Lookup::Unattributed(Reason::Expired)
+        } else {
+            Lookup::Pending(Reason::NoOwner)
         }
     }
 
@@ -940,31 +950,30 @@ const LOOKUP_GROUP: usize = 32;
 
 /// A group of [`Engine::lookup_many`] waiting for phase three: the lookups (indices into
 /// `group`) that the latest segment did not answer, whose older segments are loading.
+#[derive(Default)]
 struct Deferred<'e, 'q> {
     /// Where the group's answers start in `out`.
     base: usize,
     group: &'q [(IpAddr, Window)],
+    /// The map entries of the lookups in `rest`, in the same order.
     entries: [Option<&'e crate::ranges::Entry>; LOOKUP_GROUP],
     rest: [u8; LOOKUP_GROUP],
+    /// How many of `rest` and `entries` are used: phase three is finished with them once
+    /// this group's turn comes again, so they are overwritten rather than cleared.
     len: usize,
 }
 
-/// Asks the CPU to start loading `data` into cache: a hint, with no visible effect.
-#[inline]
-#[allow(
-    unsafe_code,
-    reason = "a prefetch instruction reads nothing the program observes"
-)]
-fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: _mm_prefetch is only a hint to the cache. It never faults, even for an
-    // invalid address, and its result is not observable; the pointer comes from a live
-    // slice anyway. SSE is part of the x86_64 baseline, so the target feature is present.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            data.as_ptr().cast::<i8>(),
-        );
+impl<'e> Deferred<'e, '_> {
+    /// Defers the `i`th lookup of the group, whose map entry is `entry`.
+    #[inline]
+    fn push(&mut self, i: usize, entry: Option<&'e crate::ranges::Entry>) {
+        // At most LOOKUP_GROUP lookups per group, so `len` and `i` stay below 32.
+        if let (Some(slot), Some(index)) =
+            (self.entries.get_mut(self.len), self.rest.get_mut(self.len))
+        {
+            *slot = entry;
+            *index = i as u8;
+            self.len += 1;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
 }

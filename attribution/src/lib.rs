@@ -17,6 +17,7 @@ mod pending;
 mod ranges;
 pub mod region;
 pub mod snapshot;
+mod table;
 pub mod time;
 mod workload;
 

@@ -11,6 +11,7 @@
 use std::hash::Hash;
 
 use crate::ip::{new_map, Map};
+use crate::table::Table;
 use crate::time::{UnixMillis, Window};
 use crate::workload::WorkloadId;
 
@@ -21,7 +22,7 @@ const CONFLICT: u32 = u32::MAX;
 ///
 /// The length is bounded by retention plus the largest future skew accepted (see
 /// `EngineConfig::validate`), far below `u32::MAX` milliseconds (49 days).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub(crate) struct Segment {
     start: u64,
     len: u32,
@@ -317,16 +318,18 @@ struct Run {
 
 /// A map entry: the latest segment inline, the older ones in the arena.
 ///
-/// 24 bytes, so that an IPv4 entry is 32. The lookup hot path is bound by memory, not
-/// instructions: a lookup that lands on the latest segment (nearly all do: flows are
-/// attributed seconds after they end) reads one map bucket, like a bare `get`; older
-/// segments cost one more read, in one contiguous arena rather than a million separate
-/// allocations.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// 24 bytes, so that an IPv4 key and its entry fill one 32-byte table slot. A lookup that
+/// lands on the latest segment (nearly all do: flows are attributed seconds after they end)
+/// reads that one slot; older segments cost one more read, in one contiguous arena rather
+/// than a million separate allocations.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub(crate) struct Entry {
     latest: Segment,
     older: Run,
 }
+
+/// An IPv4 key beside its entry fills half a cache line.
+const _: () = assert!(std::mem::size_of::<crate::table::Slot<u32, Entry>>() == 32);
 
 impl Entry {
     #[inline]
@@ -407,7 +410,7 @@ pub(crate) const RANGES_PER_IP_LIMIT: usize = 4_096;
 /// The ownership history of every IP of one address family.
 #[derive(Debug)]
 pub(crate) struct RangeTable<K> {
-    map: Map<K, Entry>,
+    map: Table<K, Entry>,
     arena: Arena,
     /// Per-IP floors, set when the oldest segments were dropped to respect
     /// `ranges_per_ip_max`: history before the floor is gone for that IP. Rare.
@@ -416,10 +419,10 @@ pub(crate) struct RangeTable<K> {
     scratch: Vec<Segment>,
 }
 
-impl<K: Copy + Eq + Hash> RangeTable<K> {
+impl<K: Copy + Eq + Hash + Default> RangeTable<K> {
     pub(crate) fn new() -> RangeTable<K> {
         RangeTable {
-            map: new_map(),
+            map: Table::new(),
             arena: Arena::default(),
             floors: new_map(),
             segments: 0,
@@ -438,10 +441,20 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         }
     }
 
-    /// The map entry of `key`: its latest segment, and where the older ones are.
+    /// The first slot where `key`'s entry can be, which starts loading into the cache: the
+    /// first half of a lookup, for [`RangeTable::entry_from`].
     #[inline]
-    pub(crate) fn entry(&self, key: &K) -> Option<&Entry> {
-        self.map.get(key)
+    pub(crate) fn probe(&self, key: &K) -> usize {
+        let home = self.map.home(key);
+        self.map.prefetch(home);
+        home
+    }
+
+    /// The map entry of `key` (its latest segment, and where the older ones are), with
+    /// `home` from [`RangeTable::probe`].
+    #[inline]
+    pub(crate) fn entry_from(&self, home: usize, key: &K) -> Option<&Entry> {
+        self.map.get_from(home, key)
     }
 
     /// The whole history behind an entry of this table.
@@ -483,17 +496,20 @@ impl<K: Copy + Eq + Hash> RangeTable<K> {
         };
         let (start, end) = (start.0, end.0);
         let code = owner.code();
-        let entry = self.map.get(&key).copied();
-        // The common case by far: a heartbeat that extends the owner's latest segment.
-        if let Some(Entry { latest, older }) = entry {
-            if latest.owner == code && start >= latest.start && start <= latest.end_raw() + 1 {
+        let entry = match self.map.get_mut(&key) {
+            // The common case by far: a heartbeat that extends the owner's latest segment.
+            Some(Entry { latest, .. })
+                if latest.owner == code
+                    && start >= latest.start
+                    && start <= latest.end_raw() + 1 =>
+            {
                 if end > latest.end_raw() {
-                    let latest = Segment::new(latest.start, end, code);
-                    self.map.insert(key, Entry { latest, older });
+                    *latest = Segment::new(latest.start, end, code);
                 }
                 return outcome;
             }
-        }
+            entry => entry.copied(),
+        };
         let current = match entry {
             Some(entry) => History {
                 older: self.arena.get(entry.older),

@@ -350,3 +350,68 @@ fn pending_flows_can_be_taken_out_for_handoff() {
     h.heartbeat("10.0.0.1", "api", 0, 30);
     assert_eq!(h.verdict(1), None, "a flow taken out is not emitted again");
 }
+
+#[test]
+fn grouped_lookups_agree_with_single_ones_over_a_large_table_after_sweeps() {
+    // Thousands of IPs (the table grows many times, probes run through clusters), IPv4,
+    // IPv6 and IPv4-mapped spellings, IPs nobody claims, and a sweep that removes some IPs
+    // and trims the history of others in the middle.
+    let config = EngineConfig {
+        retention_ms: 100 * S,
+        sweep_interval_ms: S,
+        ..EngineConfig::default()
+    };
+    let mut h = Harness::with(config);
+    let addr = |i: u32| match i % 3 {
+        0 => format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
+        1 => format!("fd00::{:x}", i),
+        _ => format!(
+            "::ffff:10.{}.{}.{}",
+            100 + (i >> 16 & 63),
+            i >> 8 & 255,
+            i & 255
+        ),
+    };
+    let queries: Vec<(IpAddr, Window)> = (0..6_000u32)
+        .flat_map(|i| {
+            [31, 45, 75, 118, 150].map(|s| (ip(&addr(i)), Window::at(t(s + u64::from(i % 7)))))
+        })
+        .collect();
+    let check = |h: &Harness| {
+        let mut grouped = Vec::new();
+        h.engine.lookup_many(&queries, &mut grouped);
+        let single: Vec<Lookup> = queries
+            .iter()
+            .map(|(a, w)| h.engine.lookup(*a, *w))
+            .collect();
+        assert_eq!(grouped, single);
+        grouped
+    };
+    for i in 0..5_000u32 {
+        let a = addr(i);
+        h.heartbeat(&a, &format!("w{}", i % 50), 0, 40);
+        if i % 2 == 0 {
+            h.heartbeat(&a, &format!("w{}", i % 50 + 1), 60, 90);
+        }
+        if i % 5 == 0 {
+            h.heartbeat(&a, &format!("w{}", i % 50 + 2), 100, 130);
+        }
+    }
+    let before = check(&h);
+    let name = |l: Lookup| match l {
+        Lookup::Attributed { workload, .. } => h.engine.workload_name(workload).cloned(),
+        Lookup::Pending(_) | Lookup::Unattributed(_) => None,
+    };
+    // IPv4 at 31 s, IPv4-mapped at 33 s, IPv6 at 79 s, and an IP nobody claimed (claims
+    // arrived up to 130 s, so history before 30 s is gone).
+    assert_eq!(name(before[0]).as_deref(), Some("w0"));
+    assert_eq!(name(before[2 * 5]).as_deref(), Some("w2"));
+    assert_eq!(name(before[4 * 5 + 2]).as_deref(), Some("w5"));
+    assert_eq!(before[5_500 * 5 + 3], Lookup::Pending(Reason::NoOwner));
+    // Retention drops everything before 141 - 100 = 41 s: IPs with one range go.
+    h.engine.tick(t(141), &mut h.out);
+    assert_eq!(h.engine.memory().ips, 2_500 + 500);
+    let after = check(&h);
+    assert_eq!(after.len(), before.len());
+    assert!(after.contains(&Lookup::Unattributed(Reason::Expired)));
+}
