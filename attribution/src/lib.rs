@@ -31,3 +31,12 @@ pub use region::{Locate, RegionError, RegionMap};
 pub use snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
 pub use time::{UnixMillis, Window};
 pub use workload::{InternError, WorkloadId, WORKLOAD_NAME_MAX_BYTES};
+
+/// Property-test cases: `PROPTEST_CASES`, else 10,000 (what CI runs).
+#[cfg(test)]
+fn proptest_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}

@@ -836,15 +836,8 @@ mod tests {
                 .prop_map(|v| v.into_iter().map(|(s, len, o)| (s, s + len, o)).collect())
         }
 
-        fn cases() -> u32 {
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(10_000)
-        }
-
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(cases()))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases()))]
 
             /// Whatever the order of claims, the history is sorted, non-overlapping and
             /// coalesced, and every instant says exactly what a per-instant model says:

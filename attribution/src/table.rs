@@ -366,15 +366,8 @@ mod tests {
         ]
     }
 
-    fn cases() -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10_000)
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases()))]
 
         /// Any sequence of inserts, updates, removals and retains leaves the table holding
         /// exactly what an ordered map holds, with every key reachable from its home.
