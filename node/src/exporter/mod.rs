@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tenure_gossip::wire::{AckStatus, AlignedVec, Direction, Message};
+use tenure_gossip::wire::{AckStatus, AlignedVec, Direction, FlowBatch, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -85,6 +85,39 @@ impl Client {
                 return Err(TransportError::Closed);
             }
             self.pending.extend_from_slice(&self.buf[..n]);
+        }
+    }
+
+    /// Sends a flow batch and waits up to `timeout` for its acknowledgement, passing over
+    /// anything else the collector sends meanwhile.
+    pub async fn send_batch(
+        &mut self,
+        crypto: &Crypto,
+        batch: FlowBatch,
+        timeout: Duration,
+    ) -> Result<AckStatus, TransportError> {
+        let batch_id = batch.batch_id;
+        self.send(crypto, &Message::FlowBatch(batch)).await?;
+        let wait = async {
+            loop {
+                match self.recv(crypto).await? {
+                    Message::Ack(a) if a.batch_id == batch_id => return Ok(a.status),
+                    Message::Ack(_)
+                    | Message::ClaimBatch(_)
+                    | Message::FlowBatch(_)
+                    | Message::IpEventBatch(_)
+                    | Message::RangeSnapshot(_)
+                    | Message::RangeRequest(_)
+                    | Message::RegionDirectory(_) => continue,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no ack in time",
+            ))),
         }
     }
 }
@@ -277,7 +310,6 @@ impl Sender {
         crypto: &Crypto,
         batch: tenure_gossip::wire::FlowBatch,
     ) -> Result<AckStatus, TransportError> {
-        let batch_id = batch.batch_id;
         if self.client.is_none() {
             let addr = *self
                 .collectors
@@ -286,28 +318,7 @@ impl Sender {
             self.client = Some(Client::connect(addr, crypto, self.ack_timeout).await?);
         }
         let client = self.client.as_mut().ok_or(TransportError::Closed)?;
-        client.send(crypto, &Message::FlowBatch(batch)).await?;
-        let wait = async {
-            loop {
-                match client.recv(crypto).await? {
-                    Message::Ack(a) if a.batch_id == batch_id => return Ok(a.status),
-                    Message::Ack(_)
-                    | Message::ClaimBatch(_)
-                    | Message::FlowBatch(_)
-                    | Message::IpEventBatch(_)
-                    | Message::RangeSnapshot(_)
-                    | Message::RangeRequest(_)
-                    | Message::RegionDirectory(_) => continue,
-                }
-            }
-        };
-        match tokio::time::timeout(self.ack_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no ack in time",
-            ))),
-        }
+        client.send_batch(crypto, batch, self.ack_timeout).await
     }
 }
 

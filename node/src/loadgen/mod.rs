@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use tenure_gossip::seal::SecretKey;
-use tenure_gossip::wire::{self, AckStatus, FlowBatch, Message};
+use tenure_gossip::wire::{self, AckStatus, FlowBatch};
 use tokio::sync::watch;
 
 use crate::exporter::Client;
@@ -613,25 +613,7 @@ async fn send(
         Some(c) => c,
         None => client.insert(Client::connect(addr, crypto, timeout).await?),
     };
-    c.send(crypto, &Message::FlowBatch(batch.clone())).await?;
-    let wait = async {
-        loop {
-            match c.recv(crypto).await? {
-                Message::Ack(a) if a.batch_id == batch.batch_id => return Ok(a.status),
-                Message::Ack(_)
-                | Message::ClaimBatch(_)
-                | Message::FlowBatch(_)
-                | Message::IpEventBatch(_)
-                | Message::RangeSnapshot(_)
-                | Message::RangeRequest(_)
-                | Message::RegionDirectory(_) => continue,
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, wait).await {
-        Ok(r) => r,
-        Err(_) => anyhow::bail!("no acknowledgement within {ACK_TIMEOUT_MS} ms"),
-    }
+    Ok(c.send_batch(crypto, batch.clone(), timeout).await?)
 }
 
 fn cpu_ticks(collectors: &[Collector]) -> anyhow::Result<u64> {
