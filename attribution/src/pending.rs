@@ -187,9 +187,7 @@ impl<F> PendingQueue<F> {
     }
 
     fn is_live(&self, sequence: u64, slot: u32) -> bool {
-        self.slots
-            .get(slot as usize)
-            .is_some_and(|s| s.entry.is_some() && s.sequence == sequence)
+        holds(&self.slots, sequence, slot)
     }
 
     /// Keeps the invariant that the heap's top, if any, is a flow still waiting.
@@ -202,19 +200,20 @@ impl<F> PendingQueue<F> {
         }
     }
 
+    /// Drops the items of flows that left, in place: the heap keeps its room, so the
+    /// pushes that follow do not grow (and copy) it again.
     fn rebuild_deadlines(&mut self) {
-        let live: Vec<_> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| {
-                let entry = s.entry.as_ref()?;
-                // Slot indexes fit in u32 (see `push`).
-                Some(Reverse((entry.deadline, s.sequence, slot as u32)))
-            })
-            .collect();
-        self.by_deadline = BinaryHeap::from(live);
+        let slots = &self.slots;
+        self.by_deadline
+            .retain(|&Reverse((_, sequence, slot))| holds(slots, sequence, slot));
     }
+}
+
+/// Whether `slot` still holds the flow that arrived as `sequence`.
+fn holds<F>(slots: &[Slot<F>], sequence: u64, slot: u32) -> bool {
+    slots
+        .get(slot as usize)
+        .is_some_and(|s| s.entry.is_some() && s.sequence == sequence)
 }
 
 #[cfg(test)]
