@@ -12,12 +12,13 @@
 use std::collections::BTreeMap;
 
 use tenure_node::core::{FlowRecord, JournalOp};
+use tenure_node::journal::codec;
 
 /// The disk of one collector. It outlives the collector's crashes.
 #[derive(Debug, Default)]
 pub struct Disk {
-    /// Durable appends not released: append id → its flows.
-    live: BTreeMap<u64, Vec<FlowRecord>>,
+    /// Durable appends not released: append id → its record, as the core encoded it.
+    live: BTreeMap<u64, Vec<u8>>,
     /// The largest append id that ever became durable, released or not: passed to
     /// `recover` so that a restarted core never issues an id the disk still holds.
     max_id: u64,
@@ -75,7 +76,12 @@ impl Disk {
         let mut entries: Vec<(u64, Vec<FlowRecord>)> = self
             .live
             .iter()
-            .map(|(id, flows)| (*id, flows.clone()))
+            .map(|(id, record)| {
+                // Read back as the real journal's replay does.
+                let (_, flows) = codec::decode_append(record)
+                    .expect("an append record the core encoded decodes");
+                (*id, flows)
+            })
             .collect();
         if self.max_id > 0 {
             entries.push((self.max_id, Vec::new()));
@@ -86,9 +92,9 @@ impl Disk {
     fn apply(&mut self, writes: Vec<JournalOp>) {
         for op in writes {
             match op {
-                JournalOp::Append { id, flows } => {
+                JournalOp::Append { id, record } => {
                     self.max_id = self.max_id.max(id);
-                    self.live.insert(id, flows);
+                    self.live.insert(id, record);
                 }
                 JournalOp::Release { ids } => {
                     for id in ids {
@@ -105,10 +111,9 @@ mod tests {
     use super::*;
 
     fn append(id: u64) -> JournalOp {
-        JournalOp::Append {
-            id,
-            flows: Vec::new(),
-        }
+        let mut record = Vec::new();
+        codec::encode_append(id, [].iter(), &mut record);
+        JournalOp::Append { id, record }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use tenure_gossip::wire::{self, AckStatus, Message};
 
 use super::{ConnId, Dest, FlowRecord, Output};
+use crate::journal::codec;
 
 /// What the caller must write to its journal.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -17,7 +18,11 @@ pub enum JournalOp {
     /// Flows accepted from an exporter or a peer, not yet emitted nor acknowledged by the
     /// peer they were forwarded to. Must be durable before the caller reports `id` (or a
     /// larger one) to [`super::NodeCore::journal_synced`]. Ids only grow within one run.
-    Append { id: u64, flows: Vec<FlowRecord> },
+    ///
+    /// `record` is the append as the journal stores it ([`crate::journal::codec`]: header,
+    /// checksum, flows), encoded here rather than by the caller so that the flows are not
+    /// copied into the operation; [`codec::decode_append`] reads it back.
+    Append { id: u64, record: Vec<u8> },
     /// Every flow of these appends has been emitted (an [`Output::Emit`] earlier in the
     /// same output vector or before) or acknowledged by the node it was forwarded to. The
     /// caller may forget them once the emitted flows they cover are as durable as the
@@ -72,21 +77,26 @@ impl Default for Ledger {
 
 impl Ledger {
     /// Journals `flows` (accepted on `conn` in batch `batch_id`) and withholds the ack.
-    /// Returns the append id the flows must carry.
+    /// The flows carry the id of this append already: [`Ledger::next_id`], read before.
     pub(super) fn append(
         &mut self,
-        flows: &[FlowRecord],
+        flows: &[JournaledFlow],
         conn: ConnId,
         batch_id: u64,
         out: &mut Vec<Output>,
-    ) -> u64 {
+    ) {
         let id = self.next_id;
+        debug_assert!(
+            flows.iter().all(|f| f.journal_id == id),
+            "flows carry the id of their append"
+        );
         self.next_id = self.next_id.saturating_add(1);
         self.open.insert(id, flows.len());
-        out.push(Output::Journal(JournalOp::Append {
-            id,
-            flows: flows.to_vec(),
-        }));
+        let records = flows.iter().map(|f| &f.record);
+        let first = flows.first().map(|f| &f.record);
+        let mut record = Vec::with_capacity(codec::append_bytes_hint(flows.len(), first));
+        codec::encode_append(id, records, &mut record);
+        out.push(Output::Journal(JournalOp::Append { id, record }));
         debug_assert!(
             self.withheld.back().is_none_or(|w| w.journal_id < id),
             "withheld acks are in append order"
@@ -96,7 +106,6 @@ impl Ledger {
             conn,
             batch_id,
         });
-        id
     }
 
     /// Tracks flows replayed from the journal under their old append id.

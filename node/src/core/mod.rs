@@ -795,28 +795,27 @@ impl NodeCore {
         // Claims first: a flow of this batch may need them.
         self.route_claims(&claims, &dictionary, origin, now, out);
         let region: Arc<str> = Arc::from(batch.region.as_str());
-        // Sized once: a collect through `filter_map` would grow (and copy) it step by step.
-        let mut flows: Vec<FlowRecord> = Vec::with_capacity(batch.flows.len());
-        flows.extend(batch.flows.iter().filter_map(|f| {
-            FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops)
-        }));
-        self.stats.flows_received += flows.len() as u64;
-        let received = flows.len();
+        // Each flow is built where it stays until routed, already carrying the id of the
+        // append that journals it below (nothing is appended when none is left).
+        let journal_id = self.journal.next_id();
         // Remembered as journaled here (the append follows below). A peer's copy of flows
         // we journaled already (it re-sent them while its ack was late) is dropped: they go
         // out from that append. An exporter's flows are all taken.
-        let recent = &mut self.recent;
-        let flows: Vec<FlowRecord> = if batch.hops > 0 {
-            flows
-                .into_iter()
-                .filter(|f| recent.insert(f.exporter_id, f.flow_id))
-                .collect()
-        } else {
-            for f in &flows {
-                recent.insert(f.exporter_id, f.flow_id);
+        let from_peer = batch.hops > 0;
+        let mut received = 0;
+        let mut flows: Vec<JournaledFlow> = Vec::with_capacity(batch.flows.len());
+        for f in &batch.flows {
+            let Some(record) =
+                FlowRecord::from_wire(f, &dictionary, batch.exporter_id, &region, batch.hops)
+            else {
+                continue;
+            };
+            received += 1;
+            if self.recent.insert(record.exporter_id, record.flow_id) || !from_peer {
+                flows.push(JournaledFlow { journal_id, record });
             }
-            flows
-        };
+        }
+        self.stats.flows_received += received as u64;
         let already_held = received - flows.len();
         self.stats.flows_already_held += already_held as u64;
         if flows.is_empty() {
@@ -831,11 +830,7 @@ impl NodeCore {
         // Journaled before anything else happens to the flows; the ack waits for
         // `journal_synced`.
         self.stats.journal_appends += 1;
-        let journal_id = self.journal.append(&flows, conn, id, out);
-        let flows = flows
-            .into_iter()
-            .map(|record| JournaledFlow { journal_id, record })
-            .collect();
+        self.journal.append(&flows, conn, id, out);
         self.route_flows(flows, now, out);
     }
 

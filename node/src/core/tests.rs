@@ -241,6 +241,13 @@ fn journal(out: &[Output]) -> Vec<JournalOp> {
         .collect()
 }
 
+/// The flows of an append record the core wrote.
+fn decoded(record: &[u8]) -> Vec<FlowRecord> {
+    crate::journal::codec::decode_append(record)
+        .expect("the core's append records decode")
+        .1
+}
+
 /// A disk as the journal sees it: appends written, the prefix fsynced, releases.
 #[derive(Default)]
 struct Disk {
@@ -253,7 +260,7 @@ impl Disk {
     fn apply(&mut self, out: &[Output]) {
         for op in journal(out) {
             match op {
-                JournalOp::Append { id, flows } => self.written.push((id, flows)),
+                JournalOp::Append { id, record } => self.written.push((id, decoded(&record))),
                 JournalOp::Release { ids } => self.released.extend(ids),
             }
         }
@@ -297,10 +304,10 @@ fn the_ack_follows_the_sync_and_the_release_follows_the_emit() {
     ];
     core.handle_message(7, batch(70, "a", flows, Vec::new()), now, &mut out);
     let ops = journal(&out);
-    let JournalOp::Append { id, flows } = &ops[0] else {
+    let JournalOp::Append { id, record } = &ops[0] else {
         panic!("the first journal op is the append: {ops:?}");
     };
-    assert_eq!(flows.len(), 2);
+    assert_eq!(decoded(record).len(), 2);
     assert_eq!(ops.len(), 1, "one flow is still pending: no release yet");
     assert!(acks(&out).is_empty(), "no ack before the sync");
     assert_eq!(core.journal_withheld_acks(), 1);
@@ -401,9 +408,10 @@ fn recover_re_emits_and_new_appends_get_larger_ids() {
     // Emitted at once, released in the same output: a restart after a lost release
     // emits it again, with the same flow id.
     assert_eq!(emitted(&out).len(), 1);
-    let Some(JournalOp::Append { id, flows }) = journal(&out).into_iter().next() else {
+    let Some(JournalOp::Append { id, record }) = journal(&out).into_iter().next() else {
         panic!("no append");
     };
+    let flows = decoded(&record);
     assert_eq!(journal(&out)[1], JournalOp::Release { ids: vec![id] });
 
     let mut core = ready_core(START);
@@ -666,14 +674,16 @@ fn a_peer_re_sending_flows_we_hold_gets_its_ack_after_our_sync_and_no_second_cop
     more.push(flow(3, "10.1.0.9", START + 4_000));
     core.handle_message(7, forwarded(72, more), now, &mut out);
     let ops = journal(&out);
-    let [JournalOp::Append {
-        id: id3,
-        flows: new,
-    }] = ops.as_slice()
-    else {
+    let [JournalOp::Append { id: id3, record }] = ops.as_slice() else {
         panic!("one append for the new flow: {ops:?}");
     };
-    assert_eq!(new.iter().map(|f| f.flow_id).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(
+        decoded(record)
+            .iter()
+            .map(|f| f.flow_id)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
     assert_eq!(core.stats().flows_already_held, 4);
 
     // The first sync acks the original and its copy; the mixed batch waits for its own.

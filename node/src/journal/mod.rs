@@ -234,26 +234,33 @@ impl Journal {
 
     /// Writes an append record (durable at the next [`Journal::sync`]).
     pub fn append(&mut self, id: u64, flows: &[FlowRecord]) -> Result<(), JournalError> {
-        self.check(Step::AppendWrite)?;
-        self.roll_if_needed()?;
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
-        codec::encode_append(id, flows, &mut bytes);
+        codec::encode_append(id, flows.iter(), &mut bytes);
+        let written = self.append_record(id, &bytes);
+        self.scratch = bytes;
+        written
+    }
+
+    /// Writes append `id` as [`codec::encode_append`] encoded it (what the core's
+    /// `JournalOp::Append` carries); durable at the next [`Journal::sync`].
+    pub fn append_record(&mut self, id: u64, record: &[u8]) -> Result<(), JournalError> {
+        self.check(Step::AppendWrite)?;
+        self.roll_if_needed()?;
         let path = self.current_path();
         if let Err(e) = self.check(Step::AppendTorn) {
             // Leave half a record behind, as a crash in the middle of a write would.
-            let _ = self.current.write_all(&bytes[..bytes.len() / 2]);
+            let _ = self.current.write_all(&record[..record.len() / 2]);
             return Err(e);
         }
-        self.current.write_all(&bytes).map_err(io_err(&path))?;
+        self.current.write_all(record).map_err(io_err(&path))?;
         if let Some(s) = self.segments.get_mut(&self.current_seq) {
-            s.bytes += bytes.len() as u64;
+            s.bytes += record.len() as u64;
             s.live.insert(id);
         }
         self.location.insert(id, self.current_seq);
         self.appended_upto = self.appended_upto.max(id);
         self.dirty = true;
-        self.scratch = bytes;
         Ok(())
     }
 

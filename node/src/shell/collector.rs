@@ -172,8 +172,8 @@ impl Shared {
                     }
                 }
                 Output::Notice(notice) => self.notice(notice),
-                Output::Journal(JournalOp::Append { id, flows }) => {
-                    if let Err(e) = lock(&self.durability.journal).append(id, &flows) {
+                Output::Journal(JournalOp::Append { id, record }) => {
+                    if let Err(e) = lock(&self.durability.journal).append_record(id, &record) {
                         // Its ack is never sent: the exporter re-sends the batch.
                         metrics::counter!("tenure_journal_errors_total", "node" => self.node.clone()).increment(1);
                         tracing::error!(node = %self.node, error = %e, "journal append failed");
