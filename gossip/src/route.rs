@@ -70,11 +70,12 @@ pub fn route_claim<'a>(ctx: &RouteContext<'a>, ip: IpAddr, origin: Origin) -> Ro
     route(ctx, ip, origin, |ring| ring.owners(ip))
 }
 
-/// Where a flow whose remote side is `remote_ip` goes: the primary owner of `remote_ip`.
+/// Where a flow whose remote side is `remote_ip` goes: to one of the R owners of
+/// `remote_ip` (primary first). Every owner receives every claim for the IP and is ready
+/// for it only once handed its history, so any of them attributes the flow alike: a node
+/// that owns the IP keeps the flow, any other sends it to the primary.
 pub fn route_flow<'a>(ctx: &RouteContext<'a>, remote_ip: IpAddr, origin: Origin) -> Route<'a> {
-    route(ctx, remote_ip, origin, |ring| {
-        ring.primary(remote_ip).into_iter().collect()
-    })
+    route(ctx, remote_ip, origin, |ring| ring.owners(remote_ip))
 }
 
 fn route<'a>(
@@ -155,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn local_claims_go_to_all_owners_and_flows_to_the_primary() {
+    fn local_claims_and_flows_go_to_all_owners_primary_first() {
         let f = fixture();
         let ip: IpAddr = "10.0.3.4".parse().unwrap();
         let Route::Owners(claim) = route_claim(&ctx(&f), ip, Origin::Exporter) else {
@@ -163,9 +164,10 @@ mod tests {
         };
         assert_eq!(claim, f.local.owners(ip));
         assert_eq!(claim.len(), 2);
+        assert_eq!(claim[0], f.local.primary(ip).unwrap());
         assert_eq!(
             route_flow(&ctx(&f), ip, Origin::Exporter),
-            Route::Owners(vec![claim[0]])
+            Route::Owners(claim)
         );
     }
 

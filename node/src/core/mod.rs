@@ -53,9 +53,10 @@
 //! released appends passes its largest id as an entry with no flows, so that no id it
 //! holds is issued again).
 //!
-//! Routing: a flow goes to the owner of its *remote* IP (forwarded across regions once;
-//! `external` attributed at once; an unreachable region gives `region_unreachable`, never
-//! a drop); claims go to the R owners of their IP; a flow whose IP is on a span that
+//! Routing: a flow goes to an owner of its *remote* IP: kept here when this node is one of
+//! the R owners (each holds the IP's whole history), else sent to the primary (forwarded
+//! across regions once; `external` attributed at once; an unreachable region gives
+//! `region_unreachable`, never a drop); claims go to the R owners of their IP; a flow whose IP is on a span that
 //! handoff has not completed waits here until it is ready.
 
 mod admission;
@@ -861,9 +862,12 @@ impl NodeCore {
                     Origin::Forwarded
                 };
                 let target = match route_flow(&ctx, flow.record.remote_ip, origin) {
+                    // Any owner attributes it alike: kept when we are one, else to the
+                    // primary.
                     Route::Owners(owners) => match owners.first() {
-                        Some(o) if o.node_id() == me || flow.record.hops >= HOPS_MAX => Ok(None),
-                        Some(o) => Ok(Some(*o)),
+                        Some(_) if flow.record.hops >= HOPS_MAX => Ok(None),
+                        Some(_) if owners.iter().any(|o| o.node_id() == me) => Ok(None),
+                        Some(primary) => Ok(Some(*primary)),
                         None => Err(Verdict::Unattributed(Reason::RegionUnreachable)),
                     },
                     Route::Forward { via, .. } => Ok(Some(via)),
