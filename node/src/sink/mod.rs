@@ -306,9 +306,9 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     // Workload names and regions nearly never need escaping: one copy. The check reads
     // every byte without an early exit, so that it compiles to vector instructions.
-    let needs_escape = bytes
-        .iter()
-        .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    let needs_escape = bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
     if !needs_escape {
         out.extend_from_slice(bytes);
         out.push(b'"');
