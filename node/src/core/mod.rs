@@ -56,8 +56,8 @@
 //! Routing: a flow goes to an owner of its *remote* IP: kept here when this node is one of
 //! the R owners (each holds the IP's whole history), else sent to the primary (forwarded
 //! across regions once; `external` attributed at once; an unreachable region gives
-//! `region_unreachable`, never a drop); claims go to the R owners of their IP; a flow whose IP is on a span that
-//! handoff has not completed waits here until it is ready.
+//! `region_unreachable`, never a drop); claims go to the R owners of their IP; a flow
+//! whose IP is on a span that handoff has not completed waits here until it is ready.
 
 mod admission;
 mod flow;
