@@ -731,8 +731,12 @@ impl<F> Engine<F> {
         }
         let mut cursor = self.pending.first_for(&key);
         while let Some(slot) = cursor {
-            // Taken before `slot` may leave the list.
+            // Taken before `slot` may leave the list. The flows of a list lie anywhere in
+            // the queue: the next one loads while this one is decided.
             cursor = self.pending.next_for(slot);
+            if let Some(next) = cursor {
+                self.pending.prefetch(next);
+            }
             let Some(entry) = self.pending.get(slot) else {
                 continue;
             };

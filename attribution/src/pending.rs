@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use crate::ip::{new_map, IpKey, Map};
+use crate::table::prefetch;
 use crate::time::{UnixMillis, Window};
 
 #[derive(Debug)]
@@ -122,6 +123,17 @@ impl<F> PendingQueue<F> {
     pub(crate) fn next_for(&self, slot: u32) -> Option<u32> {
         let slot = self.slots.get(slot as usize)?;
         (slot.entry.is_some() && slot.next != NIL).then_some(slot.next)
+    }
+
+    /// Starts loading the flow in `slot` into the cache (a slot is a few cache lines): a
+    /// retry walking an IP's list asks for the next flow while it decides the current one.
+    pub(crate) fn prefetch(&self, slot: u32) {
+        if let Some(held) = self.slots.get(slot as usize) {
+            let start: *const u8 = std::ptr::from_ref(held).cast();
+            for offset in (0..std::mem::size_of::<Slot<F>>()).step_by(64) {
+                prefetch(start.wrapping_add(offset));
+            }
+        }
     }
 
     pub(crate) fn has_ip(&self, ip: &IpKey) -> bool {
