@@ -316,8 +316,9 @@ pub struct CollectorConfig {
     /// ones are closed. Default 256.
     #[serde(default = "default_connections_per_ip_max")]
     pub connections_per_ip_max: usize,
-    /// How long an HTTP request may take, in ms, before it is answered 408.
-    /// Default 30,000 (above the cluster-wide dependency fan-out).
+    /// How long an HTTP request may take, in ms: its headers must arrive within it (else
+    /// the connection is closed), and its answer is 408 past it. Default 30,000 (above the
+    /// cluster-wide dependency fan-out).
     #[serde(default = "default_http_request_timeout_ms")]
     pub http_request_timeout_ms: u64,
     /// Bearer token for `POST /v1/ip-events`. Default: none, and the endpoint answers 403.

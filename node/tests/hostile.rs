@@ -32,6 +32,8 @@ const EXPORTER_KEY_ID: u32 = 2;
 const FRAME_READ_TIMEOUT_MS: u64 = 1_000;
 const CONN_IDLE_TIMEOUT_MS: u64 = 1_500;
 const CONNECTIONS_PER_IP_MAX: usize = 32;
+/// The node's HTTP deadline (headers, then the answer).
+const HTTP_REQUEST_TIMEOUT_MS: u64 = 1_500;
 /// How much the collector's resident memory may grow over the whole hostile run.
 const RSS_GROWTH_MAX_KIB: u64 = 64 * 1024;
 
@@ -55,6 +57,7 @@ exporter_flows_burst_max = 16384
 conn_idle_timeout_ms = {CONN_IDLE_TIMEOUT_MS}
 frame_read_timeout_ms = {FRAME_READ_TIMEOUT_MS}
 connections_per_ip_max = {CONNECTIONS_PER_IP_MAX}
+http_request_timeout_ms = {HTTP_REQUEST_TIMEOUT_MS}
 sink = {{ kind = "files", dir = "{sink}" }}
 data_dir = "{sink}-data"
 
@@ -591,6 +594,46 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
         .await?;
         assert!((400..500).contains(&status), "event feed: {status} {text}");
         count("http_bad_parameters", 1);
+    }
+
+    // Slow HTTP clients: headers trickling in one byte every 200 ms, and a connection
+    // that never sends any, are cut off by the header deadline.
+    let mut slow_http = Vec::new();
+    for _ in 0..10 {
+        slow_http.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(http).await else {
+                return false;
+            };
+            let started = Instant::now();
+            for b in b"GET /healthz HTTP/1.1\r\nHost: tenure\r\nX-Slow: "
+                .iter()
+                .cycle()
+            {
+                if s.write_all(&[*b]).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if started.elapsed() > Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS * 4) {
+                    break;
+                }
+            }
+            read_until_closed(&mut s, Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS)).await
+        }));
+    }
+    let mut silent_http = Vec::new();
+    for _ in 0..10 {
+        silent_http.push(TcpStream::connect(http).await?);
+    }
+    for task in slow_http {
+        assert!(task.await?, "a slow HTTP client was not cut off");
+        count("slow_http_clients", 1);
+    }
+    for mut s in silent_http {
+        assert!(
+            read_until_closed(&mut s, Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS * 3)).await,
+            "a silent HTTP connection was not closed"
+        );
+        count("silent_http_connections", 1);
     }
 
     // The node still serves: health, and a legitimate batch of another exporter.

@@ -199,11 +199,12 @@ pub async fn run(
                 "/healthz",
                 axum::routing::get(|| async { "{\"status\":\"ok\"}" }),
             );
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "exporter http server");
-            }
-        });
+        tokio::spawn(crate::shell::http::serve(
+            listener,
+            app,
+            crate::shell::http::HEADER_READ_TIMEOUT,
+            std::future::pending(),
+        ));
     }
     let label = config.exporter_id.to_string();
     let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms));

@@ -664,15 +664,16 @@ pub async fn run_reloadable(
         stop_rx.clone(),
     )));
     let http_shared = shared.clone();
+    let http_timeout_ms = shared.http_request_timeout_ms;
     let mut http_stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let app = super::http::router(http_shared);
-        let serve = axum::serve(http, app).with_graceful_shutdown(async move {
+        // Headers get the same deadline as the whole request.
+        let header_read_timeout = Duration::from_millis(http_timeout_ms);
+        super::http::serve(http, app, header_read_timeout, async move {
             stopped(&mut http_stop).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server");
-        }
+        })
+        .await;
     }));
 
     shared

@@ -20,6 +20,51 @@ use super::collector::{lock, Shared};
 use super::{clock, fanout};
 use crate::time::parse_time_ms;
 
+/// The exporter's header read timeout (a collector uses its `http_request_timeout_ms`):
+/// how long a client may take to send a request's headers before its connection is
+/// closed. Without one, a client that opens connections and trickles header bytes holds
+/// each one forever; the request timeout only starts once the headers are in.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` resolves, then lets the open
+/// connections finish. As `axum::serve`, plus the header read timeout, which needs a
+/// timer that `axum::serve` does not give hyper.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, rather than spin.
+                    tracing::warn!(error = %e, "http accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "http connection");
+            }
+        });
+    }
+    connections.shutdown().await;
+}
+
 /// The largest event-feed body accepted, in bytes.
 pub const EVENT_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Events in one event-feed request.
