@@ -199,6 +199,26 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// Whether the node cuts off a connection that sends `bytes` one every 200 ms: the write
+/// fails or the connection closes within 5 s of the last byte, and the node does not take
+/// trickled bytes for more than 6 s.
+async fn trickled_is_cut_off(addr: SocketAddr, bytes: Vec<u8>) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let started = Instant::now();
+    for b in bytes {
+        if s.write_all(&[b]).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if started.elapsed() > Duration::from_secs(6) {
+            return false;
+        }
+    }
+    read_until_closed(&mut s, Duration::from_secs(5)).await
+}
+
 /// xorshift64*: the test's only randomness, from one printed seed.
 struct Rng(u64);
 
@@ -384,23 +404,7 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     let slow = mallory.frame(&batch(5_000, 66, &["m"], Vec::new(), Vec::new()))?;
     let mut slow_tasks = Vec::new();
     for _ in 0..10 {
-        let slow = slow.clone();
-        slow_tasks.push(tokio::spawn(async move {
-            let Ok(mut s) = TcpStream::connect(data).await else {
-                return false;
-            };
-            let started = Instant::now();
-            for b in slow {
-                if s.write_all(&[b]).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if started.elapsed() > Duration::from_secs(6) {
-                    return false;
-                }
-            }
-            read_until_closed(&mut s, Duration::from_secs(5)).await
-        }));
+        slow_tasks.push(tokio::spawn(trickled_is_cut_off(data, slow.clone())));
     }
     let mut half_open = Vec::new();
     for _ in 0..10 {
@@ -598,27 +602,13 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
 
     // Slow HTTP clients: headers trickling in one byte every 200 ms, and a connection
     // that never sends any, are cut off by the header deadline.
+    let slow_headers = b"GET /healthz HTTP/1.1\r\nHost: tenure\r\nX-Slow: waiting".to_vec();
     let mut slow_http = Vec::new();
     for _ in 0..10 {
-        slow_http.push(tokio::spawn(async move {
-            let Ok(mut s) = TcpStream::connect(http).await else {
-                return false;
-            };
-            let started = Instant::now();
-            for b in b"GET /healthz HTTP/1.1\r\nHost: tenure\r\nX-Slow: "
-                .iter()
-                .cycle()
-            {
-                if s.write_all(&[*b]).await.is_err() {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if started.elapsed() > Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS * 4) {
-                    break;
-                }
-            }
-            read_until_closed(&mut s, Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS)).await
-        }));
+        slow_http.push(tokio::spawn(trickled_is_cut_off(
+            http,
+            slow_headers.clone(),
+        )));
     }
     let mut silent_http = Vec::new();
     for _ in 0..10 {
