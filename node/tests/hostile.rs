@@ -219,6 +219,38 @@ async fn trickled_is_cut_off(addr: SocketAddr, bytes: Vec<u8>) -> bool {
     read_until_closed(&mut s, Duration::from_secs(5)).await
 }
 
+/// Slow and silent connections opened per kind of listener.
+const CONNECTIONS_CUT_OFF: usize = 10;
+
+/// Opens [`CONNECTIONS_CUT_OFF`] connections to `addr` that trickle `bytes` and as many
+/// that send nothing (`what` names the listener in failures): all must be cut off, the
+/// silent ones within `silent_within`.
+async fn slow_and_silent_are_cut_off(
+    addr: SocketAddr,
+    bytes: &[u8],
+    silent_within: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut slow = Vec::new();
+    for _ in 0..CONNECTIONS_CUT_OFF {
+        slow.push(tokio::spawn(trickled_is_cut_off(addr, bytes.to_vec())));
+    }
+    let mut silent = Vec::new();
+    for _ in 0..CONNECTIONS_CUT_OFF {
+        silent.push(TcpStream::connect(addr).await?);
+    }
+    for task in slow {
+        assert!(task.await?, "a slow {what} connection was not cut off");
+    }
+    for mut s in silent {
+        assert!(
+            read_until_closed(&mut s, silent_within).await,
+            "a silent {what} connection was not closed"
+        );
+    }
+    Ok(())
+}
+
 /// xorshift64*: the test's only randomness, from one printed seed.
 struct Rng(u64);
 
@@ -402,25 +434,10 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     // 7. Slow connections: a frame trickling in one byte every 200 ms is cut off by the
     //    frame deadline; half-open ones (connected, silent) by the idle deadline.
     let slow = mallory.frame(&batch(5_000, 66, &["m"], Vec::new(), Vec::new()))?;
-    let mut slow_tasks = Vec::new();
-    for _ in 0..10 {
-        slow_tasks.push(tokio::spawn(trickled_is_cut_off(data, slow.clone())));
-    }
-    let mut half_open = Vec::new();
-    for _ in 0..10 {
-        half_open.push(TcpStream::connect(data).await?);
-    }
-    for task in slow_tasks {
-        assert!(task.await?, "a slow connection was not cut off");
-        count("slow_connections", 1);
-    }
-    for mut s in half_open {
-        assert!(
-            read_until_closed(&mut s, Duration::from_millis(CONN_IDLE_TIMEOUT_MS * 3)).await,
-            "a half-open connection was not closed"
-        );
-        count("half_open_connections", 1);
-    }
+    let silent_within = Duration::from_millis(CONN_IDLE_TIMEOUT_MS * 3);
+    slow_and_silent_are_cut_off(data, &slow, silent_within, "data-plane").await?;
+    count("slow_connections", CONNECTIONS_CUT_OFF);
+    count("half_open_connections", CONNECTIONS_CUT_OFF);
 
     // 8. A connection flood from one address: past the per-address limit, new connections
     //    are closed at once.
@@ -602,29 +619,11 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
 
     // Slow HTTP clients: headers trickling in one byte every 200 ms, and a connection
     // that never sends any, are cut off by the header deadline.
-    let slow_headers = b"GET /healthz HTTP/1.1\r\nHost: tenure\r\nX-Slow: waiting".to_vec();
-    let mut slow_http = Vec::new();
-    for _ in 0..10 {
-        slow_http.push(tokio::spawn(trickled_is_cut_off(
-            http,
-            slow_headers.clone(),
-        )));
-    }
-    let mut silent_http = Vec::new();
-    for _ in 0..10 {
-        silent_http.push(TcpStream::connect(http).await?);
-    }
-    for task in slow_http {
-        assert!(task.await?, "a slow HTTP client was not cut off");
-        count("slow_http_clients", 1);
-    }
-    for mut s in silent_http {
-        assert!(
-            read_until_closed(&mut s, Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS * 3)).await,
-            "a silent HTTP connection was not closed"
-        );
-        count("silent_http_connections", 1);
-    }
+    let slow_headers: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: tenure\r\nX-Slow: waiting";
+    let silent_within = Duration::from_millis(HTTP_REQUEST_TIMEOUT_MS * 3);
+    slow_and_silent_are_cut_off(http, slow_headers, silent_within, "HTTP").await?;
+    count("slow_http_clients", CONNECTIONS_CUT_OFF);
+    count("silent_http_connections", CONNECTIONS_CUT_OFF);
 
     // The node still serves: health, and a legitimate batch of another exporter.
     let (health, _) = get(http, "/healthz").await?;
