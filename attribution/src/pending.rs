@@ -106,10 +106,10 @@ impl<F> PendingQueue<F> {
         }
         self.by_deadline.push(Reverse((deadline, sequence, slot)));
         self.live += 1;
-        // Stale items below the top are dropped only when they surface: rebuild once they
+        // Stale items below the top are dropped only when they surface: drop them all once they
         // outnumber the live ones, so the heap stays within twice the queue.
         if self.by_deadline.len() > 2 * self.live + 1024 {
-            self.rebuild_deadlines();
+            self.drop_stale_deadlines();
         }
         Ok(())
     }
@@ -214,7 +214,7 @@ impl<F> PendingQueue<F> {
 
     /// Drops the items of flows that left, in place: the heap keeps its room, so the
     /// pushes that follow do not grow (and copy) it again.
-    fn rebuild_deadlines(&mut self) {
+    fn drop_stale_deadlines(&mut self) {
         let slots = &self.slots;
         self.by_deadline
             .retain(|&Reverse((_, sequence, slot))| holds(slots, sequence, slot));

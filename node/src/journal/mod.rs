@@ -7,7 +7,7 @@
 //!   starting with a magic and a version, holding checksummed records ([`codec`]). A new
 //!   segment starts at every open and whenever the current one passes
 //!   [`SEGMENT_BYTES_MAX`], or holds nothing live and passes [`SEGMENT_RECYCLE_BYTES_MIN`].
-//! - **Group commit.** [`Journal::append`] writes (no fsync); [`Journal::sync`] fsyncs the
+//! - **Group commit.** [`Journal::append_record`] writes (no fsync); [`Journal::sync`] fsyncs the
 //!   current segment once for every append written so far and returns the largest id now
 //!   durable, which the shell passes to `NodeCore::journal_synced`: acks follow the fsync.
 //! - **Release.** [`Journal::release`] writes a release record (made durable by the next
@@ -230,16 +230,6 @@ impl Journal {
             }
         }
         Ok(())
-    }
-
-    /// Writes an append record (durable at the next [`Journal::sync`]).
-    pub fn append(&mut self, id: u64, flows: &[FlowRecord]) -> Result<(), JournalError> {
-        let mut bytes = std::mem::take(&mut self.scratch);
-        bytes.clear();
-        codec::encode_append(id, flows.iter(), &mut bytes);
-        let written = self.append_record(id, &bytes);
-        self.scratch = bytes;
-        written
     }
 
     /// Writes append `id` as [`codec::encode_append`] encoded it (what the core's

@@ -44,7 +44,7 @@ pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DATAGRAM_BUFFER_BYTES: usize = 9_000;
 /// How often the sink writer flushes (and rolls Parquet files whose time is up), in ms.
 const SINK_FLUSH_INTERVAL_MS: u64 = 500;
-/// Flows handed to the sink in one batch (and, at most, in one write).
+/// Flows handed to the sink writer in one batch.
 const SINK_BATCH_FLOWS_MAX: usize = 1_024;
 /// Connections held at once (inbound plus outbound); past it new inbound ones are closed.
 pub const CONNECTIONS_MAX: usize = 4_096;
