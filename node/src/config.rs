@@ -685,7 +685,14 @@ pub enum IdentityConfig {
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
     /// This host's TCP flows, captured with eBPF (needs root). Default.
-    Ebpf,
+    Ebpf {
+        /// Open sockets whose start time the kernel keeps until they close: a power of two
+        /// from 8 to 1,048,576, 24 bytes each. A socket whose birth was evicted (its slot
+        /// group was full) is still reported, with an inexact start. Raise it on hosts with
+        /// many more than 30,000 sockets open at once. Default 131,072 (3 MiB).
+        #[serde(default = "default_births_max")]
+        births_max: u32,
+    },
     /// A synthetic fleet (demo and load): workloads come and go and reuse IPs.
     Synthetic {
         /// Seed of the fleet model. Default 1.
@@ -701,6 +708,18 @@ pub enum SourceConfig {
 
 fn default_flows_per_sec() -> u32 {
     200
+}
+
+fn default_births_max() -> u32 {
+    tenure_node_ebpf::CaptureOptions::default().births_max.get()
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig::Ebpf {
+            births_max: default_births_max(),
+        }
+    }
 }
 
 /// `tenure exporter --config exporter.toml`.
@@ -726,7 +745,7 @@ pub struct ExporterConfig {
     #[serde(default)]
     pub identity: Option<IdentityConfig>,
     /// Where flows come from. Default: eBPF.
-    #[serde(default = "default_source")]
+    #[serde(default)]
     pub source: SourceConfig,
     /// Batches kept while no collector acknowledges them; past it the oldest is dropped
     /// and counted. Default 360 (an hour at 10 s).
@@ -750,9 +769,6 @@ pub struct ExporterConfig {
     pub http_addr: Option<SocketAddr>,
 }
 
-fn default_source() -> SourceConfig {
-    SourceConfig::Ebpf
-}
 fn default_buffer_batches_max() -> usize {
     360
 }
@@ -785,6 +801,15 @@ impl ExporterConfig {
             || self.batch_flows_max > tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT
         {
             return Err(invalid("batch_flows_max", "must be 1 to 16384"));
+        }
+        if let SourceConfig::Ebpf { births_max } = self.source {
+            let (min, max) = (tenure_node_ebpf::BIRTHS_MIN, tenure_node_ebpf::BIRTHS_MAX);
+            if !births_max.is_power_of_two() || !(min..=max).contains(&births_max) {
+                return Err(invalid(
+                    "source.births_max",
+                    format!("must be a power of two from {min} to {max}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -868,6 +893,41 @@ mod tests {
         let text = String::from_utf8_lossy(crash);
         assert!(parse_key(&text).is_err());
         let _ = parse::<CollectorConfig>(&text, Path::new("crash.toml"));
+    }
+
+    #[test]
+    fn exporter_births_table_is_sized_by_its_source() {
+        let base = r#"
+            exporter_id = 1
+            region = "r"
+            collectors = ["127.0.0.1:7947"]
+        "#;
+        let births = |text: &str| {
+            let config: ExporterConfig = parse(text, Path::new("e.toml"))?;
+            config.validate(false)?;
+            match config.source {
+                SourceConfig::Ebpf { births_max } => Ok(births_max),
+                SourceConfig::Synthetic { .. } => panic!("not the eBPF source"),
+            }
+        };
+        let default = tenure_node_ebpf::CaptureOptions::default().births_max.get();
+        assert_eq!(
+            births(base).unwrap(),
+            default,
+            "no source: eBPF, default size"
+        );
+        let kind_only = format!("{base}\nsource = {{ kind = \"ebpf\" }}\n");
+        assert_eq!(births(&kind_only).unwrap(), default);
+        let sized = format!("{base}\nsource = {{ kind = \"ebpf\", births_max = 1048576 }}\n");
+        assert_eq!(births(&sized).unwrap(), 1 << 20);
+        for bad in [0, 4, 100_000, 1 << 21] {
+            let text = format!("{base}\nsource = {{ kind = \"ebpf\", births_max = {bad} }}\n");
+            let err: ConfigError = births(&text).unwrap_err();
+            assert!(err.to_string().contains("births_max"), "{bad}: {err}");
+        }
+        let unknown = format!("{base}\nsource = {{ kind = \"ebpf\", birth_max = 8 }}\n");
+        let err = births(&unknown).unwrap_err();
+        assert!(err.to_string().contains("birth_max"), "{err}");
     }
 }
 

@@ -189,7 +189,7 @@ collectors = ["{data}"]
 heartbeat_interval_ms = 500
 key = {{ key_hex = "{KEY_HEX}" }}
 identity = {{ kind = "map_file", path = "{}" }}
-source = {{ kind = "ebpf" }}
+source = {{ kind = "ebpf", births_max = 65536 }}
 "#,
             dir.path().join("ips.json").display()
         ),

@@ -157,7 +157,7 @@ pub async fn run(
                 region_index: 0,
             }
         }
-        SourceConfig::Ebpf => {
+        SourceConfig::Ebpf { births_max } => {
             let identity = match &config.identity {
                 Some(i) => IdentitySource::new(i.clone(), start.0),
                 None if to_stdout => IdentitySource::anonymous(),
@@ -165,8 +165,8 @@ pub async fn run(
                     "the eBPF source needs an [identity] section (host_file or map_file)"
                 ),
             };
-            let rx =
-                start_capture(config.heartbeat_interval_ms).context("starting eBPF capture")?;
+            let rx = start_capture(config.heartbeat_interval_ms, *births_max)
+                .context("starting eBPF capture")?;
             Source::Capture { rx, identity }
         }
     };
@@ -424,9 +424,16 @@ pub(crate) fn captured_flow(
 /// interval, into a bounded channel.
 pub fn start_capture(
     snapshot_interval_ms: u64,
+    births_max: u32,
 ) -> Result<mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, tenure_node_ebpf::CaptureError> {
     tenure_node_ebpf::check_privileges()?;
-    let mut capture = tenure_node_ebpf::Capture::load(tenure_node_ebpf::CaptureOptions::default())?;
+    let defaults = tenure_node_ebpf::CaptureOptions::default();
+    let options = tenure_node_ebpf::CaptureOptions {
+        // Zero is refused by the configuration; should it come here, the load refuses it.
+        births_max: std::num::NonZeroU32::new(births_max).unwrap_or(std::num::NonZeroU32::MIN),
+        ..defaults
+    };
+    let mut capture = tenure_node_ebpf::Capture::load(options)?;
     let (tx, rx) = mpsc::channel(CAPTURE_QUEUE_BATCHES_MAX);
     tokio::spawn(async move {
         let mut snapshots =
