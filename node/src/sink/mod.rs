@@ -454,28 +454,34 @@ impl RollingFiles {
     }
 
     fn prune(&self) -> Result<(), SinkError> {
-        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
-            .map_err(|source| SinkError::Dir {
-                dir: self.dir.clone(),
-                source,
-            })?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("flows-") && n.ends_with(".ndjson"))
-            })
-            .collect();
-        files.sort();
-        while files.len() > self.files_max {
-            let oldest = files.remove(0);
-            if let Err(e) = fs::remove_file(&oldest) {
-                tracing::warn!(path = %oldest.display(), error = %e, "deleting an old sink file");
-            }
-        }
-        Ok(())
+        prune_files(&self.dir, ".ndjson", self.files_max)
     }
+}
+
+/// Deletes the oldest finished sink files (`flows-*<suffix>` in `dir`, oldest first by
+/// name) until at most `files_max` are left. A file that cannot be deleted is logged.
+fn prune_files(dir: &Path, suffix: &str, files_max: usize) -> Result<(), SinkError> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|source| SinkError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("flows-") && n.ends_with(suffix))
+        })
+        .collect();
+    files.sort();
+    let excess = files.len().saturating_sub(files_max);
+    for oldest in files.into_iter().take(excess) {
+        if let Err(e) = fs::remove_file(&oldest) {
+            tracing::warn!(path = %oldest.display(), error = %e, "deleting an old sink file");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

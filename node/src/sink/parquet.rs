@@ -326,27 +326,7 @@ impl ParquetFiles {
     }
 
     fn prune(&self) -> Result<(), SinkError> {
-        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
-            .map_err(|source| SinkError::Dir {
-                dir: self.dir.clone(),
-                source,
-            })?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("flows-") && n.ends_with(DONE_SUFFIX))
-            })
-            .collect();
-        files.sort();
-        let excess = files.len().saturating_sub(self.files_max);
-        for oldest in files.into_iter().take(excess) {
-            if let Err(e) = fs::remove_file(&oldest) {
-                tracing::warn!(path = %oldest.display(), error = %e, "deleting an old sink file");
-            }
-        }
-        Ok(())
+        super::prune_files(&self.dir, DONE_SUFFIX, self.files_max)
     }
 }
 
