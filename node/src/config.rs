@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -691,7 +692,7 @@ pub enum SourceConfig {
         /// group was full) is still reported, with an inexact start. Raise it on hosts with
         /// many more than 30,000 sockets open at once. Default 131,072 (3 MiB).
         #[serde(default = "default_births_max")]
-        births_max: u32,
+        births_max: NonZeroU32,
     },
     /// A synthetic fleet (demo and load): workloads come and go and reuse IPs.
     Synthetic {
@@ -710,8 +711,8 @@ fn default_flows_per_sec() -> u32 {
     200
 }
 
-fn default_births_max() -> u32 {
-    tenure_node_ebpf::CaptureOptions::default().births_max.get()
+fn default_births_max() -> NonZeroU32 {
+    tenure_node_ebpf::CaptureOptions::default().births_max
 }
 
 impl Default for SourceConfig {
@@ -804,6 +805,7 @@ impl ExporterConfig {
         }
         if let SourceConfig::Ebpf { births_max } = self.source {
             let (min, max) = (tenure_node_ebpf::BIRTHS_MIN, tenure_node_ebpf::BIRTHS_MAX);
+            let births_max = births_max.get();
             if !births_max.is_power_of_two() || !(min..=max).contains(&births_max) {
                 return Err(invalid(
                     "source.births_max",
@@ -906,7 +908,7 @@ mod tests {
             let config: ExporterConfig = parse(text, Path::new("e.toml"))?;
             config.validate(false)?;
             match config.source {
-                SourceConfig::Ebpf { births_max } => Ok(births_max),
+                SourceConfig::Ebpf { births_max } => Ok(births_max.get()),
                 SourceConfig::Synthetic { .. } => panic!("not the eBPF source"),
             }
         };

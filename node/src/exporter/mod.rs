@@ -7,6 +7,7 @@ pub mod identity;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -424,14 +425,12 @@ pub(crate) fn captured_flow(
 /// interval, into a bounded channel.
 pub fn start_capture(
     snapshot_interval_ms: u64,
-    births_max: u32,
+    births_max: NonZeroU32,
 ) -> Result<mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>, tenure_node_ebpf::CaptureError> {
     tenure_node_ebpf::check_privileges()?;
-    let defaults = tenure_node_ebpf::CaptureOptions::default();
     let options = tenure_node_ebpf::CaptureOptions {
-        // Zero is refused by the configuration; should it come here, the load refuses it.
-        births_max: std::num::NonZeroU32::new(births_max).unwrap_or(std::num::NonZeroU32::MIN),
-        ..defaults
+        births_max,
+        ..tenure_node_ebpf::CaptureOptions::default()
     };
     let mut capture = tenure_node_ebpf::Capture::load(options)?;
     let (tx, rx) = mpsc::channel(CAPTURE_QUEUE_BATCHES_MAX);
