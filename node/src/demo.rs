@@ -434,7 +434,10 @@ pub async fn run(
             })
             .await
             {
-                println!("capture: the host exporter stopped: {e:#}");
+                println!(
+                    "capture: the host exporter stopped: {}",
+                    crate::error_report(&e)
+                );
             }
         }));
     }
@@ -560,7 +563,7 @@ pub async fn run(
             if task.is_finished() {
                 match task.await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => println!("collector: {e:#}"),
+                    Ok(Err(e)) => println!("collector: {}", crate::error_report(&e)),
                     Err(e) => println!("collector task: {e}"),
                 }
             } else {

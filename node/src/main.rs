@@ -207,7 +207,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tenure: {e:#}");
+            eprintln!("tenure: {}", tenure_node::error_report(&e));
             ExitCode::FAILURE
         }
     }
