@@ -688,8 +688,8 @@ pub enum SourceConfig {
     /// This host's TCP flows, captured with eBPF (needs root). Default.
     Ebpf {
         /// Open sockets whose start time the kernel keeps until they close: a power of two
-        /// from 8 to 1,048,576, 24 bytes each. A socket whose birth was evicted (its slot
-        /// group was full) is still reported, with an inexact start. Raise it on hosts with
+        /// from 8 to 1,048,576, 24 bytes each. A socket whose birth was evicted (its bucket
+        /// of four slots was full) is still reported, with an inexact start. Raise it on hosts with
         /// many more than 30,000 sockets open at once. Default 131,072 (3 MiB).
         #[serde(default = "default_births_max")]
         births_max: NonZeroU32,
