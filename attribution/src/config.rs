@@ -37,6 +37,12 @@ pub struct EngineConfig {
     pub workloads_max: NonZeroUsize,
     /// How often retention is applied to the whole table. Default 10,000 ms.
     pub sweep_interval_ms: u64,
+    /// Seeds the engine's hash tables. The engine draws no randomness: a collector passes
+    /// one drawn from the OS, so that an exporter cannot choose IPs or workload names whose
+    /// hashes collide and slow every lookup; the simulator passes one from its seed.
+    /// Default [`DEFAULT_HASH_SEED`]; not read from configuration files.
+    #[serde(skip)]
+    pub hash_seed: u64,
 }
 
 impl Default for EngineConfig {
@@ -52,9 +58,14 @@ impl Default for EngineConfig {
             events_per_ip_max: NonZeroUsize::new(64).expect("non-zero"),
             workloads_max: NonZeroUsize::new(1_000_000).expect("non-zero"),
             sweep_interval_ms: 10_000,
+            hash_seed: DEFAULT_HASH_SEED,
         }
     }
 }
+
+/// [`EngineConfig::hash_seed`] by default: fine for tests and the simulator, whose keys
+/// nobody outside picks.
+pub const DEFAULT_HASH_SEED: u64 = 0x7465_6e75_7265;
 
 /// The longest retention accepted: segments store their length in 32 bits of
 /// milliseconds (49.7 days), which must hold retention plus future skew.

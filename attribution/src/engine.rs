@@ -313,12 +313,12 @@ impl<F> Engine<F> {
     pub fn new(config: EngineConfig) -> Result<Engine<F>, ConfigError> {
         config.validate()?;
         Ok(Engine {
-            interner: Interner::new(config.workloads_max.get()),
-            v4: RangeTable::new(),
-            v6: RangeTable::new(),
-            events: EventTable::new(),
+            interner: Interner::new(config.workloads_max.get(), config.hash_seed),
+            v4: RangeTable::new(config.hash_seed),
+            v6: RangeTable::new(config.hash_seed),
+            events: EventTable::new(config.hash_seed),
             watermark: UnixMillis(0),
-            pending: PendingQueue::new(config.pending_flows_max.get()),
+            pending: PendingQueue::new(config.pending_flows_max.get(), config.hash_seed),
             horizon: UnixMillis(0),
             last_sweep: UnixMillis(0),
             overlaps: Vec::new(),

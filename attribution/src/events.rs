@@ -28,9 +28,9 @@ pub(crate) struct EventTable<K> {
 }
 
 impl<K: Copy + Eq + Hash> EventTable<K> {
-    pub(crate) fn new() -> EventTable<K> {
+    pub(crate) fn new(seed: u64) -> EventTable<K> {
         EventTable {
-            logs: new_map(),
+            logs: new_map(seed),
             events: 0,
         }
     }
@@ -127,6 +127,7 @@ impl<K: Copy + Eq + Hash> EventTable<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DEFAULT_HASH_SEED as TEST_SEED;
 
     fn win(s: u64, e: u64) -> Window {
         Window::new(UnixMillis(s), UnixMillis(e)).unwrap()
@@ -134,7 +135,7 @@ mod tests {
 
     #[test]
     fn covered_only_up_to_the_watermark_and_between_events() {
-        let mut t = EventTable::new();
+        let mut t = EventTable::new(TEST_SEED);
         let lb = Some(WorkloadId(7));
         t.record(1u32, UnixMillis(100), lb, 8);
         t.record(1, UnixMillis(300), None, 8);
@@ -162,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_late_unassignment_is_placed_by_its_own_time() {
-        let mut t = EventTable::new();
+        let mut t = EventTable::new(TEST_SEED);
         t.record(1u32, UnixMillis(100), Some(WorkloadId(1)), 8);
         t.record(1, UnixMillis(500), Some(WorkloadId(2)), 8);
         t.record(1, UnixMillis(300), None, 8); // arrives last, happened in between

@@ -28,12 +28,13 @@ impl IpKey {
     }
 }
 
-/// A fixed-seed fast hasher: lookups must cost the same on every run and every node, and
-/// the cores must not draw randomness from the OS.
+/// A fast hasher with the seed given ([`crate::EngineConfig::hash_seed`]): the engine draws
+/// no randomness itself, so one seed replays one run, while a collector draws its seed from
+/// the OS so that nobody outside can pick keys (IPs, workload names) that collide.
 pub(crate) type FixedState = foldhash::fast::FixedState;
 
 pub(crate) type Map<K, V> = hashbrown::HashMap<K, V, FixedState>;
 
-pub(crate) fn new_map<K, V>() -> Map<K, V> {
-    Map::with_hasher(FixedState::with_seed(0x7465_6e75_7265))
+pub(crate) fn new_map<K, V>(seed: u64) -> Map<K, V> {
+    Map::with_hasher(FixedState::with_seed(seed))
 }

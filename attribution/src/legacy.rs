@@ -65,7 +65,7 @@ impl<F> LegacyAttributor<F> {
     pub fn new(config: LegacyConfig) -> LegacyAttributor<F> {
         LegacyAttributor {
             config,
-            owners: new_map(),
+            owners: new_map(crate::DEFAULT_HASH_SEED),
             held: VecDeque::new(),
             held_overflows: 0,
         }

@@ -21,7 +21,7 @@ mod table;
 pub mod time;
 mod workload;
 
-pub use config::{ConfigError, EngineConfig, RETENTION_MAX_MS};
+pub use config::{ConfigError, EngineConfig, DEFAULT_HASH_SEED, RETENTION_MAX_MS};
 pub use engine::{
     Attribution, Claim, ClaimEffect, ClaimError, ConflictFound, Engine, EngineStats, FlowQuery,
     IpEvent, Lookup, MemoryReport, Outputs, Reason, Resolved, Source, Verdict,

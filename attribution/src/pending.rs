@@ -53,11 +53,11 @@ pub(crate) struct PendingQueue<F> {
 }
 
 impl<F> PendingQueue<F> {
-    pub(crate) fn new(max: usize) -> PendingQueue<F> {
+    pub(crate) fn new(max: usize, seed: u64) -> PendingQueue<F> {
         PendingQueue {
             slots: Vec::new(),
             free: Vec::new(),
-            by_ip: new_map(),
+            by_ip: new_map(seed),
             by_deadline: BinaryHeap::new(),
             live: 0,
             next_sequence: 0,
@@ -257,7 +257,7 @@ mod tests {
     /// and the heap, with slots reused: the lists, the deadline order and the count agree.
     #[test]
     fn matches_a_plain_model() {
-        let mut queue = PendingQueue::new(64);
+        let mut queue = PendingQueue::new(64, crate::DEFAULT_HASH_SEED);
         let mut model: Vec<(u32, u64, u32)> = Vec::new(); // (ip, deadline, payload)
         let mut rng = 7u64;
         let mut next = || {

@@ -420,11 +420,11 @@ pub(crate) struct RangeTable<K> {
 }
 
 impl<K: Copy + Eq + Hash + Default> RangeTable<K> {
-    pub(crate) fn new() -> RangeTable<K> {
+    pub(crate) fn new(seed: u64) -> RangeTable<K> {
         RangeTable {
-            map: Table::new(),
+            map: Table::new(seed),
             arena: Arena::default(),
-            floors: new_map(),
+            floors: new_map(seed),
             segments: 0,
             scratch: Vec::new(),
         }
@@ -650,6 +650,7 @@ impl<K: Copy + Eq + Hash + Default> RangeTable<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DEFAULT_HASH_SEED as TEST_SEED;
 
     fn w(id: u32) -> Owner {
         Owner::Workload(WorkloadId(id))
@@ -677,7 +678,7 @@ mod tests {
 
     #[test]
     fn repeated_heartbeats_extend_one_segment() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 110, w(1));
         claim(&mut t, 100, 120, w(1));
         claim(&mut t, 100, 115, w(1)); // a late, older heartbeat changes nothing
@@ -687,7 +688,7 @@ mod tests {
 
     #[test]
     fn a_new_since_leaves_the_gap_uncovered() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 120, w(1));
         claim(&mut t, 200, 210, w(1));
         assert_eq!(shape(&t), vec![(100, 120, w(1)), (200, 210, w(1))]);
@@ -697,7 +698,7 @@ mod tests {
 
     #[test]
     fn a_lost_heartbeat_leaves_no_hole_because_since_is_restated() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 110, w(1));
         // the heartbeat for 110..120 was lost; the next restates since=100
         claim(&mut t, 100, 130, w(1));
@@ -706,7 +707,7 @@ mod tests {
 
     #[test]
     fn overlapping_claims_of_two_workloads_become_a_conflict_window() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 200, w(1));
         let overlaps = claim(&mut t, 150, 300, w(2));
         assert_eq!(
@@ -730,7 +731,7 @@ mod tests {
 
     #[test]
     fn handoff_conflict_overrides_everything() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 200, w(1));
         claim(&mut t, 150, 160, Owner::Conflict);
         assert_eq!(
@@ -745,7 +746,7 @@ mod tests {
 
     #[test]
     fn claims_filling_a_gap_between_two_owners() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 200, w(1));
         claim(&mut t, 300, 400, w(2));
         claim(&mut t, 201, 299, w(3));
@@ -759,7 +760,7 @@ mod tests {
 
     #[test]
     fn the_limit_drops_the_oldest_and_raises_the_floor() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         let mut overlaps = Vec::new();
         for i in 0..5u64 {
             t.insert(
@@ -780,7 +781,7 @@ mod tests {
 
     #[test]
     fn expire_drops_old_segments_and_empty_ips() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         claim(&mut t, 100, 200, w(1));
         claim(&mut t, 300, 400, w(2));
         t.expire(UnixMillis(250));
@@ -792,7 +793,7 @@ mod tests {
 
     #[test]
     fn compaction_keeps_every_ips_history() {
-        let mut t = RangeTable::new();
+        let mut t = RangeTable::new(TEST_SEED);
         let mut overlaps = Vec::new();
         for key in 0..100u32 {
             for i in 0..4u64 {
@@ -844,7 +845,7 @@ mod tests {
             /// nobody, the one workload that claimed it, or conflict.
             #[test]
             fn history_matches_the_per_instant_model(claims in claims()) {
-                let mut table = RangeTable::new();
+                let mut table = RangeTable::new(TEST_SEED);
                 let mut overlaps = Vec::new();
                 let mut model: Vec<(bool, Vec<u32>)> = vec![(false, Vec::new()); 300];
                 for &(start, end, owner) in &claims {

@@ -41,9 +41,9 @@ pub(crate) struct Interner {
 }
 
 impl Interner {
-    pub(crate) fn new(max: usize) -> Interner {
+    pub(crate) fn new(max: usize, seed: u64) -> Interner {
         Interner {
-            ids: new_map(),
+            ids: new_map(seed),
             names: Vec::new(),
             free: Vec::new(),
             max,
@@ -108,10 +108,11 @@ impl Interner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DEFAULT_HASH_SEED as TEST_SEED;
 
     #[test]
     fn interning_is_stable_and_retain_recycles() {
-        let mut interner = Interner::new(2);
+        let mut interner = Interner::new(2, TEST_SEED);
         let a = interner.intern("a").unwrap();
         assert_eq!(interner.intern("a").unwrap(), a);
         let b = interner.intern("b").unwrap();

@@ -898,6 +898,14 @@ mod tests {
     }
 
     #[test]
+    fn the_engine_hash_seed_is_not_read_from_a_file() {
+        // Drawn from the OS at start; a seed written in a file could be read and aimed at.
+        let text = format!("{MINIMAL}\n[engine]\nhash_seed = 5\n");
+        let err = parse::<CollectorConfig>(&text, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("hash_seed"), "{err}");
+    }
+
+    #[test]
     fn exporter_births_table_is_sized_by_its_source() {
         let base = r#"
             exporter_id = 1

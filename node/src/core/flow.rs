@@ -147,10 +147,10 @@ impl EmittedFlow {
 }
 
 /// Builds a dictionary of workload names for an outgoing batch: each name once, in the
-/// order first met. Every forwarded flow looks its name up here, so the index is a
-/// fixed-seed hash map (a tree compared whole names a dozen times per flow), with the
-/// last name checked first by pointer: flows of one batch share their names' `Arc`s.
-#[derive(Debug, Default)]
+/// order first met. Every forwarded flow looks its name up here, so the index is a hash
+/// map with the engine's seed (a tree compared whole names a dozen times per flow), with
+/// the last name checked first by pointer: flows of one batch share their names' `Arc`s.
+#[derive(Debug)]
 pub(crate) struct DictionaryBuilder {
     names: Vec<String>,
     index: hashbrown::HashMap<Arc<str>, u32, foldhash::fast::FixedState>,
@@ -158,6 +158,16 @@ pub(crate) struct DictionaryBuilder {
 }
 
 impl DictionaryBuilder {
+    pub(crate) fn new(hash_seed: u64) -> DictionaryBuilder {
+        DictionaryBuilder {
+            names: Vec::new(),
+            index: hashbrown::HashMap::with_hasher(foldhash::fast::FixedState::with_seed(
+                hash_seed,
+            )),
+            last: None,
+        }
+    }
+
     pub(crate) fn index_of(&mut self, name: &Arc<str>) -> u32 {
         if let Some((last, i)) = &self.last {
             if Arc::ptr_eq(last, name) {

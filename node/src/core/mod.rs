@@ -359,7 +359,7 @@ impl NodeCore {
             left: false,
             stats: CoreStats::default(),
             journal: Ledger::default(),
-            recent: Recent::default(),
+            recent: Recent::new(config.engine.hash_seed),
             scratch: tenure_attribution::Outputs::default(),
             admission: Admission::new(AdmissionConfig::default()),
             config,
@@ -970,7 +970,7 @@ impl NodeCore {
                         head.exporter_id,
                         head.exporter_region.to_string(),
                     );
-                    let mut dict = DictionaryBuilder::default();
+                    let mut dict = DictionaryBuilder::new(self.config.engine.hash_seed);
                     let wire_flows = group
                         .iter()
                         .map(|f| {
@@ -1219,7 +1219,7 @@ impl NodeCore {
         }
         for (dest, claims) in remote {
             for chunk in claims.chunks(FORWARD_CLAIMS_PER_BATCH_MAX) {
-                let mut dict = DictionaryBuilder::default();
+                let mut dict = DictionaryBuilder::new(self.config.engine.hash_seed);
                 let claims = chunk
                     .iter()
                     .filter_map(|c| {

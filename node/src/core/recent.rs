@@ -28,13 +28,22 @@ type Set = hashbrown::HashSet<Key, foldhash::fast::FixedState>;
 /// the old previous one is cleared (its memory kept). One hash probe per remembered flow
 /// and nothing to evict one by one: forgetting is a clear per generation, and the oldest
 /// half are still forgotten first.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Recent {
     current: Set,
     previous: Set,
 }
 
 impl Recent {
+    /// Keys are chosen by exporters: `hash_seed` must be one they cannot know.
+    pub(super) fn new(hash_seed: u64) -> Recent {
+        let set = || Set::with_hasher(foldhash::fast::FixedState::with_seed(hash_seed));
+        Recent {
+            current: set(),
+            previous: set(),
+        }
+    }
+
     /// Whether `(exporter_id, flow_id)` was journaled here lately.
     #[cfg(test)]
     fn contains(&self, exporter_id: u64, flow_id: u128) -> bool {
@@ -70,7 +79,7 @@ mod tests {
 
     #[test]
     fn remembers_until_the_bound_then_forgets_the_oldest() {
-        let mut recent = Recent::default();
+        let mut recent = Recent::new(tenure_attribution::DEFAULT_HASH_SEED);
         assert!(recent.insert(1, 10));
         assert!(!recent.insert(1, 10), "a second insert finds it");
         assert!(recent.contains(1, 10));

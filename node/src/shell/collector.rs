@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tenure_attribution::UnixMillis;
+use tenure_attribution::{EngineConfig, UnixMillis};
 use tenure_gossip::handoff::HandoffConfig;
 use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::membership::{self, Pool};
@@ -523,7 +523,13 @@ pub async fn run_reloadable(
         sender_id,
         start.0,
     );
-    let engine = config.engine_config();
+    // The engine's and the core's hash tables are keyed by what exporters send (IPs, flow
+    // ids, workload names): seeded from the OS, so that nobody can aim keys at one bucket.
+    let mut os_seeded: rand::rngs::StdRng = rand::make_rng();
+    let engine = EngineConfig {
+        hash_seed: rand::RngExt::random(&mut os_seeded),
+        ..config.engine_config()
+    };
     let core_config = CoreConfig {
         identity,
         seeds: config.seeds.clone(),
