@@ -102,23 +102,31 @@ pub fn reason_index(reason: Reason) -> usize {
     }
 }
 
-/// Edges of one bucket: (caller, callee) → totals. A hash map with a fixed seed: every
-/// emitted flow lands here, and comparing names down a tree cost more than the rest of
-/// recording (profiled under `tenure loadgen`); [`Dependencies::edges`] sorts what it
-/// returns, so the map's order never reaches output.
+/// Edges of one bucket: (caller, callee) → totals. A hash map: every emitted flow lands
+/// here, and comparing names down a tree cost more than the rest of recording (profiled
+/// under `tenure loadgen`); [`Dependencies::edges`] sorts what it returns, so the map's
+/// order never reaches output. Its keys are workload names exporters send, so its seed is
+/// the collector's, drawn from the OS.
 type Edges = hashbrown::HashMap<(End, End), EdgeTotals, foldhash::fast::FixedState>;
 
-/// The fixed seed of [`Edges`].
-const EDGES_HASH_SEED: u64 = 0x6465_7073;
-
 /// The graph.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Dependencies {
     buckets: BTreeMap<u64, Edges>,
     edges_dropped: u64,
+    hash_seed: u64,
 }
 
 impl Dependencies {
+    /// An empty graph whose edge tables are seeded with `hash_seed`.
+    pub fn new(hash_seed: u64) -> Dependencies {
+        Dependencies {
+            buckets: BTreeMap::new(),
+            edges_dropped: 0,
+            hash_seed,
+        }
+    }
+
     /// Records an emitted flow.
     pub fn record(&mut self, flow: &EmittedFlow) {
         let mut totals = EdgeTotals {
@@ -144,7 +152,7 @@ impl Dependencies {
         };
         let bucket = flow.record.start_ms / BUCKET_MS;
         let edges = self.buckets.entry(bucket).or_insert_with(|| {
-            Edges::with_hasher(foldhash::fast::FixedState::with_seed(EDGES_HASH_SEED))
+            Edges::with_hasher(foldhash::fast::FixedState::with_seed(self.hash_seed))
         });
         if let Some(edge) = edges.get_mut(&key) {
             edge.add(&totals);

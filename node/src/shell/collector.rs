@@ -586,6 +586,7 @@ pub async fn run_reloadable(
         data_addr,
         http_addr,
     };
+    let hash_seed = core.engine().config().hash_seed;
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         crypto,
@@ -604,7 +605,7 @@ pub async fn run_reloadable(
         timers: timer_tx,
         sink: sink_tx,
         tap,
-        deps: Mutex::new(Dependencies::default()),
+        deps: Mutex::new(Dependencies::new(hash_seed)),
         node: config.node_id.clone(),
         bound: bound.clone(),
         event_token: config.event_feed_token.clone(),
