@@ -39,7 +39,7 @@ pub struct EngineConfig {
     pub sweep_interval_ms: u64,
     /// Seeds the engine's hash tables. The engine draws no randomness: a collector passes
     /// one drawn from the OS, so that an exporter cannot choose IPs or workload names whose
-    /// hashes collide and slow every lookup; the simulator passes one from its seed.
+    /// hashes collide and slow every lookup; the simulator and tests keep the default.
     /// Default [`DEFAULT_HASH_SEED`]; not read from configuration files.
     #[serde(skip)]
     pub hash_seed: u64,
