@@ -122,47 +122,8 @@ enum Command {
     /// (CPU time from /proc), attribution delay, memory per tracked IP and replication
     /// cost. Ends with one RESULT line. See the README's "Performance" section.
     Loadgen {
-        /// Regions (flows cross regions only with 2 or more).
-        #[arg(long, default_value_t = 2)]
-        regions: usize,
-        /// Collector processes per region.
-        #[arg(long, default_value_t = 3)]
-        collectors_per_region: usize,
-        /// Exporters (tokio tasks of this process) per region.
-        #[arg(long, default_value_t = 4)]
-        exporters_per_region: u32,
-        /// Workload IPs per region, every one heartbeated each interval.
-        #[arg(long, default_value_t = 20_000)]
-        ips_per_region: u32,
-        /// Heartbeat interval of the exporters and collectors, in ms.
-        #[arg(long, default_value_t = 2_000)]
-        heartbeat_interval_ms: u64,
-        /// Owners of each IP on a region's ring.
-        #[arg(long, default_value_t = 2)]
-        replication: usize,
-        /// Seconds of load before the measured window (at least two heartbeat intervals,
-        /// so that pending queues reach their steady size).
-        #[arg(long, default_value_t = 10)]
-        warmup_secs: u64,
-        /// Seconds measured.
-        #[arg(long, default_value_t = 20)]
-        duration_secs: u64,
-        /// Flows per second over all exporters; 0: as fast as acknowledged.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Flows per exporter batch (at most 16384).
-        #[arg(long, default_value_t = 16_384)]
-        batch_flows: usize,
-        /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
-        #[arg(long, default_value_t = 32)]
-        fanout: u32,
-        /// Tokio worker threads of each collector process (TOKIO_WORKER_THREADS); 0: the
-        /// machine's cores divided among the collectors, at least 1.
-        #[arg(long, default_value_t = 0)]
-        collector_threads: usize,
-        /// Seed of the synthetic fleet.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        options: tenure_node::loadgen::LoadOptions,
         /// Where configs, journals, logs and sink files go (default: a new temporary
         /// folder, removed at the end unless --keep).
         #[arg(long)]
@@ -293,19 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Loadgen {
-            regions,
-            collectors_per_region,
-            exporters_per_region,
-            ips_per_region,
-            heartbeat_interval_ms,
-            replication,
-            warmup_secs,
-            duration_secs,
-            rate,
-            batch_flows,
-            fanout,
-            collector_threads,
-            seed,
+            mut options,
             dir,
             keep,
         } => {
@@ -314,20 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("tenure-loadgen-{}", std::process::id()))
             });
-            let mut options = tenure_node::loadgen::LoadOptions::new(dir.clone());
-            options.regions = regions;
-            options.collectors_per_region = collectors_per_region;
-            options.exporters_per_region = exporters_per_region;
-            options.ips_per_region = ips_per_region;
-            options.heartbeat_interval_ms = heartbeat_interval_ms;
-            options.replication = replication;
-            options.warmup_secs = warmup_secs;
-            options.duration_secs = duration_secs;
-            options.rate = rate;
-            options.batch_flows = batch_flows;
-            options.fanout = fanout;
-            options.collector_threads = collector_threads;
-            options.seed = seed;
+            options.dir = dir.clone();
             let result = tenure_node::loadgen::run(options).await;
             if temporary && !keep {
                 let _ = std::fs::remove_dir_all(&dir);

@@ -59,63 +59,68 @@ const ACK_TIMEOUT_MS: u64 = 10_000;
 const CLUSTER_KEY_ID: u32 = 1;
 const EXPORTER_KEY_ID: u32 = 2;
 
-/// Options of `tenure loadgen`.
-#[derive(Clone, Debug)]
+/// Options of `tenure loadgen`: its command-line flags (their defaults are given here, and
+/// only here), and a few shape parameters of the fleet that are not flags.
+#[derive(Clone, Debug, clap::Args)]
 pub struct LoadOptions {
-    /// Regions (at least 1; with 2 or more, `cross_region_share` of flows cross).
+    /// Regions (flows cross regions only with 2 or more).
+    #[arg(long, default_value_t = 2)]
     pub regions: usize,
+    /// Collector processes per region.
+    #[arg(long, default_value_t = 3)]
     pub collectors_per_region: usize,
+    /// Exporters (tokio tasks of this process) per region.
+    #[arg(long, default_value_t = 4)]
     pub exporters_per_region: u32,
-    /// Workload IPs per region (all heartbeated every interval).
+    /// Workload IPs per region, every one heartbeated each interval.
+    #[arg(long, default_value_t = 20_000)]
     pub ips_per_region: u32,
+    #[arg(skip = 500_u32)]
     pub workloads_per_region: u32,
+    /// Heartbeat interval of the exporters and collectors, in ms.
+    #[arg(long, default_value_t = 2_000)]
     pub heartbeat_interval_ms: u64,
-    /// Owners of each IP on the ring.
+    /// Owners of each IP on a region's ring.
+    #[arg(long, default_value_t = 2)]
     pub replication: usize,
+    /// With 2 regions or more, the share of flows whose remote IP is in another region.
+    #[arg(skip = 0.01)]
     pub cross_region_share: f64,
     /// IP tenures last between these, in ms (raised to 4 heartbeat intervals at least).
+    #[arg(skip = 60_000_u64)]
     pub tenure_ms_min: u64,
+    #[arg(skip = 300_000_u64)]
     pub tenure_ms_max: u64,
+    /// Seconds of load before the measured window (at least two heartbeat intervals,
+    /// so that pending queues reach their steady size).
+    #[arg(long, default_value_t = 10)]
     pub warmup_secs: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20)]
     pub duration_secs: u64,
-    /// Flows per second over all exporters; 0: as fast as the collectors acknowledge.
+    /// Flows per second over all exporters; 0: as fast as acknowledged.
+    #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Flows per exporter batch (at most the wire's 16,384).
+    /// Flows per exporter batch (at most 16384).
+    #[arg(long, default_value_t = wire::FLOWS_PER_BATCH_MAX_DEFAULT)]
     pub batch_flows: usize,
-    /// Remote IPs each workload calls per region; 0: any IP (a dense, all-to-all graph).
+    /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
+    #[arg(long, default_value_t = 32)]
     pub fanout: u32,
-    /// Tokio worker threads of each collector process; 0: the machine's cores divided
-    /// among the collectors (at least 1), as a deployment sizes a collector to its cores.
+    /// Tokio worker threads of each collector process (TOKIO_WORKER_THREADS); 0: the
+    /// machine's cores divided among the collectors, at least 1.
+    #[arg(long, default_value_t = 0)]
     pub collector_threads: usize,
+    /// Seed of the synthetic fleet.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Where configs, journals, logs and sinks go.
+    /// Where configs, journals, logs and sinks go (the command line's `--dir`, or a
+    /// temporary folder).
+    #[arg(skip)]
     pub dir: PathBuf,
 }
 
 impl LoadOptions {
-    pub fn new(dir: PathBuf) -> LoadOptions {
-        LoadOptions {
-            regions: 2,
-            collectors_per_region: 3,
-            exporters_per_region: 4,
-            ips_per_region: 20_000,
-            workloads_per_region: 500,
-            heartbeat_interval_ms: 2_000,
-            replication: 2,
-            cross_region_share: 0.01,
-            tenure_ms_min: 60_000,
-            tenure_ms_max: 300_000,
-            warmup_secs: 10,
-            duration_secs: 20,
-            rate: 0,
-            batch_flows: wire::FLOWS_PER_BATCH_MAX_DEFAULT,
-            fanout: 32,
-            collector_threads: 0,
-            seed: 1,
-            dir,
-        }
-    }
-
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!((1..=14).contains(&self.regions), "regions: 1 to 14");
         anyhow::ensure!(
