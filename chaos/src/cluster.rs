@@ -2,14 +2,13 @@
 //! directory, signals, convergence and the sink files.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use tenure_node::listening::Listening;
 use tokio::time::Instant;
 
 use crate::net::{NetError, Netns, Nft};
@@ -264,29 +263,12 @@ token = "{ADMIN_TOKEN}"
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(LISTEN_TIMEOUT)
-            .with_context(|| format!("{}: waiting for the LISTENING line", spec.node_id))?;
-        let field = |name: &str| -> anyhow::Result<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .with_context(|| format!("{name} in {line:?}"))?
-                .parse()
-                .with_context(|| format!("{name} address"))
-        };
+        let listening = Listening::wait(&mut child, LISTEN_TIMEOUT)
+            .with_context(|| format!("starting {}", spec.node_id))?;
         Ok(Node {
-            gossip: field("gossip")?,
-            data: field("data")?,
-            http: field("http")?,
+            gossip: listening.gossip,
+            data: listening.data,
+            http: listening.http,
             spec,
             config,
             sink,

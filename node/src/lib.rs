@@ -14,6 +14,7 @@ pub mod exporter;
 pub mod fleet;
 pub mod httpc;
 pub mod journal;
+pub mod listening;
 pub mod loadgen;
 pub mod shell;
 pub mod sink;

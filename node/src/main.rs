@@ -215,10 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let printer = tokio::spawn(async move {
                 if let Ok(b) = bound_rx.await {
                     // One line for scripts and tests to read the chosen ports from.
-                    println!(
-                        "LISTENING node={} region={} gossip={} data={} http={}",
-                        b.node_id, b.region, b.gossip_addr, b.data_addr, b.http_addr
-                    );
+                    println!("{}", tenure_node::listening::Listening::line(&b));
                 }
             });
             tenure_node::shell::collector::run_reloadable(

@@ -6,13 +6,14 @@
 //! Needs root (CAP_BPF and CAP_PERFMON); without it the test says so loudly and returns.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use tenure_node::listening::Listening;
 
 const KEY_HEX: &str = "6562706620746573742063616c6c6563746f72206b6579202d2074657374212e";
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -50,14 +51,6 @@ fn spawn(args: &[&str], config: &Path) -> anyhow::Result<(Proc, mpsc::Receiver<S
         }
     });
     Ok((Proc(child), rx))
-}
-
-fn field(line: &str, name: &str) -> anyhow::Result<SocketAddr> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .with_context(|| format!("{name} in {line:?}"))?
-        .parse()
-        .with_context(|| format!("{name} address"))
 }
 
 /// Every NDJSON line written so far under `dir`.
@@ -177,7 +170,7 @@ fn ebpf_exporter_batches_reach_a_real_collector() -> anyhow::Result<()> {
     let listening = lines
         .recv_timeout(Duration::from_secs(30))
         .context("waiting for the collector's LISTENING line")?;
-    let data = field(&listening, "data")?;
+    let data = Listening::parse(&listening)?.data;
 
     let exporter_config = dir.path().join("exporter.toml");
     std::fs::write(

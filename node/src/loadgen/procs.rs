@@ -1,7 +1,6 @@
 //! Collector processes for the load generator: started from this executable, stopped with
 //! SIGTERM (killed if they linger, and on drop), measured from `/proc`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::httpc;
+use crate::listening::Listening;
 use crate::shell::clock;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times: the kernel's `USER_HZ`, which is
@@ -64,40 +64,19 @@ impl Collector {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning collector {node_id}"))?;
-        let stdout = child.stdout.take().context("collector stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Reads on until the child exits, so that it never blocks writing stdout.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_millis(LISTEN_TIMEOUT_MS)) {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e).with_context(|| {
-                    format!(
-                        "collector {node_id} did not start; see {}",
-                        config.with_extension("log").display()
-                    )
-                });
-            }
-        };
-        let field = |name: &str| -> anyhow::Result<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .with_context(|| format!("{name} in {line:?}"))?
-                .parse()
-                .with_context(|| format!("{name} address in {line:?}"))
-        };
+        let listening = Listening::wait(&mut child, Duration::from_millis(LISTEN_TIMEOUT_MS))
+            .with_context(|| {
+                format!(
+                    "collector {node_id} did not start; see {}",
+                    config.with_extension("log").display()
+                )
+            })?;
         Ok(Collector {
             node_id: node_id.to_owned(),
             region: region.to_owned(),
-            data: field("data")?,
-            http: field("http")?,
-            gossip: field("gossip")?,
+            data: listening.data,
+            http: listening.http,
+            gossip: listening.gossip,
             sink_dir,
             child,
         })

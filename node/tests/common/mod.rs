@@ -1,14 +1,13 @@
 //! What the process tests share: starting a `tenure collector` from a config file and
 //! reading the addresses it printed.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tenure_node::listening::Listening;
 
 /// A collector process, killed on drop, with the addresses it printed on its `LISTENING`
 /// line once its sockets were bound.
@@ -38,39 +37,8 @@ pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<Collec
         .stderr(Stdio::inherit())
         .spawn()
         .context("spawning tenure collector")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(line) => line,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e).context("waiting for the LISTENING line");
-        }
-    };
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .with_context(|| format!("{name} in {line:?}"))?
-            .parse()
-            .with_context(|| format!("{name} address"))
-    };
-    let addresses = (field("data"), field("http"), field("gossip"));
-    let (data, http, gossip) = match addresses {
-        (Ok(data), Ok(http), Ok(gossip)) => (data, http, gossip),
-        (data, http, gossip) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(data.and(http).and(gossip).unwrap_err());
-        }
-    };
+    let Listening { gossip, data, http } = Listening::wait(&mut child, Duration::from_secs(20))
+        .context("starting tenure collector")?;
     Ok(Collector {
         child,
         data,
