@@ -185,6 +185,9 @@ pub struct LoadReport {
     pub sinks: sinks::SinkTally,
     pub window_ms: u64,
     pub collector_cpu_secs: f64,
+    /// Of `collector_cpu_secs`, the time in the kernel (system calls: sockets, the
+    /// journal's and the sinks' writes and syncs).
+    pub collector_system_cpu_secs: f64,
     pub flows_per_cpu_sec: f64,
     pub delay_p50_ms: u64,
     pub delay_p99_ms: u64,
@@ -621,7 +624,7 @@ async fn send(
     Ok(c.send_batch(crypto, batch.clone(), timeout).await?)
 }
 
-fn cpu_ticks(collectors: &[Collector]) -> anyhow::Result<u64> {
+fn cpu_ticks(collectors: &[Collector]) -> anyhow::Result<procs::CpuTicks> {
     collectors.iter().map(|c| procs::cpu_ticks(c.pid())).sum()
 }
 
@@ -730,7 +733,10 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     let window_to = clock::now().0;
     let mut report = LoadReport {
         window_ms: window_to - window_from,
-        collector_cpu_secs: (cpu_after - cpu_before) as f64 / procs::USER_HZ as f64,
+        collector_cpu_secs: cpu_after.total().saturating_sub(cpu_before.total()) as f64
+            / procs::USER_HZ as f64,
+        collector_system_cpu_secs: cpu_after.system.saturating_sub(cpu_before.system) as f64
+            / procs::USER_HZ as f64,
         ..LoadReport::default()
     };
     report.collector_rss_bytes = collectors
@@ -823,9 +829,10 @@ pub fn describe(report: &LoadReport) -> String {
         out.push('\n');
     };
     line(format!(
-        "window: {:.1} s; collectors used {:.2} CPU-s; attributed in window: {} flows -> {:.0} flows per collector CPU-second ({:.2} x Netflix's {:.0})",
+        "window: {:.1} s; collectors used {:.2} CPU-s ({:.0}% in the kernel); attributed in window: {} flows -> {:.0} flows per collector CPU-second ({:.2} x Netflix's {:.0})",
         report.window_ms as f64 / 1_000.0,
         report.collector_cpu_secs,
+        100.0 * report.collector_system_cpu_secs / report.collector_cpu_secs.max(f64::MIN_POSITIVE),
         s.attributed_in_window,
         report.flows_per_cpu_sec,
         report.netflix_ratio(),

@@ -107,8 +107,32 @@ impl Collector {
     }
 }
 
-/// CPU time (user + system, all threads) of a process, in clock ticks (`USER_HZ`).
-pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// CPU time of a process (all its threads), in clock ticks (`USER_HZ`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// In the process's own code (`utime`).
+    pub user: u64,
+    /// In the kernel on its behalf (`stime`): system calls, page faults.
+    pub system: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+impl std::iter::Sum for CpuTicks {
+    fn sum<I: Iterator<Item = CpuTicks>>(iter: I) -> CpuTicks {
+        iter.fold(CpuTicks::default(), |a, b| CpuTicks {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
+    }
+}
+
+/// The CPU time a process has used so far.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may hold spaces: count from the
@@ -125,7 +149,10 @@ pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
             .parse::<u64>()
             .context("/proc stat field")
     };
-    Ok(number(11)? + number(12)?)
+    Ok(CpuTicks {
+        user: number(11)?,
+        system: number(12)?,
+    })
 }
 
 /// Resident memory of a process, in bytes.
