@@ -56,9 +56,15 @@ impl Listening {
     /// no address comes, the child is killed and reaped.
     pub fn wait(child: &mut Child, timeout: Duration) -> anyhow::Result<Listening> {
         let read = Self::wait_for_line(child, timeout).and_then(|line| Self::parse(&line));
-        if read.is_err() {
+        if let Err(e) = read {
+            // Its exit status, when it ended by itself, says why.
+            let exited = child.try_wait().ok().flatten();
             let _ = child.kill();
             let _ = child.wait();
+            return Err(match exited {
+                Some(status) => e.context(format!("the collector exited ({status})")),
+                None => e,
+            });
         }
         read
     }
@@ -81,10 +87,7 @@ impl Listening {
                 anyhow::bail!("no LISTENING line within {} ms", timeout.as_millis())
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child
-                    .wait()
-                    .map_or_else(|e| e.to_string(), |s| s.to_string());
-                anyhow::bail!("the collector exited before it listened ({status})")
+                anyhow::bail!("its standard output closed before a LISTENING line")
             }
         }
     }
@@ -133,7 +136,7 @@ mod tests {
             .unwrap();
         let e = Listening::wait(&mut child, Duration::from_secs(20)).unwrap_err();
         assert!(
-            format!("{e:#}").contains("exited before it listened"),
+            format!("{e:#}").contains("closed before a LISTENING line"),
             "{e:#}"
         );
     }
