@@ -405,6 +405,13 @@ async fn collectors_attribute_cross_region_and_reused_ips() -> anyhow::Result<()
         all_metrics.contains("tenure_claims_applied_total{"),
         "{all_metrics}"
     );
+    // The process's own, for flows per CPU-second and memory in production.
+    for name in [
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+    ] {
+        assert!(all_metrics.contains(name), "{name}in {all_metrics}");
+    }
     assert!(
         all_metrics.contains("tenure_attribution_delay_seconds_bucket{"),
         "{all_metrics}"

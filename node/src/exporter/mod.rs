@@ -192,10 +192,7 @@ pub async fn run(
             .await
             .with_context(|| format!("binding http {addr}"))?;
         let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(|| async { m::handle().render() }),
-            )
+            .route("/metrics", axum::routing::get(|| async { m::render() }))
             .route(
                 "/healthz",
                 axum::routing::get(|| async { "{\"status\":\"ok\"}" }),

@@ -124,7 +124,7 @@ fn parse_ip(raw: &str) -> Result<IpAddr, Box<Response>> {
 async fn metrics() -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        super::metrics::handle().render(),
+        super::metrics::render(),
     )
 }
 

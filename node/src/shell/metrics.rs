@@ -61,3 +61,20 @@ pub fn handle() -> &'static PrometheusHandle {
         handle
     })
 }
+
+/// What `/metrics` serves: every recorded metric, and the process's own as Prometheus
+/// clients name them (`process_cpu_seconds_total`, `process_resident_memory_bytes`, open
+/// and maximum file descriptors, threads, start time), read from `/proc` at each scrape.
+/// Those carry no `node` label: they are the process's, whichever collectors it runs
+/// (one in a deployment, so that flows per CPU-second is a ratio of two series).
+pub fn render() -> String {
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    let handle = handle();
+    let process = PROCESS.get_or_init(|| {
+        let collector = metrics_process::Collector::default();
+        collector.describe();
+        collector
+    });
+    process.collect();
+    handle.render()
+}
