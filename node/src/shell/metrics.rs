@@ -1,5 +1,6 @@
-//! Metric names and the recorder. Every metric carries a `node` label, so that the demo's
-//! collectors, which share one process and one recorder, stay apart.
+//! Metric names, the recorder and what `/metrics` serves. Every metric of tenure's own
+//! carries a `node` label, so that the demo's collectors, which share one process and one
+//! recorder, stay apart; the process's metrics ([`render`]) carry none.
 
 use std::sync::OnceLock;
 
