@@ -214,7 +214,9 @@ impl Default for SinkConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
-    /// This node's stable name (1 to 64 bytes); the hash ring places nodes by it. Required.
+    /// This node's stable name (1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`: it
+    /// names the journal's folder under `data_dir`); the hash ring places nodes by it.
+    /// Required.
     pub node_id: String,
     /// The region this collector serves. Required.
     pub region: String,
@@ -522,8 +524,18 @@ fn default_fleet_size() -> u32 {
 impl CollectorConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node_id.is_empty() || self.node_id.len() > 64 {
-            return Err(invalid("node_id", "must be 1 to 64 bytes"));
+        // The node id names the journal's folder under `data_dir`: a path of its own
+        // (`/…`, `..`) would put the journal somewhere else.
+        let id_byte = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+        if self.node_id.is_empty()
+            || self.node_id.len() > 64
+            || self.node_id.starts_with('.')
+            || !self.node_id.bytes().all(id_byte)
+        {
+            return Err(invalid(
+                "node_id",
+                "must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.')",
+            ));
         }
         if self.region.is_empty() || self.region.len() > 64 {
             return Err(invalid("region", "must be 1 to 64 bytes"));
@@ -840,6 +852,31 @@ mod tests {
         let bad = format!("{text}\nbogus = 1\n");
         let err = parse::<CollectorConfig>(&bad, Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn a_node_id_is_a_plain_folder_name() {
+        let with_id =
+            |id: &str| MINIMAL.replacen("node_id = \"a\"", &format!("node_id = {id:?}"), 1);
+        for good in ["a", "us-east-1a", "node_07.b", &"x".repeat(64)] {
+            let config: CollectorConfig = parse(&with_id(good), Path::new("t.toml")).unwrap();
+            assert_eq!(config.node_id, good);
+            config.validate().unwrap();
+        }
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "/var/lib/x",
+            "a/b",
+            "a b",
+            "\u{e9}",
+            &"x".repeat(65),
+        ] {
+            let config: CollectorConfig = parse(&with_id(bad), Path::new("t.toml")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.to_string().contains("node_id"), "{bad:?}: {err}");
+        }
     }
 
     #[test]
