@@ -132,7 +132,7 @@ impl Handoff {
                 .iter()
                 .any(|o| o.node_id() == handoff.local.node_id())
             {
-                let sources = handoff.sources(&owners, &[], ring);
+                let sources = handoff.sources(owners, ring);
                 handoff.spans.insert(
                     span.start,
                     (
@@ -190,7 +190,7 @@ impl Handoff {
                 continue;
             }
             let old_owners = old.owners_of_point(segment.end);
-            let sources = self.sources(&old_owners, &new_owners, new);
+            let sources = self.sources(old_owners.iter().chain(new_owners), new);
             let state = match self.state_at(segment.start) {
                 Some(SpanState::Pending {
                     since,
@@ -321,19 +321,18 @@ impl Handoff {
     }
 
     /// Previous owners first, then co-owners, without ourselves, only those on `alive`.
-    fn sources(
+    fn sources<'o>(
         &self,
-        old_owners: &[&NodeIdentity],
-        new_owners: &[&NodeIdentity],
+        owners: impl IntoIterator<Item = &'o NodeIdentity>,
         alive: &Ring,
     ) -> Vec<NodeIdentity> {
         let mut sources: Vec<NodeIdentity> = Vec::new();
-        for owner in old_owners.iter().chain(new_owners) {
+        for owner in owners {
             if owner.node_id() != self.local.node_id()
                 && alive.contains(owner.node_id())
                 && !sources.iter().any(|s| s.node_id() == owner.node_id())
             {
-                sources.push((*owner).clone());
+                sources.push(owner.clone());
             }
         }
         sources

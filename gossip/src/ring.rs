@@ -136,7 +136,112 @@ pub struct Ring {
     members: Vec<NodeIdentity>,
     /// `(token, index into members)`, sorted by token then node id.
     tokens: Vec<(u64, usize)>,
+    /// The owners of every token's points, `per_token` member indices each (primary
+    /// first): the walk past tokens of members already chosen is done once, when the ring
+    /// is built, not for every flow and claim routed.
+    owner_sets: Vec<u32>,
+    /// `min(R, members)`.
+    per_token: usize,
     config: RingConfig,
+}
+
+/// The owners of a ring point, primary first: a view into the ring, so that routing a
+/// flow allocates nothing.
+#[derive(Clone, Copy)]
+pub struct Owners<'a> {
+    members: &'a [NodeIdentity],
+    indices: &'a [u32],
+}
+
+impl<'a> Owners<'a> {
+    /// How many owners (`min(R, members)`; 0 on an empty ring).
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether there is no owner (an empty ring).
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// The primary owner.
+    pub fn first(&self) -> Option<&'a NodeIdentity> {
+        self.get(0)
+    }
+
+    /// The `i`-th owner, primary first.
+    pub fn get(&self, i: usize) -> Option<&'a NodeIdentity> {
+        let index = *self.indices.get(i)?;
+        self.members.get(index as usize)
+    }
+
+    /// The owners, primary first.
+    pub fn iter(&self) -> OwnersIter<'a> {
+        OwnersIter {
+            members: self.members,
+            indices: self.indices.iter(),
+        }
+    }
+
+    /// Whether the member at `index` of [`Ring::members`] is one of them (see
+    /// [`Ring::index_of`]): a compare of integers, for the per-flow "is it ours?".
+    pub fn contains_index(&self, index: usize) -> bool {
+        self.indices.iter().any(|&i| i as usize == index)
+    }
+
+    /// The owners as a vector.
+    pub fn to_vec(&self) -> Vec<&'a NodeIdentity> {
+        self.iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for Owners<'a> {
+    type Item = &'a NodeIdentity;
+    type IntoIter = OwnersIter<'a>;
+
+    fn into_iter(self) -> OwnersIter<'a> {
+        self.iter()
+    }
+}
+
+/// The iterator of [`Owners`].
+#[derive(Clone, Debug)]
+pub struct OwnersIter<'a> {
+    members: &'a [NodeIdentity],
+    indices: std::slice::Iter<'a, u32>,
+}
+
+impl<'a> Iterator for OwnersIter<'a> {
+    type Item = &'a NodeIdentity;
+
+    fn next(&mut self) -> Option<&'a NodeIdentity> {
+        let index = *self.indices.next()?;
+        self.members.get(index as usize)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.indices.size_hint()
+    }
+}
+
+impl ExactSizeIterator for OwnersIter<'_> {}
+
+/// Owners compare by who they are (the same members in the same order), whichever ring
+/// they come from.
+impl PartialEq for Owners<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Owners<'_> {}
+
+impl fmt::Debug for Owners<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(NodeIdentity::node_id))
+            .finish()
+    }
 }
 
 impl fmt::Debug for Ring {
@@ -173,9 +278,28 @@ impl Ring {
         }
         // Members are sorted by node id, so ties between equal tokens break by node id.
         tokens.sort_unstable();
+        let per_token = config.replication.get().min(sorted.len());
+        let mut owner_sets = Vec::with_capacity(tokens.len() * per_token);
+        for start in 0..tokens.len() {
+            // The first `per_token` distinct members clockwise from this token; bounded:
+            // at most once around the ring.
+            let set = owner_sets.len();
+            for step in 0..tokens.len() {
+                if owner_sets.len() - set == per_token {
+                    break;
+                }
+                let index = tokens[(start + step) % tokens.len()].1;
+                let index = u32::try_from(index).expect("members are far fewer than 2^32");
+                if !owner_sets[set..].contains(&index) {
+                    owner_sets.push(index);
+                }
+            }
+        }
         Ring {
             members: sorted,
             tokens,
+            owner_sets,
+            per_token,
             config,
         }
     }
@@ -192,9 +316,14 @@ impl Ring {
 
     /// Whether a member with this node id is on the ring.
     pub fn contains(&self, node_id: &str) -> bool {
+        self.index_of(node_id).is_some()
+    }
+
+    /// The index in [`Ring::members`] of the member with this node id.
+    pub fn index_of(&self, node_id: &str) -> Option<usize> {
         self.members
             .binary_search_by(|m| m.node_id().cmp(node_id))
-            .is_ok()
+            .ok()
     }
 
     /// How the ring was built.
@@ -203,7 +332,7 @@ impl Ring {
     }
 
     /// The owners of `ip`, primary first: `min(R, members)` distinct nodes.
-    pub fn owners(&self, ip: IpAddr) -> Vec<&NodeIdentity> {
+    pub fn owners(&self, ip: IpAddr) -> Owners<'_> {
         self.owners_of_point(point_of(ip))
     }
 
@@ -221,24 +350,18 @@ impl Ring {
     }
 
     /// The owners of a ring point, primary first.
-    pub fn owners_of_point(&self, point: u64) -> Vec<&NodeIdentity> {
-        let wanted = self.config.replication.get().min(self.members.len());
-        let mut owners: Vec<&NodeIdentity> = Vec::with_capacity(wanted);
-        let Some(start) = self.successor(point) else {
-            return owners;
+    pub fn owners_of_point(&self, point: u64) -> Owners<'_> {
+        let indices = match self.successor(point) {
+            Some(token) => {
+                let set = token * self.per_token;
+                &self.owner_sets[set..set + self.per_token]
+            }
+            None => &[],
         };
-        // Bounded walk: at most once around the ring.
-        for step in 0..self.tokens.len() {
-            if owners.len() == wanted {
-                break;
-            }
-            let (_, index) = self.tokens[(start + step) % self.tokens.len()];
-            let member = &self.members[index];
-            if !owners.iter().any(|o| o.node_id() == member.node_id()) {
-                owners.push(member);
-            }
+        Owners {
+            members: &self.members,
+            indices,
         }
-        owners
     }
 
     /// The index of the first token at or after `point`, wrapping; `None` when empty.
@@ -262,7 +385,7 @@ impl Ring {
 
     /// Every span of the ring with its owners, covering `[0, u64::MAX]` in order. The arc
     /// that wraps past `u64::MAX` is given as two spans (its tail and its head).
-    pub fn spans(&self) -> Vec<(Span, Vec<&NodeIdentity>)> {
+    pub fn spans(&self) -> Vec<(Span, Owners<'_>)> {
         split_keyspace(&self.boundaries())
             .into_iter()
             .map(|span| (span, self.owners_of_point(span.end)))
@@ -366,6 +489,45 @@ mod tests {
                 a.primary(ip).map(NodeIdentity::node_id),
                 Some(owners[0].as_str())
             );
+        }
+    }
+
+    /// The owner sets built with the ring are what walking clockwise from the point
+    /// finds: the rule every node of a cluster (and every version of tenure) must agree on.
+    #[test]
+    fn owners_are_the_first_distinct_members_clockwise() {
+        let walk = |ring: &Ring, point: u64| -> Vec<String> {
+            let tokens = &ring.tokens;
+            let wanted = ring.config.replication.get().min(ring.members.len());
+            let start = tokens.iter().position(|(t, _)| *t >= point).unwrap_or(0);
+            let mut owners: Vec<String> = Vec::new();
+            for step in 0..tokens.len() {
+                let id = ring.members[tokens[(start + step) % tokens.len()].1].node_id();
+                if owners.len() < wanted && !owners.iter().any(|o| o == id) {
+                    owners.push(id.to_owned());
+                }
+            }
+            owners
+        };
+        for (n, replication, vnodes) in [(1, 2, 8), (2, 3, 4), (3, 2, 128), (7, 3, 16)] {
+            let config = RingConfig {
+                vnodes_per_node: NonZeroUsize::new(vnodes).unwrap(),
+                replication: NonZeroUsize::new(replication).unwrap(),
+            };
+            let ring = Ring::new(&nodes(n), config);
+            let tokens: Vec<u64> = ring.tokens.iter().map(|(t, _)| *t).collect();
+            let points = ips(3000)
+                .map(point_of)
+                .chain(tokens.iter().flat_map(|t| [*t, t.wrapping_add(1)]))
+                .chain([0, u64::MAX]);
+            for point in points {
+                let owners: Vec<String> = ring
+                    .owners_of_point(point)
+                    .iter()
+                    .map(|m| m.node_id().to_owned())
+                    .collect();
+                assert_eq!(owners, walk(&ring, point), "{n} nodes, R {replication}");
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use tenure_attribution::region::{Locate, RegionMap};
 
 use crate::identity::NodeIdentity;
-use crate::ring::Ring;
+use crate::ring::{Owners, Ring};
 
 /// Whether an item comes straight from an exporter of our region or was forwarded to us
 /// by a collector of another region.
@@ -36,7 +36,7 @@ pub enum Origin {
 pub enum Route<'a> {
     /// Deliver to these members of our region, primary first (for a flow: the primary
     /// alone). May include ourselves.
-    Owners(Vec<&'a NodeIdentity>),
+    Owners(Owners<'a>),
     /// Forward to `via`, a live collector of `region`.
     Forward {
         region: &'a str,
@@ -82,7 +82,7 @@ fn route<'a>(
     ctx: &RouteContext<'a>,
     ip: IpAddr,
     origin: Origin,
-    owners: impl FnOnce(&'a Ring) -> Vec<&'a NodeIdentity>,
+    owners: impl FnOnce(&'a Ring) -> Owners<'a>,
 ) -> Route<'a> {
     let region = match ctx.regions.locate(ip) {
         Locate::External => return Route::External,
@@ -164,7 +164,7 @@ mod tests {
         };
         assert_eq!(claim, f.local.owners(ip));
         assert_eq!(claim.len(), 2);
-        assert_eq!(claim[0], f.local.primary(ip).unwrap());
+        assert_eq!(claim.first(), f.local.primary(ip));
         assert_eq!(
             route_flow(&ctx(&f), ip, Origin::Exporter),
             Route::Owners(claim)

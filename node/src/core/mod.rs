@@ -468,7 +468,7 @@ impl NodeCore {
     /// external).
     pub fn owners_of(&self, ip: IpAddr) -> Vec<&NodeIdentity> {
         match self.regions.locate(ip) {
-            Locate::Region(r) if r == self.region => self.ring.owners(ip),
+            Locate::Region(r) if r == self.region => self.ring.owners(ip).to_vec(),
             Locate::Region(_) | Locate::External => Vec::new(),
         }
     }
@@ -846,7 +846,8 @@ impl NodeCore {
         let mut peers: Vec<(Dest, String, Vec<JournaledFlow>)> = Vec::new();
         let mut verdicts: Vec<(JournaledFlow, Verdict)> = Vec::new();
         {
-            let me = self.config.identity.node_id();
+            // Our place on our ring, so that "do we own it?" is a compare of integers.
+            let me = self.ring.index_of(self.config.identity.node_id());
             let ctx = RouteContext {
                 local_region: &self.region,
                 regions: &self.regions,
@@ -866,8 +867,8 @@ impl NodeCore {
                     // primary.
                     Route::Owners(owners) => match owners.first() {
                         Some(_) if flow.record.hops >= HOPS_MAX => Ok(None),
-                        Some(_) if owners.iter().any(|o| o.node_id() == me) => Ok(None),
-                        Some(primary) => Ok(Some(*primary)),
+                        Some(_) if me.is_some_and(|i| owners.contains_index(i)) => Ok(None),
+                        Some(primary) => Ok(Some(primary)),
                         None => Err(Verdict::Unattributed(Reason::RegionUnreachable)),
                     },
                     Route::Forward { via, .. } => Ok(Some(via)),
