@@ -1122,6 +1122,9 @@ impl NodeCore {
         }
         // Taken out and put back, so that the flows move once and the vector keeps its room.
         let mut resolved = std::mem::take(&mut self.scratch.resolved);
+        // A claim batch resolves thousands of flows at once: one reservation, not a
+        // vector that doubles (and copies every flow so far) as it grows.
+        out.reserve(resolved.len());
         for r in resolved.drain(..) {
             self.emit(r.payload, r.verdict, r.waited_ms, now, out);
         }
