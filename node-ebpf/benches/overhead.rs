@@ -41,7 +41,10 @@ const PAYLOAD_BYTES: usize = 64;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Err(error) = check_privileges() {
-        eprintln!("SKIPPED (needs root): overhead benchmark: {error}");
+        eprintln!(
+            "SKIPPED (needs root): overhead benchmark: {:#}",
+            anyhow::Error::new(error)
+        );
         println!("RESULT SKIPPED (needs root)");
         return Ok(());
     }

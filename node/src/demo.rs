@@ -25,6 +25,7 @@ use crate::exporter::batcher::{Batcher, LocalClaim};
 use crate::exporter::{synthetic_flow, Sender};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::httpc;
+use crate::report::Chain;
 use crate::shell::clock;
 use crate::shell::collector::{self, Bound};
 use crate::shell::transport::Crypto;
@@ -169,7 +170,7 @@ pub async fn run(
                 true
             }
             Err(e) => {
-                println!("capture: not capturing this host's traffic: {e}");
+                println!("capture: not capturing this host's traffic: {}", Chain(&e));
                 false
             }
         }

@@ -30,6 +30,7 @@ use tenure_node::core::{
     ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
 };
 use tenure_node::exporter::batcher::{Batcher, LocalClaim, LocalFlow};
+use tenure_node::report::Chain;
 
 use crate::check::{Class, Edges, FlowTruth, Minute, Owner, Truths, Violation};
 use crate::disk::Disk;
@@ -635,7 +636,10 @@ impl<'s> World<'s> {
         let mut core = match NodeCore::new(config, now) {
             Ok(core) => core,
             Err(e) => {
-                unreachable!("the core configuration is built from a validated scenario: {e}")
+                unreachable!(
+                    "the core configuration is built from a validated scenario: {}",
+                    Chain(&e)
+                )
             }
         };
         let mut out = std::mem::take(&mut self.out);
@@ -924,7 +928,8 @@ impl<'s> World<'s> {
         let plain = match wire::encode(message) {
             Ok(p) => p,
             Err(e) => unreachable!(
-                "the core and the batcher build messages within the wire's limits: {e}"
+                "the core and the batcher build messages within the wire's limits: {}",
+                Chain(&e)
             ),
         };
         let limits = FrameLimits::default();

@@ -17,7 +17,10 @@ pub(crate) fn privileged(test: &str) -> bool {
     match check_privileges() {
         Ok(()) => true,
         Err(error) => {
-            skipped(&format!("SKIPPED (needs root): {test}: {error}"));
+            skipped(&format!(
+                "SKIPPED (needs root): {test}: {:#}",
+                anyhow::Error::new(error)
+            ));
             false
         }
     }
@@ -78,7 +81,10 @@ pub(crate) async fn collect_until(
     while !done(&seen) {
         match tokio::time::timeout_at(deadline, capture.next_batch()).await {
             Ok(Ok(batch)) => seen.extend(batch.into_iter().filter(|f| wanted(f))),
-            Ok(Err(error)) => panic!("reading the ring buffer failed: {error}"),
+            Ok(Err(error)) => panic!(
+                "reading the ring buffer failed: {:#}",
+                anyhow::Error::new(error)
+            ),
             Err(_elapsed) => break,
         }
     }

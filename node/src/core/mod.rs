@@ -92,6 +92,8 @@ use tenure_gossip::ring::{point_of, Ring, RingConfig, Span};
 use tenure_gossip::route::{route_claim, route_flow, Origin, Route, RouteContext};
 use tenure_gossip::wire::{self, AckStatus, Message, RejectReason};
 
+use crate::report::Chain;
+
 /// How often the caller should call [`NodeCore::tick`], in milliseconds.
 pub const TICK_INTERVAL_MS: u64 = 100;
 
@@ -371,7 +373,7 @@ impl NodeCore {
         let mut mo = Vec::new();
         let seeds = self.config.seeds.clone();
         if let Err(e) = self.membership.join(&seeds, &mut mo) {
-            tracing::warn!(error = %e, "joining the cluster");
+            tracing::warn!(error = %Chain(&e), "joining the cluster");
         }
         self.after_membership(mo, now, out);
         self.pull(now, out);
@@ -589,7 +591,7 @@ impl NodeCore {
         }
         let mut mo = Vec::new();
         if let Err(e) = self.membership.handle_timer(timer, &mut mo) {
-            tracing::debug!(error = %e, "membership timer");
+            tracing::debug!(error = %Chain(&e), "membership timer");
         }
         self.after_membership(mo, now, out);
         self.journal.flush(out);
@@ -653,7 +655,7 @@ impl NodeCore {
             .collect();
         let mut mo = Vec::new();
         if let Err(e) = self.membership.leave(&mut mo) {
-            tracing::debug!(error = %e, "leaving");
+            tracing::debug!(error = %Chain(&e), "leaving");
         }
         // Set first: leaving makes foca report us defunct, which is expected now.
         self.left = true;

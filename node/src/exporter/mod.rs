@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{ExporterConfig, SourceConfig};
 use crate::fleet::{Fleet, FleetConfig};
+use crate::report::Chain;
 use crate::shell::clock;
 use crate::shell::metrics as m;
 use crate::shell::transport::{Crypto, TransportError, READ_CHUNK_BYTES};
@@ -293,7 +294,7 @@ impl Sender {
                 }
                 Err(e) => {
                     let addr = self.collectors.get(self.current).copied();
-                    tracing::warn!(collector = ?addr, error = %e, backoff_ms = self.backoff_ms, "sending a batch failed; trying the next collector");
+                    tracing::warn!(collector = ?addr, error = %Chain(&e), backoff_ms = self.backoff_ms, "sending a batch failed; trying the next collector");
                     self.client = None;
                     self.current = (self.current + 1) % self.collectors.len().max(1);
                     tokio::time::sleep(Duration::from_millis(self.backoff_ms)).await;
@@ -440,14 +441,14 @@ pub fn start_capture(
                 r = capture.next_batch() => match r {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::error!(error = %e, "flow capture failed");
+                        tracing::error!(error = %Chain(&e), "flow capture failed");
                         return;
                     }
                 },
                 _ = snapshots.tick() => match capture.snapshot() {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::warn!(error = %e, "flow snapshot");
+                        tracing::warn!(error = %Chain(&e), "flow snapshot");
                         continue;
                     }
                 },

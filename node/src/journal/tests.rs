@@ -9,6 +9,7 @@ use tenure_gossip::wire::Direction;
 use super::codec::{self, DecodeError, Record};
 use super::{Journal, JournalError, Step};
 use crate::core::FlowRecord;
+use crate::report::Chain;
 
 fn flow(id: u128, v6: bool) -> FlowRecord {
     FlowRecord {
@@ -117,7 +118,7 @@ fn run_until_crash(dir: &std::path::Path, crash_at: usize) -> (BTreeSet<u64>, BT
     match script() {
         Ok(()) => {}
         Err(JournalError::Crashed(_)) => crashed = true,
-        Err(e) => panic!("unexpected journal error: {e}"),
+        Err(e) => panic!("unexpected journal error: {}", Chain(&e)),
     }
     // The process dies here: the journal is dropped without any further write.
     (acked, released, crashed)

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use crate::exporter::Client;
 use crate::fleet::SplitMix64;
 use crate::httpc;
+use crate::report::Chain;
 use crate::shell::clock;
 use crate::shell::transport::Crypto;
 use fleet::{BatchDictionary, LoadClaim, LoadFleet, LoadFleetConfig, LoadFlow};
@@ -580,7 +581,7 @@ async fn exporter(
                 queue.pop_front();
             }
             Err(e) => {
-                tracing::warn!(error = %e, exporter_id, "sending a load batch failed; next collector");
+                tracing::warn!(error = %Chain(&*e), exporter_id, "sending a load batch failed; next collector");
                 counters.send_errors.fetch_add(1, Ordering::Relaxed);
                 client = None;
                 current = (current + 1) % collectors.len().max(1);

@@ -31,6 +31,7 @@ use crate::core::{
 };
 use crate::deps::Dependencies;
 use crate::journal::Journal;
+use crate::report::Chain;
 use crate::sink;
 
 /// Frames queued for one connection; past it frames to it are dropped and counted (the
@@ -157,7 +158,7 @@ impl Shared {
                             tracing::debug!(%to, error = %e, "gossip send");
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "sealing a datagram"),
+                    Err(e) => tracing::warn!(error = %Chain(&e), "sealing a datagram"),
                 },
                 Output::Timer { after_ms, timer } => {
                     if self.timers.try_send((after_ms, timer)).is_err() {
@@ -176,7 +177,7 @@ impl Shared {
                     if let Err(e) = lock(&self.durability.journal).append_record(id, &record) {
                         // Its ack is never sent: the exporter re-sends the batch.
                         metrics::counter!("tenure_journal_errors_total", "node" => self.node.clone()).increment(1);
-                        tracing::error!(node = %self.node, error = %e, "journal append failed");
+                        tracing::error!(node = %self.node, error = %Chain(&e), "journal append failed");
                     }
                 }
                 Output::Journal(JournalOp::Release { ids }) => {
@@ -284,7 +285,7 @@ impl Shared {
         let bytes = match self.crypto.frame_to(message, origin) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "encoding a frame");
+                tracing::warn!(error = %Chain(&e), "encoding a frame");
                 return;
             }
         };
@@ -370,14 +371,14 @@ impl Shared {
             },
             |e| {
                 metrics::counter!(m::FRAMES_REJECTED, "node" => self.node.clone(), "reason" => e.reason()).increment(1);
-                tracing::warn!(node = %self.node, error = %e, "frame rejected; closing the connection");
+                tracing::warn!(node = %self.node, error = %Chain(e), "frame rejected; closing the connection");
             },
         );
         tokio::select! {
             _ = write => {}
             end = read => {
                 if !matches!(end, TransportError::Closed) {
-                    tracing::debug!(error = %end, "connection ended");
+                    tracing::debug!(error = %Chain(&end), "connection ended");
                 }
             }
         }
@@ -728,7 +729,7 @@ pub async fn run_reloadable(
     drop(shared);
     match tokio::time::timeout(Duration::from_secs(10), sink_task).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "sink"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %Chain(&*e), "sink"),
         Ok(Err(e)) => tracing::error!(error = %e, "sink task"),
         Err(_) => tracing::error!("sink did not drain within 10 s"),
     }
@@ -828,7 +829,7 @@ async fn gossip_reader(shared: Arc<Shared>, udp: Arc<UdpSocket>, mut stop: watch
             .await;
         if let Err(e) = result {
             metrics::counter!(m::FRAMES_REJECTED, "node" => shared.node.clone(), "reason" => "gossip").increment(1);
-            tracing::debug!(%from, error = %e, "gossip datagram refused");
+            tracing::debug!(%from, error = %Chain(&e), "gossip datagram refused");
         }
     }
 }
@@ -916,7 +917,7 @@ async fn reload_on_hangup(
             }
             Err(e) => {
                 metrics::counter!(m::KEY_RELOADS, "node" => shared.node.clone(), "result" => "error").increment(1);
-                tracing::error!(node = %shared.node, error = %e, "reloading the configuration failed; the running keys stay");
+                tracing::error!(node = %shared.node, error = %Chain(&e), "reloading the configuration failed; the running keys stay");
             }
         }
     }
@@ -991,7 +992,7 @@ async fn group_commit(shared: Arc<Shared>, interval_ms: u64, mut stop: watch::Re
             Ok(Err(e)) => {
                 metrics::counter!("tenure_journal_errors_total", "node" => shared.node.clone())
                     .increment(1);
-                tracing::error!(node = %shared.node, error = %e, "journal fsync failed; acknowledgements stop");
+                tracing::error!(node = %shared.node, error = %Chain(&e), "journal fsync failed; acknowledgements stop");
             }
             Err(e) => tracing::error!(node = %shared.node, error = %e, "journal fsync task"),
         }
@@ -1008,7 +1009,7 @@ async fn group_commit(shared: Arc<Shared>, interval_ms: u64, mut stop: watch::Re
                 tokio::task::spawn_blocking(move || lock(&s.durability.journal).release(&ready))
                     .await;
             if let Ok(Err(e)) = released {
-                tracing::warn!(node = %shared.node, error = %e, "journal release failed");
+                tracing::warn!(node = %shared.node, error = %Chain(&e), "journal release failed");
             }
         }
     }

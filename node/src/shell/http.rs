@@ -18,6 +18,7 @@ use tenure_gossip::wire::{IpEvent, IpEventKind};
 
 use super::collector::{lock, Shared};
 use super::{clock, fanout};
+use crate::report::Chain;
 use crate::time::parse_time_ms;
 
 /// The exporter's header read timeout (a collector uses its `http_request_timeout_ms`):
@@ -58,7 +59,7 @@ pub(crate) async fn serve(
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "http connection");
+                tracing::debug!(error = %Chain(&e), "http connection");
             }
         });
     }

@@ -56,6 +56,7 @@ use parquet::file::properties::WriterProperties;
 
 use super::{FlowLine, SinkError};
 use crate::core::EmittedFlow;
+use crate::report::Chain;
 
 /// The extension of a file being written.
 const PARTIAL_SUFFIX: &str = ".parquet.partial";
@@ -335,7 +336,7 @@ impl Drop for ParquetFiles {
     /// rows written so far stay readable.
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            tracing::warn!(error = %e, "closing the parquet sink file");
+            tracing::warn!(error = %Chain(&e), "closing the parquet sink file");
         }
     }
 }
