@@ -2,7 +2,9 @@
 
 use std::io;
 
-/// An error from [`crate::Capture`] or [`crate::check_privileges`].
+/// An error from [`crate::Capture`] or [`crate::check_privileges`]. A variant with a
+/// cause returns it from `source()` and leaves it out of its message: show the whole
+/// chain (anyhow's `{:#}`).
 ///
 /// Variants raised by [`crate::Capture::load`] mean nothing stays loaded: the programs
 /// and maps created so far are released when the error is returned.
@@ -22,7 +24,7 @@ pub enum CaptureError {
     },
 
     /// The process's own capabilities could not be read (`capget` failed).
-    #[error("could not read this process's capabilities: {source}")]
+    #[error("could not read this process's capabilities")]
     CapabilityQuery {
         /// The `capget` failure.
         #[source]
@@ -31,8 +33,8 @@ pub enum CaptureError {
 
     /// The kernel exposes no BTF, which CO-RE needs. Nothing was loaded.
     #[error(
-        "kernel BTF is missing or unreadable at /sys/kernel/btf/vmlinux ({source}); the flow \
-         capture needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        "the flow capture needs a kernel built with CONFIG_DEBUG_INFO_BTF=y, and its BTF at \
+         /sys/kernel/btf/vmlinux is missing or unreadable"
     )]
     NoBtf {
         /// Why the BTF could not be read or parsed.
@@ -43,7 +45,8 @@ pub enum CaptureError {
     /// The kernel verifier refused a program. This is a bug in `bpf/flows.bpf.c` or a
     /// kernel this object was never tested on; the log says which instruction.
     #[error(
-        "the kernel verifier rejected eBPF program `{program}` ({source}); verifier log:\n{verifier_log}"
+        "the kernel verifier rejected eBPF program `{program}`; verifier log:\n{verifier_log}\n\
+         the BPF_PROG_LOAD syscall failed"
     )]
     VerifierRejected {
         /// The program's name in the object.
@@ -51,14 +54,14 @@ pub enum CaptureError {
         /// The `BPF_PROG_LOAD` failure.
         #[source]
         source: io::Error,
-        /// The verifier's log.
+        /// The verifier's log, without a trailing newline.
         verifier_log: String,
     },
 
     /// Parsing, relocating (CO-RE) or creating the object's maps failed.
     #[error(
-        "loading the eBPF object failed: {source}; if this is a CO-RE relocation error the \
-         kernel lacks a field the program reads (see bpf/kernel_types.h)"
+        "loading the eBPF object failed (a CO-RE relocation error means the kernel lacks a \
+         field the program reads; see bpf/kernel_types.h)"
     )]
     Object {
         /// aya's error.
@@ -68,7 +71,7 @@ pub enum CaptureError {
 
     /// A program could not be loaded, attached or run for another reason than the
     /// verifier.
-    #[error("eBPF program `{program}` failed: {source}")]
+    #[error("eBPF program `{program}` failed")]
     Program {
         /// The program's name in the object.
         program: &'static str,
@@ -88,7 +91,7 @@ pub enum CaptureError {
     },
 
     /// A map operation failed. For updates, entries before the failing one were applied.
-    #[error("eBPF map `{map}` failed: {source}")]
+    #[error("eBPF map `{map}` failed")]
     Map {
         /// The map's name in the object.
         map: &'static str,
@@ -126,7 +129,7 @@ pub enum CaptureError {
     NoRuntime,
 
     /// Waiting on or reading the ring buffer or the snapshot stream failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -134,4 +137,28 @@ pub enum CaptureError {
         #[source]
         source: io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CaptureError;
+
+    /// The cause comes once, after the message: the verifier's log, then why the syscall
+    /// failed.
+    #[test]
+    fn a_verifier_rejection_reads_log_then_cause() {
+        let error = CaptureError::VerifierRejected {
+            program: "flows",
+            source: std::io::Error::from_raw_os_error(13),
+            verifier_log: "0: (b7) r0 = 0\n1: (95) exit".to_owned(),
+        };
+        let cause = std::io::Error::from_raw_os_error(13).to_string();
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(error)),
+            format!(
+                "the kernel verifier rejected eBPF program `flows`; verifier log:\n\
+                 0: (b7) r0 = 0\n1: (95) exit\nthe BPF_PROG_LOAD syscall failed: {cause}"
+            )
+        );
+    }
 }

@@ -443,7 +443,8 @@ fn program_error(program: &'static str, error: ProgramError) -> CaptureError {
         return CaptureError::VerifierRejected {
             program,
             source: io_error,
-            verifier_log: format!("{verifier_log:?}"),
+            // Trimmed: the syscall's failure follows the log's last line.
+            verifier_log: verifier_log.to_string().trim_end().to_owned(),
         };
     }
     CaptureError::Program {

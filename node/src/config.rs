@@ -15,13 +15,13 @@ use tenure_gossip::seal::{Keyring, SecretKey, KEY_BYTES};
 /// Errors reading a configuration. Nothing was started.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
+    #[error("parsing {path}")]
     Parse {
         path: PathBuf,
         #[source]
@@ -832,6 +832,12 @@ impl ExporterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Chain;
+
+    /// What a person sees: the error and its causes.
+    fn text_of(error: &ConfigError) -> String {
+        Chain(error).to_string()
+    }
 
     /// The least a collector's configuration must say.
     const MINIMAL: &str = r#"
@@ -851,7 +857,9 @@ mod tests {
         config.validate().unwrap();
         let bad = format!("{text}\nbogus = 1\n");
         let err = parse::<CollectorConfig>(&bad, Path::new("t.toml")).unwrap_err();
-        assert!(err.to_string().contains("bogus"), "{err}");
+        let shown = text_of(&err);
+        assert!(shown.starts_with("parsing t.toml: "), "{shown}");
+        assert!(shown.contains("unknown field `bogus`"), "{shown}");
     }
 
     #[test]
@@ -874,8 +882,8 @@ mod tests {
             &"x".repeat(65),
         ] {
             let config: CollectorConfig = parse(&with_id(bad), Path::new("t.toml")).unwrap();
-            let err = config.validate().unwrap_err();
-            assert!(err.to_string().contains("node_id"), "{bad:?}: {err}");
+            let shown = text_of(&config.validate().unwrap_err());
+            assert!(shown.starts_with("node_id: "), "{bad:?}: {shown}");
         }
     }
 
@@ -907,7 +915,9 @@ mod tests {
 
         let unknown = format!("{base}\n[admin]\nenable_faults = true\nbogus = 1\n");
         let err = parse::<CollectorConfig>(&unknown, Path::new("t.toml")).unwrap_err();
-        assert!(err.to_string().contains("bogus"), "{err}");
+        let shown = text_of(&err);
+        assert!(shown.starts_with("parsing t.toml: "), "{shown}");
+        assert!(shown.contains("unknown field `bogus`"), "{shown}");
     }
 
     #[test]
@@ -939,7 +949,9 @@ mod tests {
         // Drawn from the OS at start; a seed written in a file could be read and aimed at.
         let text = format!("{MINIMAL}\n[engine]\nhash_seed = 5\n");
         let err = parse::<CollectorConfig>(&text, Path::new("t.toml")).unwrap_err();
-        assert!(err.to_string().contains("hash_seed"), "{err}");
+        let shown = text_of(&err);
+        assert!(shown.starts_with("parsing t.toml: "), "{shown}");
+        assert!(shown.contains("unknown field `hash_seed`"), "{shown}");
     }
 
     #[test]
@@ -967,14 +979,20 @@ mod tests {
         assert_eq!(births(&kind_only).unwrap(), default);
         let sized = format!("{base}\nsource = {{ kind = \"ebpf\", births_max = 1048576 }}\n");
         assert_eq!(births(&sized).unwrap(), 1 << 20);
-        for bad in [0, 4, 100_000, 1 << 21] {
+        let zero = format!("{base}\nsource = {{ kind = \"ebpf\", births_max = 0 }}\n");
+        let shown = text_of(&births(&zero).unwrap_err());
+        assert!(shown.starts_with("parsing e.toml: "), "{shown}");
+        assert!(shown.contains("births_max = 0"), "{shown}");
+        assert!(shown.contains("expected a nonzero u32"), "{shown}");
+        for bad in [4, 100_000, 1 << 21] {
             let text = format!("{base}\nsource = {{ kind = \"ebpf\", births_max = {bad} }}\n");
-            let err: ConfigError = births(&text).unwrap_err();
-            assert!(err.to_string().contains("births_max"), "{bad}: {err}");
+            let shown = text_of(&births(&text).unwrap_err());
+            assert!(shown.starts_with("source.births_max: "), "{bad}: {shown}");
         }
         let unknown = format!("{base}\nsource = {{ kind = \"ebpf\", birth_max = 8 }}\n");
-        let err = births(&unknown).unwrap_err();
-        assert!(err.to_string().contains("birth_max"), "{err}");
+        let shown = text_of(&births(&unknown).unwrap_err());
+        assert!(shown.starts_with("parsing e.toml: "), "{shown}");
+        assert!(shown.contains("unknown field `birth_max`"), "{shown}");
     }
 }
 

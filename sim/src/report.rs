@@ -14,7 +14,7 @@ use crate::world::{ratio, RunOutcome};
 /// Why a report could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Io {
         path: String,
         #[source]

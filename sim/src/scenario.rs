@@ -13,13 +13,13 @@ use serde::Deserialize;
 /// Why a scenario file cannot be used. Nothing was run.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
+    #[error("parsing {path}")]
     Parse {
         path: String,
         #[source]

@@ -1815,9 +1815,9 @@ impl<'s> World<'s> {
 /// Why a frame could not be built (counted as refused; the message stays unsent).
 #[derive(Debug, thiserror::Error)]
 enum SendError {
-    #[error("framing: {0}")]
+    #[error("framing")]
     Frame(#[from] tenure_gossip::frame::FrameError),
-    #[error("sealing: {0}")]
+    #[error("sealing")]
     Seal(#[from] tenure_gossip::seal::SealError),
 }
 

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
+use tenure_node::report::Chain;
 use tenure_sim::runner::{run_seeds, Summary};
-use tenure_sim::scenario::Scenario;
+use tenure_sim::scenario::{Scenario, ScenarioError};
 use tenure_sim::world::{convergence_bound_ms, run};
 
 /// Seeds of the default scenario (faults on, crashes included). The workspace's test
@@ -112,14 +113,16 @@ fn bad_scenario_files_are_refused_with_the_field_named() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/default.toml"),
     )
     .expect("readable");
+    // What a person sees: the error and its causes.
+    let shown = |error: ScenarioError| Chain(&error).to_string();
     let unknown = format!("{text}\n[surprise]\nx = 1\n");
-    assert!(
-        Scenario::parse(&unknown, "t").is_err(),
-        "unknown keys are refused"
-    );
+    let refused = shown(Scenario::parse(&unknown, "t").expect_err("unknown keys are refused"));
+    assert!(refused.starts_with("parsing t: "), "{refused}");
+    assert!(refused.contains("unknown field `surprise`"), "{refused}");
     let skew = text.replace("host_skew_ms_max = 400", "host_skew_ms_max = 900");
-    let err = Scenario::parse(&skew, "t").expect_err("skew beyond the margin is refused");
-    assert!(err.to_string().contains("host_skew_ms_max"), "{err}");
+    let refused =
+        shown(Scenario::parse(&skew, "t").expect_err("skew beyond the margin is refused"));
+    assert!(refused.contains("host_skew_ms_max"), "{refused}");
     let share = text.replace("loss = 0.02", "loss = 2.0");
     assert!(
         Scenario::parse(&share, "t").is_err(),

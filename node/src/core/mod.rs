@@ -208,11 +208,11 @@ pub enum Output {
 /// Errors building a core. Nothing was built.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
-    #[error("engine configuration: {0}")]
+    #[error("engine configuration")]
     Engine(#[from] tenure_attribution::ConfigError),
-    #[error("region map: {0}")]
+    #[error("region map")]
     Region(#[from] tenure_attribution::RegionError),
-    #[error("region record: {0}")]
+    #[error("region record")]
     Record(#[from] tenure_gossip::directory::DirectoryError),
 }
 

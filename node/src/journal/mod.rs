@@ -43,7 +43,7 @@ const SEGMENT_SUFFIX: &str = ".seg";
 /// restart replays what reached the disk).
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("journal {path}: {source}")]
+    #[error("journal {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -19,13 +19,13 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// metric.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("framing: {0}")]
+    #[error("framing")]
     Frame(#[from] FrameError),
-    #[error("sealing: {0}")]
+    #[error("sealing")]
     Seal(#[from] SealError),
-    #[error("message: {0}")]
+    #[error("message")]
     Wire(#[from] WireError),
-    #[error("io: {0}")]
+    #[error("io")]
     Io(#[from] std::io::Error),
     #[error("connection closed")]
     Closed,

@@ -344,13 +344,13 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 /// Errors writing a sink.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("sink directory {dir}: {source}")]
+    #[error("sink directory {dir}")]
     Dir {
         dir: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("sink file {path}: {source}")]
+    #[error("sink file {path}")]
     File {
         path: PathBuf,
         #[source]
@@ -358,7 +358,7 @@ pub enum SinkError {
     },
     /// Encoding or writing a Parquet file failed; the current file is abandoned (left as
     /// `*.parquet.partial`).
-    #[error("parquet sink file {path}: {source}")]
+    #[error("parquet sink file {path}")]
     Parquet {
         path: PathBuf,
         #[source]
