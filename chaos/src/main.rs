@@ -1,6 +1,7 @@
 //! `tenure-chaos`: runs a real cluster under faults and prints one RESULT line.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
@@ -35,8 +36,19 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> ExitCode {
+    match chaos(Args::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("chaos: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the harness; false when the history broke a promise.
+async fn chaos(args: Args) -> anyhow::Result<bool> {
     let tenure_bin = match args.tenure_bin {
         Some(p) => p,
         None => std::env::current_exe()?
@@ -63,8 +75,5 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("chaos: {s}");
     }
     println!("{report}");
-    if !report.passed() {
-        std::process::exit(1);
-    }
-    Ok(())
+    Ok(report.passed())
 }

@@ -435,10 +435,7 @@ pub async fn run(
             })
             .await
             {
-                println!(
-                    "capture: the host exporter stopped: {}",
-                    crate::error_report(&e)
-                );
+                println!("capture: the host exporter stopped: {e:#}");
             }
         }));
     }
@@ -564,7 +561,7 @@ pub async fn run(
             if task.is_finished() {
                 match task.await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => println!("collector: {}", crate::error_report(&e)),
+                    Ok(Err(e)) => println!("collector: {e:#}"),
                     Err(e) => println!("collector task: {e}"),
                 }
             } else {

@@ -168,7 +168,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tenure: {}", tenure_node::error_report(&e));
+            eprintln!("tenure: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -29,10 +29,12 @@ impl fmt::Display for Chain<'_> {
 #[cfg(test)]
 mod tests {
     use std::io;
+    use std::path::Path;
 
     use anyhow::Context as _;
 
     use super::Chain;
+    use crate::config::{self, CollectorConfig};
 
     #[derive(Debug, thiserror::Error)]
     #[error("framing")]
@@ -65,5 +67,22 @@ mod tests {
             Chain(&*error).to_string(),
             "starting: framing: reading x.toml: no such file"
         );
+    }
+
+    /// What `tenure collector --config <missing file>` prints after `tenure: `: the path
+    /// and the OS's reason, each once.
+    #[test]
+    fn a_config_read_error_names_each_cause_once() {
+        let path = Path::new("/nonexistent/tenure-report-test.toml");
+        let reason = match std::fs::read(path) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} exists", path.display()),
+        };
+        let error = config::load::<CollectorConfig>(path).unwrap_err();
+        let expected = format!("reading {}: {reason}", path.display());
+        assert_eq!(Chain(&error).to_string(), expected);
+        let shown = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(shown, expected);
+        assert_eq!(shown.matches(&reason).count(), 1, "{shown}");
     }
 }

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("tenure-sim: {}", tenure_node::error_report(&e));
+            eprintln!("tenure-sim: {e:#}");
             ExitCode::from(2)
         }
     }
