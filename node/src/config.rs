@@ -41,6 +41,19 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Checks a name that ends up in a path, a log or metric label, or a line another program
+/// parses (node ids, regions): 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+fn plain_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+    if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.bytes().all(allowed) {
+        return Err(invalid(
+            field,
+            format!("{name:?}: must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.')"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and parses a TOML file into `T`.
 pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -218,7 +231,8 @@ pub struct CollectorConfig {
     /// names the journal's folder under `data_dir`); the hash ring places nodes by it.
     /// Required.
     pub node_id: String,
-    /// The region this collector serves. Required.
+    /// The region this collector serves (a name as `node_id`'s, e.g. `us-east-1`).
+    /// Required.
     pub region: String,
     /// The prefixes of this region (CIDR), published to the whole cluster. Required.
     pub prefixes: Vec<IpNet>,
@@ -525,20 +539,12 @@ impl CollectorConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // The node id names the journal's folder under `data_dir`: a path of its own
-        // (`/…`, `..`) would put the journal somewhere else.
-        let id_byte = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
-        if self.node_id.is_empty()
-            || self.node_id.len() > 64
-            || self.node_id.starts_with('.')
-            || !self.node_id.bytes().all(id_byte)
-        {
-            return Err(invalid(
-                "node_id",
-                "must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.')",
-            ));
-        }
-        if self.region.is_empty() || self.region.len() > 64 {
-            return Err(invalid("region", "must be 1 to 64 bytes"));
+        // (`/…`, `..`) would put the journal somewhere else. Regions are labels and words
+        // of the `LISTENING` line, which a region with a space could forge.
+        plain_name("node_id", &self.node_id)?;
+        plain_name("region", &self.region)?;
+        for region in self.regions.keys() {
+            plain_name("regions", region)?;
         }
         if self.prefixes.is_empty() {
             return Err(invalid("prefixes", "at least one prefix is needed"));
@@ -741,7 +747,8 @@ impl Default for SourceConfig {
 pub struct ExporterConfig {
     /// This exporter's id, unique in the fleet (e.g. a hash of the host name). Required.
     pub exporter_id: u64,
-    /// The region this host is in. Required.
+    /// The region this host is in (1 to 64 of `A-Z a-z 0-9 . _ -`, as the collectors'
+    /// `region`). Required.
     pub region: String,
     /// Data addresses of collectors of this region; batches go to one, then the next on
     /// failure. Required unless `--output stdout`.
@@ -798,9 +805,7 @@ fn default_backoff_max_ms() -> u64 {
 impl ExporterConfig {
     /// Checks what serde cannot.
     pub fn validate(&self, to_stdout: bool) -> Result<(), ConfigError> {
-        if self.region.is_empty() || self.region.len() > 64 {
-            return Err(invalid("region", "must be 1 to 64 bytes"));
-        }
+        plain_name("region", &self.region)?;
         if !to_stdout && self.collectors.is_empty() {
             return Err(invalid("collectors", "at least one collector is needed"));
         }
@@ -863,27 +868,53 @@ mod tests {
     }
 
     #[test]
-    fn a_node_id_is_a_plain_folder_name() {
-        let with_id =
-            |id: &str| MINIMAL.replacen("node_id = \"a\"", &format!("node_id = {id:?}"), 1);
-        for good in ["a", "us-east-1a", "node_07.b", &"x".repeat(64)] {
-            let config: CollectorConfig = parse(&with_id(good), Path::new("t.toml")).unwrap();
-            assert_eq!(config.node_id, good);
-            config.validate().unwrap();
-        }
-        for bad in [
+    fn node_ids_and_regions_are_plain_names() {
+        let good = ["a", "us-east-1a", "node_07.b", &"x".repeat(64)];
+        let bad = [
             "",
             "..",
             ".hidden",
             "/var/lib/x",
             "a/b",
             "a b",
+            "r gossip=127.0.0.1:1",
             "\u{e9}",
             &"x".repeat(65),
-        ] {
-            let config: CollectorConfig = parse(&with_id(bad), Path::new("t.toml")).unwrap();
-            let shown = text_of(&config.validate().unwrap_err());
-            assert!(shown.starts_with("node_id: "), "{bad:?}: {shown}");
+        ];
+        let collector = |field: &str, name: &str| -> String {
+            match field {
+                "node_id" => MINIMAL.replacen("node_id = \"a\"", &format!("node_id = {name:?}"), 1),
+                "region" => MINIMAL.replacen("region = \"r\"", &format!("region = {name:?}"), 1),
+                _ => format!("{MINIMAL}\n[regions]\n{name:?} = [\"10.9.0.0/16\"]\n"),
+            }
+        };
+        let exporter = |name: &str| {
+            format!("exporter_id = 1\nregion = {name:?}\ncollectors = [\"127.0.0.1:7947\"]\n")
+        };
+        for field in ["node_id", "region", "regions"] {
+            for name in good {
+                let config: CollectorConfig =
+                    parse(&collector(field, name), Path::new("t.toml")).unwrap();
+                config.validate().unwrap();
+            }
+            for name in bad {
+                let config: CollectorConfig =
+                    parse(&collector(field, name), Path::new("t.toml")).unwrap();
+                let shown = text_of(&config.validate().unwrap_err());
+                assert!(
+                    shown.starts_with(&format!("{field}: ")),
+                    "{name:?}: {shown}"
+                );
+            }
+        }
+        for name in good {
+            let config: ExporterConfig = parse(&exporter(name), Path::new("e.toml")).unwrap();
+            config.validate(false).unwrap();
+        }
+        for name in bad {
+            let config: ExporterConfig = parse(&exporter(name), Path::new("e.toml")).unwrap();
+            let shown = text_of(&config.validate(false).unwrap_err());
+            assert!(shown.starts_with("region: "), "{name:?}: {shown}");
         }
     }
 
