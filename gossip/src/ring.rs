@@ -136,12 +136,10 @@ pub struct Ring {
     members: Vec<NodeIdentity>,
     /// `(token, index into members)`, sorted by token then node id.
     tokens: Vec<(u64, usize)>,
-    /// The owners of every token's points, `per_token` member indices each (primary
-    /// first): the walk past tokens of members already chosen is done once, when the ring
-    /// is built, not for every flow and claim routed.
+    /// The owners of every token's points, [`Ring::owners_per_token`] member indices each
+    /// (primary first): the walk past tokens of members already chosen is done once, when
+    /// the ring is built, not for every flow and claim routed.
     owner_sets: Vec<u32>,
-    /// `min(R, members)`.
-    per_token: usize,
     config: RingConfig,
 }
 
@@ -299,7 +297,6 @@ impl Ring {
             members: sorted,
             tokens,
             owner_sets,
-            per_token,
             config,
         }
     }
@@ -317,6 +314,11 @@ impl Ring {
     /// Whether a member with this node id is on the ring.
     pub fn contains(&self, node_id: &str) -> bool {
         self.index_of(node_id).is_some()
+    }
+
+    /// How many owners each point has: `min(R, members)`.
+    fn owners_per_token(&self) -> usize {
+        self.config.replication.get().min(self.members.len())
     }
 
     /// The index in [`Ring::members`] of the member with this node id.
@@ -353,8 +355,8 @@ impl Ring {
     pub fn owners_of_point(&self, point: u64) -> Owners<'_> {
         let indices = match self.successor(point) {
             Some(token) => {
-                let set = token * self.per_token;
-                &self.owner_sets[set..set + self.per_token]
+                let per_token = self.owners_per_token();
+                &self.owner_sets[token * per_token..(token + 1) * per_token]
             }
             None => &[],
         };
