@@ -187,6 +187,16 @@ impl<'a> Owners<'a> {
         self.indices.iter().any(|&i| i as usize == index)
     }
 
+    /// The owners with their index in [`Ring::members`], primary first: for callers that
+    /// deliver to the others and keep what is their own (see [`Ring::index_of`]).
+    pub fn iter_indexed(&self) -> impl Iterator<Item = (usize, &'a NodeIdentity)> + 'a {
+        let members = self.members;
+        self.indices.iter().filter_map(move |&i| {
+            let i = i as usize;
+            members.get(i).map(|member| (i, member))
+        })
+    }
+
     /// The owners as a vector.
     pub fn to_vec(&self) -> Vec<&'a NodeIdentity> {
         self.iter().collect()
@@ -529,6 +539,9 @@ mod tests {
                     .map(|m| m.node_id().to_owned())
                     .collect();
                 assert_eq!(owners, walk(&ring, point), "{n} nodes, R {replication}");
+                for (index, owner) in ring.owners_of_point(point).iter_indexed() {
+                    assert_eq!(ring.index_of(owner.node_id()), Some(index));
+                }
             }
         }
     }

@@ -1189,7 +1189,8 @@ impl NodeCore {
         out: &mut Vec<Output>,
     ) {
         self.stats.claims_received += claims.len() as u64;
-        let me = self.config.identity.node_id().to_owned();
+        // Our place on our ring, so that "is this owner us?" is a compare of integers.
+        let me = self.ring.index_of(self.config.identity.node_id());
         let mut local = Vec::new();
         let mut remote: BTreeMap<Dest, Vec<&wire::Claim>> = BTreeMap::new();
         for claim in claims {
@@ -1201,8 +1202,8 @@ impl NodeCore {
             };
             match route_claim(&ctx, claim.ip, origin) {
                 Route::Owners(owners) => {
-                    for owner in owners {
-                        if owner.node_id() == me {
+                    for (index, owner) in owners.iter_indexed() {
+                        if me == Some(index) {
                             local.push(claim);
                         } else {
                             remote.entry(Dest::peer(owner)).or_default().push(claim);
@@ -1323,11 +1324,14 @@ impl NodeCore {
         out: &mut Vec<Output>,
     ) {
         self.stats.events_received += batch.events.len() as u64;
-        let me = self.config.identity.node_id().to_owned();
+        // Our place on our ring, so that "is this owner us?" is a compare of integers.
+        let me = self.ring.index_of(self.config.identity.node_id());
         let mut remote: BTreeMap<Dest, Vec<wire::IpEvent>> = BTreeMap::new();
         for event in batch.events {
-            let owners: Vec<Dest> = if from_peer {
-                Vec::new()
+            // Whether we are one of the event's owners, and the other owners to send it to
+            // (a relayed event is ours and goes no further).
+            let (mine, owners): (bool, Vec<Dest>) = if from_peer {
+                (true, Vec::new())
             } else {
                 let ctx = RouteContext {
                     local_region: &self.region,
@@ -1336,18 +1340,20 @@ impl NodeCore {
                     remote_rings: &self.remote_rings,
                 };
                 match route_claim(&ctx, event.ip, Origin::Exporter) {
-                    Route::Owners(owners) => owners
-                        .into_iter()
-                        .filter(|o| o.node_id() != me)
-                        .map(Dest::peer)
-                        .collect(),
-                    Route::Forward { via, .. } => vec![Dest::peer(via)],
+                    Route::Owners(owners) => (
+                        me.is_some_and(|i| owners.contains_index(i)),
+                        owners
+                            .iter_indexed()
+                            .filter(|&(index, _)| me != Some(index))
+                            .map(|(_, owner)| Dest::peer(owner))
+                            .collect(),
+                    ),
+                    Route::Forward { via, .. } => (false, vec![Dest::peer(via)]),
                     Route::External
                     | Route::RegionUnreachable { .. }
-                    | Route::Misdirected { .. } => Vec::new(),
+                    | Route::Misdirected { .. } => (false, Vec::new()),
                 }
             };
-            let mine = from_peer || self.owners_of(event.ip).iter().any(|o| o.node_id() == me);
             if mine {
                 self.apply_event(&event, now, out);
             }
