@@ -34,6 +34,9 @@ fn a_small_load_run_reports_attributed_flows_and_loses_none() {
             "4000",
             "--batch-flows",
             "500",
+            // Flows gathered up to 100 ms per batch (the exporters' gathering is tested too).
+            "--send-interval-ms",
+            "100",
             "--dir",
         ])
         .arg(dir.path())

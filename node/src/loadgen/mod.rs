@@ -105,6 +105,11 @@ pub struct LoadOptions {
     /// Flows per exporter batch (at most 16384).
     #[arg(long, default_value_t = wire::FLOWS_PER_BATCH_MAX_DEFAULT)]
     pub batch_flows: usize,
+    /// How long an exporter gathers ended flows before it sends them, in ms (a batch also
+    /// goes when it holds `--batch-flows`, or with a heartbeat); 0: as soon as the
+    /// previous batch is acknowledged.
+    #[arg(long, default_value_t = 0)]
+    pub send_interval_ms: u64,
     /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
     #[arg(long, default_value_t = 32)]
     pub fanout: u32,
@@ -145,6 +150,10 @@ impl LoadOptions {
             (1..=wire::FLOWS_PER_BATCH_MAX_DEFAULT).contains(&self.batch_flows),
             "batch flows: 1 to {}",
             wire::FLOWS_PER_BATCH_MAX_DEFAULT
+        );
+        anyhow::ensure!(
+            self.send_interval_ms <= 60_000,
+            "send interval: at most 60,000 ms"
         );
         anyhow::ensure!(
             self.heartbeat_interval_ms >= 100,
@@ -460,7 +469,8 @@ struct Outgoing {
 }
 
 /// The exporter of hosts `e` of region `region`: heartbeats every interval, flows as fast
-/// as acknowledged (or at `rate_per_sec`), one batch in flight, re-sent while busy.
+/// as acknowledged (or at `rate_per_sec`), gathered up to the send interval, one batch in
+/// flight, re-sent while busy.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site starts every exporter"
@@ -503,7 +513,11 @@ async fn exporter(
     let mut next_heartbeat =
         start + interval * u64::from(e) / u64::from(options.exporters_per_region.max(1));
     let mut claims = Vec::new();
+    // The flows gathered for the next batch: their first sequence number, and when the
+    // first of them was gathered.
     let mut flows = Vec::new();
+    let mut first = seq;
+    let mut gathering_since: Option<u64> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -516,21 +530,31 @@ async fn exporter(
                 last_heartbeat = Some(now);
                 next_heartbeat = (next_heartbeat + interval).max(now + 1);
             }
+            let room = options.batch_flows.saturating_sub(flows.len()) as u64;
             let due = if rate_per_sec == 0 {
-                options.batch_flows as u64
+                room
             } else {
                 (now.saturating_sub(start) * rate_per_sec / 1_000)
                     .saturating_sub(seq)
-                    .min(options.batch_flows as u64)
+                    .min(room)
             };
-            flows.clear();
-            let first = seq;
+            if due > 0 && gathering_since.is_none() {
+                gathering_since = Some(now);
+                first = seq;
+            }
             for _ in 0..due {
                 if let Some(flow) = fleet.flow(region, e, seq, now, &mut rng) {
                     flows.push(flow);
                 }
                 seq += 1;
             }
+            // The gathered flows go when the batch is full, when they have waited the send
+            // interval, or with a heartbeat; otherwise they wait for more.
+            let ripe = gathering_since.is_some_and(|since| {
+                flows.len() >= options.batch_flows
+                    || now >= since + options.send_interval_ms
+                    || !claims.is_empty()
+            });
             let mut chunks = claims.chunks(wire::CLAIMS_PER_BATCH_MAX_DEFAULT);
             // The first chunk of claims rides with the flows; more claims go ahead alone.
             let with_flows = chunks.next().unwrap_or(&[]);
@@ -539,13 +563,18 @@ async fn exporter(
                 let batch = build_batch(&who, batch_id, &[], chunk, &mut dictionary);
                 queue.push_back(Outgoing { batch, seqs: None });
             }
-            if !flows.is_empty() || !with_flows.is_empty() {
+            if ripe || !with_flows.is_empty() {
+                let sent_flows: &[_] = if ripe { &flows } else { &[] };
                 batch_id += 1;
-                let batch = build_batch(&who, batch_id, &flows, with_flows, &mut dictionary);
+                let batch = build_batch(&who, batch_id, sent_flows, with_flows, &mut dictionary);
                 queue.push_front(Outgoing {
                     batch,
-                    seqs: (seq > first).then_some((first, seq)),
+                    seqs: (ripe && seq > first).then_some((first, seq)),
                 });
+                if ripe {
+                    flows.clear();
+                    gathering_since = None;
+                }
             }
             if queue.is_empty() {
                 tokio::select! {
@@ -705,7 +734,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         }
     }
     println!(
-        "exporters: {exporters_total} ({} per region), {} IPs per region, heartbeat every {} ms, rate {}",
+        "exporters: {exporters_total} ({} per region), {} IPs per region, heartbeat every {} ms, rate {}, {}",
         options.exporters_per_region,
         options.ips_per_region,
         options.heartbeat_interval_ms,
@@ -713,6 +742,11 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
             "as fast as acknowledged".to_owned()
         } else {
             format!("{} flows/s", options.rate)
+        },
+        if options.send_interval_ms == 0 {
+            "each batch once the previous one is acknowledged".to_owned()
+        } else {
+            format!("flows gathered up to {} ms per batch", options.send_interval_ms)
         }
     );
     tokio::time::sleep(Duration::from_secs(options.warmup_secs)).await;
