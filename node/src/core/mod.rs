@@ -15,7 +15,8 @@
 //! - [`NodeCore::handle_events`]: IP events from the HTTP event feed.
 //! - [`NodeCore::tick`]: time passed. Call it every [`TICK_INTERVAL_MS`] (and at
 //!   [`NodeCore::next_deadline`] when sooner): deadlines of pending flows, handoff pulls,
-//!   retries of unacknowledged forwards.
+//!   the flows gathered for peers since the last tick, retries of unacknowledged
+//!   forwards.
 //! - [`NodeCore::leave`]: graceful shutdown: leave both pools and hand pending flows to
 //!   the next owners (or emit them when there is none).
 //!
@@ -58,6 +59,10 @@
 //! across regions once; `external` attributed at once; an unreachable region gives
 //! `region_unreachable`, never a drop); claims go to the R owners of their IP; a flow
 //! whose IP is on a span that handoff has not completed waits here until it is ready.
+//! Flows for a peer are gathered until the next tick (one batch per exporter and peer, at
+//! most a tick late) rather than sent as a slice of each exporter batch: a frame, its ack
+//! and their journal writes cost far more than the flows in it; a membership change
+//! routes the gathered flows again.
 
 mod admission;
 mod flow;
@@ -300,6 +305,11 @@ pub struct NodeCore {
     held: VecDeque<JournaledFlow>,
     inflight: BTreeMap<u64, Inflight>,
     inflight_flows: usize,
+    /// Flows routed to peers and not sent yet: gathered per peer until the next tick (or
+    /// a full batch), so that a peer gets a few large batches instead of a slice of every
+    /// exporter batch; frames, not flows, are what forwarding costs most.
+    outbox: Vec<(Dest, String, Vec<JournaledFlow>)>,
+    outbox_flows: usize,
     requests: BTreeMap<u64, Request>,
     next_id: u64,
     left: bool,
@@ -354,6 +364,8 @@ impl NodeCore {
             held: VecDeque::new(),
             inflight: BTreeMap::new(),
             inflight_flows: 0,
+            outbox: Vec::new(),
+            outbox_flows: 0,
             requests: BTreeMap::new(),
             // Ids only need to be unique among this node's unacknowledged messages; the
             // seed keeps two restarts of a node from reusing them in one peer's view.
@@ -435,9 +447,14 @@ impl NodeCore {
         self.inflight_flows
     }
 
+    /// Forwarded flows gathered for their peer, not sent yet (they go at the next tick).
+    pub fn outbox_len(&self) -> usize {
+        self.outbox_flows
+    }
+
     /// Flows accepted and not yet emitted or acknowledged by a peer.
     pub fn unsettled_flows(&self) -> usize {
-        self.engine.pending_len() + self.held.len() + self.inflight_flows
+        self.engine.pending_len() + self.held.len() + self.outbox_flows + self.inflight_flows
     }
 
     /// Journal appends with flows not yet settled.
@@ -497,7 +514,7 @@ impl NodeCore {
 
     fn is_busy(&self) -> bool {
         self.unsettled_flows() >= self.config.busy_flows_threshold
-            || self.inflight_flows >= self.config.inflight_flows_max
+            || self.outbox_flows + self.inflight_flows >= self.config.inflight_flows_max
     }
 
     // ----- inputs -----
@@ -616,12 +633,15 @@ impl NodeCore {
     }
 
     /// Time passed: emit flows whose deadline came, retry held flows, pull handoff spans,
-    /// re-route forwards whose ack is overdue.
+    /// send the flows gathered for peers, re-route forwards whose ack is overdue.
     pub fn tick(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
         self.engine.tick(now, &mut self.scratch);
         self.drain_engine(now, out);
         self.pull(now, out);
         self.retry_held(now, out);
+        let gathered = std::mem::take(&mut self.outbox);
+        self.outbox_flows = 0;
+        self.send_grouped(gathered, now, out);
         let timeout = self.config.forward_ack_timeout_ms;
         let overdue: Vec<u64> = self
             .inflight
@@ -669,8 +689,9 @@ impl NodeCore {
             self.scratch.resolved.drain(..).map(|r| r.payload).collect();
         self.scratch.conflicts.clear();
         let held: Vec<JournaledFlow> = self.held.drain(..).collect();
+        let gathered = self.take_outbox();
         let mut handed = Vec::new();
-        for flow in pending.into_iter().chain(held) {
+        for flow in pending.into_iter().chain(held).chain(gathered) {
             match self.ring.primary(flow.record.remote_ip) {
                 Some(next) => handed.push((Dest::peer(next), next.node_id().to_owned(), flow)),
                 None => self.emit(flow, Verdict::Unattributed(Reason::NoOwner), 0, now, out),
@@ -723,10 +744,13 @@ impl NodeCore {
     pub fn abandon_inflight(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
         let all = std::mem::take(&mut self.inflight);
         self.inflight_flows = 0;
-        for (_, inflight) in all {
-            for flow in inflight.flows {
-                self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
-            }
+        let unsent = self.take_outbox();
+        for flow in all
+            .into_values()
+            .flat_map(|inflight| inflight.flows)
+            .chain(unsent)
+        {
+            self.emit(flow, Verdict::Unattributed(Reason::Overload), 0, now, out);
         }
         self.journal.flush(out);
     }
@@ -905,7 +929,45 @@ impl NodeCore {
             self.emit(flow, verdict, 0, now, out);
         }
         self.deliver_local(local, now, out);
-        self.send_grouped(peers, now, out);
+        self.gather(peers, now, out);
+    }
+
+    /// Adds flows routed to peers to their outboxes. An outbox holding a full batch goes
+    /// at once; the rest go at the next tick.
+    fn gather(
+        &mut self,
+        peers: Vec<(Dest, String, Vec<JournaledFlow>)>,
+        now: UnixMillis,
+        out: &mut Vec<Output>,
+    ) {
+        for (dest, node_id, flows) in peers {
+            self.outbox_flows += flows.len();
+            match self.outbox.iter_mut().find(|(d, _, _)| *d == dest) {
+                Some((_, _, gathered)) => gathered.extend(flows),
+                None => self.outbox.push((dest, node_id, flows)),
+            }
+        }
+        if self
+            .outbox
+            .iter()
+            .any(|(_, _, f)| f.len() >= FORWARD_FLOWS_PER_BATCH_MAX)
+        {
+            let (full, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.outbox)
+                .into_iter()
+                .partition(|(_, _, f)| f.len() >= FORWARD_FLOWS_PER_BATCH_MAX);
+            self.outbox = rest;
+            self.outbox_flows -= full.iter().map(|(_, _, f)| f.len()).sum::<usize>();
+            self.send_grouped(full, now, out);
+        }
+    }
+
+    /// Takes every flow gathered for peers and not sent, to be routed anew.
+    fn take_outbox(&mut self) -> Vec<JournaledFlow> {
+        self.outbox_flows = 0;
+        std::mem::take(&mut self.outbox)
+            .into_iter()
+            .flat_map(|(_, _, flows)| flows)
+            .collect()
     }
 
     /// Sends flows to peers, one batch per peer, tracked until acknowledged.
@@ -1596,6 +1658,13 @@ impl NodeCore {
                 pending_spans: self.handoff.pending_spans(),
             }));
             self.retry_held(now, out);
+        }
+        if lan_changed || wan_changed || regions_changed || !down.is_empty() {
+            // Gathered flows were routed by the old view: route them by the new one.
+            let gathered = self.take_outbox();
+            if !gathered.is_empty() {
+                self.route_flows(gathered, now, out);
+            }
         }
         for node_id in down {
             let ids: Vec<u64> = self

@@ -16,12 +16,16 @@ use super::{
 const START: u64 = 1_700_000_000_000;
 
 fn core() -> NodeCore {
-    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let identity = NodeIdentity::new("a0", "a", addr, addr, 1).unwrap();
+    core_of("a0", "127.0.0.1:1".parse().unwrap(), Vec::new(), 7)
+}
+
+/// A core of region `a` named `name`, listening (for gossip and data) at `addr`.
+fn core_of(name: &str, addr: SocketAddr, seeds: Vec<SocketAddr>, rng_seed: u64) -> NodeCore {
+    let identity = NodeIdentity::new(name, "a", addr, addr, 1).unwrap();
     let config = CoreConfig {
         identity,
-        seeds: Vec::new(),
-        rng_seed: 7,
+        seeds,
+        rng_seed,
         region_size_hint: NonZeroU32::MIN,
         fleet_size_hint: NonZeroU32::MIN,
         region_prefixes: vec!["10.1.0.0/16".parse().unwrap()],
@@ -711,4 +715,205 @@ fn a_peer_re_sending_flows_we_hold_gets_its_ack_after_our_sync_and_no_second_cop
     let mut out = Vec::new();
     core.handle_message(8, batch(80, "a", flows(), Vec::new()), now, &mut out);
     assert_eq!(journal(&out).len(), 1, "an exporter's flows are journaled");
+}
+
+/// Two collectors of region `a` (R = 1: each owns about half of the IPs) joined through
+/// their gossip, which this carries by hand; data-plane frames are kept for the test.
+struct Pair {
+    cores: [NodeCore; 2],
+    now: u64,
+    timers: Vec<(u64, usize, tenure_gossip::membership::Timer)>,
+}
+
+impl Pair {
+    fn joined() -> Pair {
+        let addrs: [SocketAddr; 2] = [
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.2:1".parse().unwrap(),
+        ];
+        let mut pair = Pair {
+            cores: [
+                core_of("a0", addrs[0], vec![addrs[1]], 7),
+                core_of("a1", addrs[1], vec![addrs[0]], 8),
+            ],
+            now: START,
+            timers: Vec::new(),
+        };
+        for i in 0..2 {
+            let mut out = Vec::new();
+            pair.cores[i].start(UnixMillis(START), &mut out);
+            pair.carry(i, out);
+        }
+        while pair.cores.iter().any(|c| c.ring().members().len() < 2) {
+            assert!(
+                pair.now < START + 30_000,
+                "the two cores never saw each other"
+            );
+            pair.advance(10);
+        }
+        pair
+    }
+
+    /// Carries core `from`'s gossip and timers; returns its other outputs.
+    fn carry(&mut self, from: usize, out: Vec<Output>) -> Vec<Output> {
+        let mut rest = Vec::new();
+        let mut queue: Vec<(usize, Vec<Output>)> = vec![(from, out)];
+        while let Some((from, out)) = queue.pop() {
+            for o in out {
+                match o {
+                    Output::Datagram { to, bytes } => {
+                        let Some(to) = self
+                            .cores
+                            .iter()
+                            .position(|c| c.identity().gossip_addr() == to)
+                        else {
+                            continue;
+                        };
+                        let sender = self.cores[from].identity().gossip_addr();
+                        let mut reply = Vec::new();
+                        let _ = self.cores[to].handle_datagram(
+                            sender,
+                            &bytes,
+                            UnixMillis(self.now),
+                            &mut reply,
+                        );
+                        queue.push((to, reply));
+                    }
+                    Output::Timer { after_ms, timer } => {
+                        self.timers.push((self.now + after_ms, from, timer))
+                    }
+                    // The test looks at core 0's other outputs only.
+                    other @ (Output::Frame { .. }
+                    | Output::Emit(_)
+                    | Output::Notice(_)
+                    | Output::Journal(_)) => {
+                        if from == 0 {
+                            rest.push(other);
+                        }
+                    }
+                }
+            }
+        }
+        rest
+    }
+
+    /// Moves the clock `ms` on: fires due timers and ticks both cores each 100 ms. Returns
+    /// core 0's outputs other than gossip.
+    fn advance(&mut self, ms: u64) -> Vec<Output> {
+        let mut rest = Vec::new();
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += 10;
+            let (due, later) = std::mem::take(&mut self.timers)
+                .into_iter()
+                .partition(|(at, _, _)| *at <= self.now);
+            self.timers = later;
+            for (_, i, timer) in due {
+                let mut out = Vec::new();
+                self.cores[i].handle_timer(timer, UnixMillis(self.now), &mut out);
+                rest.extend(self.carry(i, out));
+            }
+            if self.now.is_multiple_of(super::TICK_INTERVAL_MS) {
+                for i in 0..2 {
+                    let mut out = Vec::new();
+                    self.cores[i].tick(UnixMillis(self.now), &mut out);
+                    rest.extend(self.carry(i, out));
+                }
+            }
+        }
+        rest
+    }
+}
+
+/// The flow batches in `out` sent to node `to`: (exporter, flow ids).
+fn batches_to(out: &[Output], to: &str) -> Vec<(u64, Vec<u128>)> {
+    out.iter()
+        .filter_map(|o| {
+            let Output::Frame {
+                to: super::Dest::Peer { node_id, .. },
+                message: Message::FlowBatch(b),
+            } = o
+            else {
+                return None;
+            };
+            (node_id == to).then(|| (b.exporter_id, b.flows.iter().map(|f| f.flow_id).collect()))
+        })
+        .collect()
+}
+
+#[test]
+fn flows_for_a_peer_are_gathered_until_the_tick_and_routed_again_when_it_leaves() {
+    let mut pair = Pair::joined();
+    // Remote IPs the other core owns.
+    let theirs: Vec<String> = (0..=255)
+        .map(|i| format!("10.1.3.{i}"))
+        .filter(|ip| pair.cores[0].owners_of(ip.parse().unwrap())[0].node_id() == "a1")
+        .take(6)
+        .collect();
+    assert_eq!(theirs.len(), 6, "a1 owns some of 10.1.3.0/24");
+    let at = pair.now;
+    let flows_to = |ids: std::ops::Range<u128>| -> Vec<wire::Flow> {
+        ids.map(|id| flow(id, &theirs[id as usize % theirs.len()], at))
+            .collect()
+    };
+
+    // Three exporter batches in one tick interval: nothing goes to a1 yet; the flows are
+    // unsettled, not lost.
+    let mut out = Vec::new();
+    let unsettled = pair.cores[0].unsettled_flows();
+    for (n, ids) in [(1, 0..4), (2, 4..8), (3, 8..12)] {
+        pair.cores[0].handle_message_from(
+            n,
+            Sender::Exporter,
+            batch(n, "a", flows_to(ids), Vec::new()),
+            UnixMillis(at),
+            &mut out,
+        );
+    }
+    assert!(
+        batches_to(&out, "a1").is_empty(),
+        "{:?}",
+        batches_to(&out, "a1")
+    );
+    assert_eq!(pair.cores[0].outbox_len(), 12);
+    assert_eq!(pair.cores[0].unsettled_flows(), unsettled + 12);
+
+    // At the next tick: one batch (they share an exporter) with all twelve.
+    let out = pair.advance(super::TICK_INTERVAL_MS);
+    let sent = batches_to(&out, "a1");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let mut ids = sent[0].1.clone();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..12).collect::<Vec<u128>>());
+    assert_eq!(pair.cores[0].outbox_len(), 0);
+    assert_eq!(
+        pair.cores[0].inflight_len(),
+        12,
+        "in flight until a1 acknowledges"
+    );
+
+    // Gathered again, then a1 leaves before the tick: a0 owns every IP now, keeps the
+    // flows and sends a1 nothing.
+    let mut out = Vec::new();
+    pair.cores[0].handle_message_from(
+        4,
+        Sender::Exporter,
+        batch(4, "a", flows_to(12..18), Vec::new()),
+        UnixMillis(pair.now),
+        &mut out,
+    );
+    assert_eq!(pair.cores[0].outbox_len(), 6);
+    let mut left = Vec::new();
+    pair.cores[1].leave(UnixMillis(pair.now), &mut left);
+    pair.carry(1, left);
+    let out = pair.advance(10 * super::TICK_INTERVAL_MS);
+    assert_eq!(pair.cores[0].ring().members().len(), 1, "a1 left a0's ring");
+    assert_eq!(pair.cores[0].outbox_len(), 0);
+    assert!(
+        batches_to(&out, "a1")
+            .iter()
+            .all(|(_, ids)| ids.iter().all(|id| *id < 12)),
+        "flows gathered for a1 after it left were routed again: {:?}",
+        batches_to(&out, "a1")
+    );
 }

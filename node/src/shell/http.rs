@@ -196,6 +196,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
         "flows": {
             "pending": core.engine().pending_len(),
             "held_for_handoff": core.held_len(),
+            "gathered_for_peers": core.outbox_len(),
             "forwarded_unacknowledged": core.inflight_len(),
         },
     }))
