@@ -47,6 +47,8 @@ const DATAGRAM_BUFFER_BYTES: usize = 9_000;
 const SINK_FLUSH_INTERVAL_MS: u64 = 500;
 /// Flows handed to the sink writer in one batch.
 const SINK_BATCH_FLOWS_MAX: usize = 1_024;
+/// The largest outputs vector kept for the next core call (a few MB).
+const SPARE_OUTPUTS_MAX: usize = 16_384;
 /// Connections held at once (inbound plus outbound); past it new inbound ones are closed.
 pub const CONNECTIONS_MAX: usize = 4_096;
 
@@ -96,6 +98,10 @@ pub(crate) struct Shared {
     durability: Durability,
     /// [`refusals`] when the gauges were last refreshed after a message.
     refusals_published: AtomicU64,
+    /// The outputs vector of an earlier core call, emptied, for the next one: a claim
+    /// batch emits thousands of flows, which a vector grown from nothing copies over and
+    /// over as it doubles.
+    spare_outputs: Mutex<Vec<Output>>,
 }
 
 /// Claims and exporter messages refused so far, every reason together.
@@ -134,7 +140,7 @@ impl Shared {
         self: &Arc<Self>,
         f: impl FnOnce(&mut NodeCore, UnixMillis, &mut Vec<Output>) -> R,
     ) -> R {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut *lock(&self.spare_outputs));
         let result = {
             let mut core = lock(&self.core);
             f(&mut core, self.clock.now(), &mut out)
@@ -143,13 +149,14 @@ impl Shared {
         result
     }
 
-    async fn dispatch(self: &Arc<Self>, outputs: Vec<Output>) {
+    async fn dispatch(self: &Arc<Self>, mut outputs: Vec<Output>) {
         let mut tally = EmitTally::default();
         // Emitted flows go to the sink in batches: one queue slot, one lock of the
         // dependency table and one count per batch, not per flow. A release waits for every
         // flow emitted before it, so the batch is handed over before a release is noted.
-        let mut emitted: Vec<EmittedFlow> = Vec::new();
-        for output in outputs {
+        let room = outputs.len().min(SINK_BATCH_FLOWS_MAX);
+        let mut emitted: Vec<EmittedFlow> = Vec::with_capacity(room);
+        for output in outputs.drain(..) {
             match output {
                 Output::Frame { to, message } => self.send_frame(to, &message),
                 Output::Datagram { to, bytes } => match self.crypto.datagram(&bytes) {
@@ -169,7 +176,8 @@ impl Shared {
                     tally.count(&self.node, &flow);
                     emitted.push(flow);
                     if emitted.len() >= SINK_BATCH_FLOWS_MAX {
-                        self.emit(std::mem::take(&mut emitted)).await;
+                        self.emit(std::mem::replace(&mut emitted, Vec::with_capacity(room)))
+                            .await;
                     }
                 }
                 Output::Notice(notice) => self.notice(notice),
@@ -181,7 +189,10 @@ impl Shared {
                     }
                 }
                 Output::Journal(JournalOp::Release { ids }) => {
-                    self.emit(std::mem::take(&mut emitted)).await;
+                    if !emitted.is_empty() {
+                        self.emit(std::mem::replace(&mut emitted, Vec::with_capacity(room)))
+                            .await;
+                    }
                     // Released once the sink holds every flow emitted up to now.
                     let emitted = self.durability.emitted.load(Ordering::SeqCst);
                     lock(&self.durability.releases).push((emitted, ids));
@@ -190,6 +201,10 @@ impl Shared {
         }
         self.emit(emitted).await;
         tally.flush(&self.node);
+        let mut spare = lock(&self.spare_outputs);
+        if outputs.capacity() <= SPARE_OUTPUTS_MAX && outputs.capacity() > spare.capacity() {
+            *spare = outputs;
+        }
     }
 
     /// Hands a batch of emitted flows to the dependency table, the tap and the sink.
@@ -625,6 +640,7 @@ pub async fn run_reloadable(
             releases: Mutex::new(Vec::new()),
         },
         refusals_published: AtomicU64::new(0),
+        spare_outputs: Mutex::new(Vec::new()),
     });
     let _ = m::handle();
 
