@@ -23,6 +23,11 @@ use tenure_gossip::ring::{Ring, RingConfig};
 use tenure_gossip::route::{route_flow, Origin, Route, RouteContext};
 use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, Sealer, SecretKey};
 
+/// An error and its causes on one line, for a failing scenario's message.
+fn chain(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(e))
+}
+
 /// The fleet of every scenario: 3 regions of 3 collectors.
 const REGIONS: [&str; 3] = ["r0", "r1", "r2"];
 const NODES_PER_REGION: u8 = 3;
@@ -558,7 +563,7 @@ impl Sim {
     /// For every sample IP, the node that finally handles a flow to it, as decided by
     /// `node`: the local owner, or the owner the forwarded-to node picks on its own ring.
     fn final_owner(&self, node: &SimNode, ip: IpAddr) -> Result<Option<String>, String> {
-        let regions = node.membership.region_map().map_err(|e| e.to_string())?;
+        let regions = node.membership.region_map().map_err(chain)?;
         let remote = node.membership.remote_rings(self.ring_config);
         let ctx = RouteContext {
             local_region: node.identity.region(),
@@ -573,7 +578,7 @@ impl Sim {
                     .nodes
                     .get(via.node_id())
                     .ok_or_else(|| format!("forwarded to unknown {via}"))?;
-                let next_regions = next.membership.region_map().map_err(|e| e.to_string())?;
+                let next_regions = next.membership.region_map().map_err(chain)?;
                 let next_remote = next.membership.remote_rings(self.ring_config);
                 let next_ctx = RouteContext {
                     local_region: next.identity.region(),
@@ -642,10 +647,7 @@ impl Sim {
             Op::Leave { node } => {
                 let sim_node = self.nodes.get_mut(*node).ok_or("no such node")?;
                 let mut out = Vec::new();
-                sim_node
-                    .membership
-                    .leave(&mut out)
-                    .map_err(|e| e.to_string())?;
+                sim_node.membership.leave(&mut out).map_err(chain)?;
                 self.dispatch(node, out);
                 Ok(())
             }
