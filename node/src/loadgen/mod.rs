@@ -550,11 +550,12 @@ async fn exporter(
             }
             // The gathered flows go when the batch is full, when they have waited the send
             // interval, or with a heartbeat; otherwise they wait for more.
-            let ripe = gathering_since.is_some_and(|since| {
-                flows.len() >= options.batch_flows
-                    || now >= since + options.send_interval_ms
-                    || !claims.is_empty()
-            });
+            let ripe = !flows.is_empty()
+                && gathering_since.is_some_and(|since| {
+                    flows.len() >= options.batch_flows
+                        || now >= since + options.send_interval_ms
+                        || !claims.is_empty()
+                });
             let mut chunks = claims.chunks(wire::CLAIMS_PER_BATCH_MAX_DEFAULT);
             // The first chunk of claims rides with the flows; more claims go ahead alone.
             let with_flows = chunks.next().unwrap_or(&[]);
