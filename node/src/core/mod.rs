@@ -309,7 +309,6 @@ pub struct NodeCore {
     /// a full batch), so that a peer gets a few large batches instead of a slice of every
     /// exporter batch; frames, not flows, are what forwarding costs most.
     outbox: Vec<(Dest, String, Vec<JournaledFlow>)>,
-    outbox_flows: usize,
     requests: BTreeMap<u64, Request>,
     next_id: u64,
     left: bool,
@@ -365,7 +364,6 @@ impl NodeCore {
             inflight: BTreeMap::new(),
             inflight_flows: 0,
             outbox: Vec::new(),
-            outbox_flows: 0,
             requests: BTreeMap::new(),
             // Ids only need to be unique among this node's unacknowledged messages; the
             // seed keeps two restarts of a node from reusing them in one peer's view.
@@ -449,12 +447,13 @@ impl NodeCore {
 
     /// Forwarded flows gathered for their peer, not sent yet (they go at the next tick).
     pub fn outbox_len(&self) -> usize {
-        self.outbox_flows
+        // A few peers at most: summed when asked rather than kept beside the outboxes.
+        self.outbox.iter().map(|(_, _, flows)| flows.len()).sum()
     }
 
     /// Flows accepted and not yet emitted or acknowledged by a peer.
     pub fn unsettled_flows(&self) -> usize {
-        self.engine.pending_len() + self.held.len() + self.outbox_flows + self.inflight_flows
+        self.engine.pending_len() + self.held.len() + self.outbox_len() + self.inflight_flows
     }
 
     /// Journal appends with flows not yet settled.
@@ -514,7 +513,7 @@ impl NodeCore {
 
     fn is_busy(&self) -> bool {
         self.unsettled_flows() >= self.config.busy_flows_threshold
-            || self.outbox_flows + self.inflight_flows >= self.config.inflight_flows_max
+            || self.outbox_len() + self.inflight_flows >= self.config.inflight_flows_max
     }
 
     // ----- inputs -----
@@ -640,7 +639,6 @@ impl NodeCore {
         self.pull(now, out);
         self.retry_held(now, out);
         let gathered = std::mem::take(&mut self.outbox);
-        self.outbox_flows = 0;
         self.send_grouped(gathered, now, out);
         let timeout = self.config.forward_ack_timeout_ms;
         let overdue: Vec<u64> = self
@@ -941,7 +939,6 @@ impl NodeCore {
         out: &mut Vec<Output>,
     ) {
         for (dest, node_id, flows) in peers {
-            self.outbox_flows += flows.len();
             match self.outbox.iter_mut().find(|(d, _, _)| *d == dest) {
                 Some((_, _, gathered)) => gathered.extend(flows),
                 None => self.outbox.push((dest, node_id, flows)),
@@ -956,14 +953,12 @@ impl NodeCore {
                 .into_iter()
                 .partition(|(_, _, f)| f.len() >= FORWARD_FLOWS_PER_BATCH_MAX);
             self.outbox = rest;
-            self.outbox_flows -= full.iter().map(|(_, _, f)| f.len()).sum::<usize>();
             self.send_grouped(full, now, out);
         }
     }
 
     /// Takes every flow gathered for peers and not sent, to be routed anew.
     fn take_outbox(&mut self) -> Vec<JournaledFlow> {
-        self.outbox_flows = 0;
         std::mem::take(&mut self.outbox)
             .into_iter()
             .flat_map(|(_, _, flows)| flows)
