@@ -37,6 +37,9 @@ fn a_small_load_run_reports_attributed_flows_and_loses_none() {
             // Flows gathered up to 100 ms per batch (the exporters' gathering is tested too).
             "--send-interval-ms",
             "100",
+            // Written into the collectors' configs, which reject a key they do not know.
+            "--journal-fsync-interval-ms",
+            "20",
             "--dir",
         ])
         .arg(dir.path())

@@ -110,6 +110,10 @@ pub struct LoadOptions {
     /// previous batch is acknowledged.
     #[arg(long, default_value_t = 0)]
     pub send_interval_ms: u64,
+    /// The collectors' `journal_fsync_interval_ms` (their group commit, which their
+    /// acknowledgements wait for); unset: the collector's default.
+    #[arg(long)]
+    pub journal_fsync_interval_ms: Option<u64>,
     /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
     #[arg(long, default_value_t = 32)]
     pub fanout: u32,
@@ -155,6 +159,12 @@ impl LoadOptions {
             self.send_interval_ms <= 60_000,
             "send interval: at most 60,000 ms"
         );
+        if let Some(ms) = self.journal_fsync_interval_ms {
+            anyhow::ensure!(
+                (1..=1_000).contains(&ms),
+                "journal fsync interval: 1 to 1,000 ms"
+            );
+        }
         anyhow::ensure!(
             self.heartbeat_interval_ms >= 100,
             "heartbeat interval: at least 100 ms"
@@ -309,6 +319,7 @@ exporter_flows_burst_max = 1000000000
 shutdown_grace_ms = 3000
 sink = {{ kind = "files", dir = "{sink}" }}
 data_dir = "{data}"
+{fsync}
 [engine]
 skew_margin_ms = {LOAD_SKEW_MARGIN_MS}
 pending_deadline_ms = {deadline}
@@ -324,6 +335,10 @@ pending_deadline_ms = {deadline}
         sink = sink_dir.display(),
         data = data_dir.display(),
         deadline = options.pending_deadline_ms(),
+        fsync = options
+            .journal_fsync_interval_ms
+            .map(|ms| format!("journal_fsync_interval_ms = {ms}"))
+            .unwrap_or_default(),
     );
     for other in (0..options.regions).filter(|r| *r != region) {
         text.push_str(&format!(
