@@ -78,7 +78,7 @@ use std::sync::Arc;
 
 use admission::Admission;
 pub use admission::{AdmissionConfig, AdmissionStats, Rejection};
-use flow::DictionaryBuilder;
+use flow::{DictionaryBuilder, Names};
 pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
 use journal::Ledger;
@@ -316,6 +316,8 @@ pub struct NodeCore {
     journal: Ledger,
     /// Flows journaled lately, to drop copies that peers re-send.
     recent: Recent,
+    /// Workload and region names of incoming batches, shared across batches.
+    names: Names,
     scratch: tenure_attribution::Outputs<JournaledFlow>,
     admission: Admission,
 }
@@ -372,6 +374,7 @@ impl NodeCore {
             stats: CoreStats::default(),
             journal: Ledger::default(),
             recent: Recent::new(config.engine.hash_seed),
+            names: Names::new(config.engine.hash_seed),
             scratch: tenure_attribution::Outputs::default(),
             admission: Admission::new(AdmissionConfig::default()),
             config,
@@ -807,11 +810,8 @@ impl NodeCore {
             batch.claims
         };
         self.stats.batches_accepted += 1;
-        let dictionary: Vec<Arc<str>> = batch
-            .dictionary
-            .iter()
-            .map(|s| Arc::from(s.as_str()))
-            .collect();
+        let dictionary: Vec<Arc<str>> =
+            batch.dictionary.iter().map(|s| self.names.get(s)).collect();
         let origin = if batch.hops == 0 {
             Origin::Exporter
         } else {
@@ -819,7 +819,7 @@ impl NodeCore {
         };
         // Claims first: a flow of this batch may need them.
         self.route_claims(&claims, &dictionary, origin, now, out);
-        let region: Arc<str> = Arc::from(batch.region.as_str());
+        let region = self.names.get(&batch.region);
         // Each flow is built where it stays until routed, already carrying the id of the
         // append that journals it below (nothing is appended when none is left).
         let journal_id = self.journal.next_id();
@@ -1358,11 +1358,8 @@ impl NodeCore {
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
-        let dictionary: Vec<Arc<str>> = batch
-            .dictionary
-            .iter()
-            .map(|s| Arc::from(s.as_str()))
-            .collect();
+        let dictionary: Vec<Arc<str>> =
+            batch.dictionary.iter().map(|s| self.names.get(s)).collect();
         self.stats.claims_received += batch.claims.len() as u64;
         for claim in &batch.claims {
             self.apply_claim(claim, &dictionary, now, out);
