@@ -83,4 +83,14 @@ fn a_small_load_run_reports_attributed_flows_and_loses_none() {
         attributed > 0.9 * acked,
         "nearly every flow is attributed: {flows_line}"
     );
+    let batches_line = stdout
+        .lines()
+        .find(|l| l.starts_with("exporter batches: "))
+        .unwrap_or_else(|| panic!("no exporter batches line in:\n{stdout}"));
+    let per_batch = get(batches_line, "flows_per_batch");
+    assert!(get(batches_line, "acknowledged") > 0.0, "{batches_line}");
+    assert!(
+        per_batch > 0.0 && per_batch <= 500.0,
+        "batches hold flows, at most --batch-flows: {batches_line}"
+    );
 }

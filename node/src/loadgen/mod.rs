@@ -196,6 +196,8 @@ impl LoadOptions {
 pub struct LoadReport {
     /// Flows the collectors acknowledged (journaled), over the whole run.
     pub flows_acked: u64,
+    /// Exporter batches acknowledged, over the whole run.
+    pub batches_acked: u64,
     /// Claims in acknowledged batches.
     pub claims_acked: u64,
     pub batches_busy: u64,
@@ -257,6 +259,7 @@ impl LoadReport {
 #[derive(Debug, Default)]
 struct Counters {
     flows_acked: AtomicU64,
+    batches_acked: AtomicU64,
     claims_acked: AtomicU64,
     batches_busy: AtomicU64,
     send_errors: AtomicU64,
@@ -605,6 +608,7 @@ async fn exporter(
         match sent {
             Ok(AckStatus::Accepted) => {
                 if let Some(done) = queue.pop_front() {
+                    counters.batches_acked.fetch_add(1, Ordering::Relaxed);
                     counters
                         .flows_acked
                         .fetch_add(done.batch.flows.len() as u64, Ordering::Relaxed);
@@ -805,6 +809,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         outcomes.push(task.await.context("an exporter task")?);
     }
     report.flows_acked = counters.flows_acked.load(Ordering::Relaxed);
+    report.batches_acked = counters.batches_acked.load(Ordering::Relaxed);
     report.claims_acked = counters.claims_acked.load(Ordering::Relaxed);
     report.batches_busy = counters.batches_busy.load(Ordering::Relaxed);
     report.send_errors = counters.send_errors.load(Ordering::Relaxed);
@@ -902,6 +907,11 @@ pub fn describe(report: &LoadReport) -> String {
         s.misattributed,
         s.malformed,
         s.foreign
+    ));
+    line(format!(
+        "exporter batches: acknowledged={} flows_per_batch={:.0}",
+        report.batches_acked,
+        report.flows_acked as f64 / report.batches_acked.max(1) as f64
     ));
     for example in &s.misattributed_examples {
         line(format!("misattributed: {example}"));
