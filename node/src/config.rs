@@ -489,6 +489,9 @@ fn default_forward_ack_timeout_ms() -> u64 {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("tenure-data")
 }
+/// The values `journal_fsync_interval_ms` may take, in ms.
+pub const JOURNAL_FSYNC_INTERVAL_MS: std::ops::RangeInclusive<u64> = 1..=1_000;
+
 fn default_journal_fsync_interval_ms() -> u64 {
     50
 }
@@ -571,7 +574,7 @@ impl CollectorConfig {
         {
             return Err(invalid("sink.row_group_rows_max", "must be above 0"));
         }
-        if !(1..=1_000).contains(&self.journal_fsync_interval_ms) {
+        if !JOURNAL_FSYNC_INTERVAL_MS.contains(&self.journal_fsync_interval_ms) {
             return Err(invalid("journal_fsync_interval_ms", "must be 1 to 1,000"));
         }
         if let Some(engine) = &self.engine {

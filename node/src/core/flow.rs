@@ -229,6 +229,11 @@ impl Names {
         kept
     }
 
+    /// The shared `Arc`s of a batch's dictionary, in its order.
+    pub(crate) fn dictionary(&mut self, names: &[String]) -> Vec<Arc<str>> {
+        names.iter().map(|name| self.get(name)).collect()
+    }
+
     /// Names kept now.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

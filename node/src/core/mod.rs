@@ -810,8 +810,7 @@ impl NodeCore {
             batch.claims
         };
         self.stats.batches_accepted += 1;
-        let dictionary: Vec<Arc<str>> =
-            batch.dictionary.iter().map(|s| self.names.get(s)).collect();
+        let dictionary = self.names.dictionary(&batch.dictionary);
         let origin = if batch.hops == 0 {
             Origin::Exporter
         } else {
@@ -1358,8 +1357,7 @@ impl NodeCore {
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
-        let dictionary: Vec<Arc<str>> =
-            batch.dictionary.iter().map(|s| self.names.get(s)).collect();
+        let dictionary = self.names.dictionary(&batch.dictionary);
         self.stats.claims_received += batch.claims.len() as u64;
         for claim in &batch.claims {
             self.apply_claim(claim, &dictionary, now, out);

@@ -161,7 +161,7 @@ impl LoadOptions {
         );
         if let Some(ms) = self.journal_fsync_interval_ms {
             anyhow::ensure!(
-                (1..=1_000).contains(&ms),
+                crate::config::JOURNAL_FSYNC_INTERVAL_MS.contains(&ms),
                 "journal fsync interval: 1 to 1,000 ms"
             );
         }
