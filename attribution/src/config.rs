@@ -15,14 +15,24 @@ pub struct EngineConfig {
     pub skew_margin_ms: u64,
     /// How long a flow may wait for its remote IP's history to cover it before it is
     /// emitted unattributed. Default 25,000 ms: two heartbeat intervals plus replication.
+    /// Counted from the flow's arrival, its settling time included.
     pub pending_deadline_ms: u64,
+    /// How long after its end a flow is first looked up (by the engine's clock, and at
+    /// most this long after it arrives). Until then it waits in arrival order, unindexed:
+    /// a flow that ends now cannot be covered before its remote IP's next heartbeat, so
+    /// looking it up on arrival only finds it pending, and the pending queue (indexed by IP
+    /// and deadline, retried by every claim of its IP) is the costly place to wait. A flow
+    /// not covered when it settles waits there as before. Set it to about one heartbeat
+    /// interval plus δ to decide nearly every flow once; 0 looks every flow up on arrival.
+    /// Below `pending_deadline_ms`. Default 0.
+    pub settle_ms: u64,
     /// History older than this is dropped; flows before it answer `expired`.
     /// Default 3,600,000 ms (1 h). At most 40 days.
     pub retention_ms: u64,
     /// Claims that state a time later than the engine's `now` plus this are rejected.
     /// Default 60,000 ms.
     pub claim_future_max_ms: u64,
-    /// Flows waiting at once; past it a flow is emitted unattributed with reason
+    /// Flows waiting at once, settling ones included; past it a flow is emitted unattributed with reason
     /// `overload`. Default 1,000,000.
     pub pending_flows_max: NonZeroUsize,
     /// Segments kept per IP; past it the oldest are dropped and the IP's history starts
@@ -50,6 +60,7 @@ impl Default for EngineConfig {
         EngineConfig {
             skew_margin_ms: 1_000,
             pending_deadline_ms: 25_000,
+            settle_ms: 0,
             retention_ms: 3_600_000,
             claim_future_max_ms: 60_000,
             pending_flows_max: NonZeroUsize::new(1_000_000).expect("non-zero"),
@@ -80,6 +91,11 @@ pub enum ConfigError {
     FutureMax(u64),
     #[error("skew_margin_ms must be below retention_ms")]
     SkewMargin,
+    #[error("settle_ms ({settle_ms}) must be below pending_deadline_ms ({pending_deadline_ms})")]
+    Settle {
+        settle_ms: u64,
+        pending_deadline_ms: u64,
+    },
     #[error("{field} must be at most {max}, got {value}")]
     TooLarge {
         field: &'static str,
@@ -99,6 +115,12 @@ impl EngineConfig {
         }
         if self.skew_margin_ms >= self.retention_ms {
             return Err(ConfigError::SkewMargin);
+        }
+        if self.settle_ms > 0 && self.settle_ms >= self.pending_deadline_ms {
+            return Err(ConfigError::Settle {
+                settle_ms: self.settle_ms,
+                pending_deadline_ms: self.pending_deadline_ms,
+            });
         }
         let id_max = u32::MAX as usize - 1;
         for (field, value) in [

@@ -1,5 +1,6 @@
 //! The attribution engine: ownership ranges, events, pending flows and their verdicts.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -254,6 +255,8 @@ pub struct EngineStats {
     pub range_overflows: u64,
     pub flows_submitted: u64,
     pub flows_pending: u64,
+    /// Flows that waited to settle before their first lookup.
+    pub flows_settled: u64,
     pub attributed_heartbeat: u64,
     pub attributed_event: u64,
     unattributed: [u64; 6],
@@ -302,6 +305,8 @@ pub struct Engine<F> {
     events: EventTable<IpKey>,
     watermark: UnixMillis,
     pending: PendingQueue<F>,
+    /// Flows not looked up yet, in arrival order (see [`EngineConfig::settle_ms`]).
+    settling: VecDeque<Settling<F>>,
     /// History before this instant is gone: `now − retention` at the latest call.
     horizon: UnixMillis,
     last_sweep: UnixMillis,
@@ -319,6 +324,7 @@ impl<F> Engine<F> {
             events: EventTable::new(config.hash_seed),
             watermark: UnixMillis(0),
             pending: PendingQueue::new(config.pending_flows_max.get(), config.hash_seed),
+            settling: VecDeque::new(),
             horizon: UnixMillis(0),
             last_sweep: UnixMillis(0),
             overlaps: Vec::new(),
@@ -345,27 +351,39 @@ impl<F> Engine<F> {
         self.interner.name(id)
     }
 
-    /// Flows waiting for coverage.
+    /// Flows waiting for coverage, settling ones included.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.settling.len()
     }
 
-    /// Takes every waiting flow out of the engine, oldest first, without a verdict: for a
-    /// node that leaves the cluster and hands its pending flows to their next owner.
+    /// Flows not looked up yet (see [`EngineConfig::settle_ms`]).
+    pub fn settling_len(&self) -> usize {
+        self.settling.len()
+    }
+
+    /// Takes every waiting flow out of the engine without a verdict, the pending ones
+    /// (oldest deadline first), then the settling ones (in arrival order): for a node that
+    /// leaves the cluster and hands its waiting flows to their next owner.
     pub fn take_pending(&mut self) -> Vec<F> {
-        let mut flows = Vec::with_capacity(self.pending.len());
+        let mut flows = Vec::with_capacity(self.pending_len());
         while let Some(slot) = self.pending.next_due(UnixMillis::MAX) {
             match self.pending.remove(slot) {
                 Some(entry) => flows.push(entry.payload),
                 None => break,
             }
         }
+        flows.extend(self.settling.drain(..).map(|s| s.flow.payload));
         flows
     }
 
-    /// When the next pending flow is due: the caller should call [`Engine::tick`] then.
+    /// When the next waiting flow is due (a pending flow's deadline, or a settling flow's
+    /// first lookup): the caller should call [`Engine::tick`] then.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
-        self.pending.next_deadline()
+        let settled = self.settling.front().map(|s| s.ready);
+        match (self.pending.next_deadline(), settled) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn memory(&self) -> MemoryReport {
@@ -375,7 +393,7 @@ impl<F> Engine<F> {
             table_bytes: self.v4.bytes() + self.v6.bytes(),
             event_ips: self.events.ips(),
             events: self.events.events(),
-            pending_flows: self.pending.len(),
+            pending_flows: self.pending_len(),
             workloads: self.interner.len(),
         }
     }
@@ -522,53 +540,140 @@ impl<F> Engine<F> {
         }
     }
 
-    /// Attributes `flow` now if its remote IP's history covers it, or queues it.
+    /// Attributes `flow` now if its remote IP's history covers it, or queues it (to settle
+    /// first, when [`EngineConfig::settle_ms`] says it is too recent to be covered).
     pub fn submit(&mut self, flow: FlowQuery<F>, now: UnixMillis, out: &mut Outputs<F>) {
         self.advance(now);
+        self.stats.flows_submitted += 1;
+        let Some(flow) = self.settle(flow, now, out) else {
+            return;
+        };
         let decision = self.decide(
             IpKey::new(flow.remote),
             flow.window.widened(self.config.skew_margin_ms),
         );
-        self.dispatch(flow, decision, now, out);
+        self.dispatch(flow, decision, now, now, out);
     }
 
     /// [`Engine::submit`] for a whole batch, with the lookups grouped as in
     /// [`Engine::lookup_many`]: the way a collector takes an exporter's batch.
     pub fn submit_many(&mut self, flows: Vec<FlowQuery<F>>, now: UnixMillis, out: &mut Outputs<F>) {
         self.advance(now);
+        self.stats.flows_submitted += flows.len() as u64;
+        let flows = if self.config.settle_ms == 0 {
+            flows
+        } else {
+            // Nearly every flow settles: each moves once, into the queue, and the few
+            // looked up at once are gathered apart.
+            let mut now_due = Vec::new();
+            for flow in flows {
+                if let Some(flow) = self.settle(flow, now, out) {
+                    now_due.push(flow);
+                }
+            }
+            now_due
+        };
+        if flows.is_empty() {
+            return;
+        }
         let queries: Vec<(IpAddr, Window)> = flows.iter().map(|f| (f.remote, f.window)).collect();
         let mut decisions = Vec::with_capacity(queries.len());
         self.lookup_many(&queries, &mut decisions);
         for (flow, decision) in flows.into_iter().zip(decisions) {
-            self.dispatch(flow, decision, now, out);
+            self.dispatch(flow, decision, now, now, out);
         }
     }
 
+    /// Queues `flow` to settle when it ended too recently to be covered (it is counted
+    /// and, past `pending_flows_max`, emitted as `overload`), else gives it back to be
+    /// looked up now.
+    ///
+    /// It settles until `settle_ms` after its end, and at most `settle_ms` after now: an
+    /// end in the future (a fast clock) waits no longer than a flow ending now, so the
+    /// queue's arrival order is nearly the order of the times it is due, and a flow behind
+    /// one due later waits at most `settle_ms` past its arrival.
+    fn settle(
+        &mut self,
+        flow: FlowQuery<F>,
+        now: UnixMillis,
+        out: &mut Outputs<F>,
+    ) -> Option<FlowQuery<F>> {
+        let settle = self.config.settle_ms;
+        if settle == 0 {
+            return Some(flow);
+        }
+        let ready = flow.window.end.plus(settle).min(now.plus(settle));
+        if ready <= now {
+            return Some(flow);
+        }
+        if self.pending_len() >= self.config.pending_flows_max.get() {
+            self.emit_unattributed(flow.payload, Reason::Overload, 0, out);
+            return None;
+        }
+        self.stats.flows_settled += 1;
+        self.settling.push_back(Settling {
+            ready,
+            arrived: now,
+            flow,
+        });
+        None
+    }
+
+    /// Looks up the settling flows whose time has come, as one grouped batch: attributed,
+    /// unattributed, or on to the pending queue with the deadline of their arrival.
+    fn release_settled(&mut self, now: UnixMillis, out: &mut Outputs<F>) {
+        // From the front, in arrival order: a flow behind one due later waits for it (at
+        // most `settle_ms` past its own arrival, see `settle`).
+        let queries: Vec<(IpAddr, Window)> = self
+            .settling
+            .iter()
+            .take_while(|s| s.ready <= now)
+            .map(|s| (s.flow.remote, s.flow.window))
+            .collect();
+        if queries.is_empty() {
+            return;
+        }
+        let mut decisions = Vec::with_capacity(queries.len());
+        self.lookup_many(&queries, &mut decisions);
+        // Each flow leaves the queue straight for its verdict or the pending queue.
+        for decision in decisions {
+            let Some(settled) = self.settling.pop_front() else {
+                break;
+            };
+            self.dispatch(settled.flow, decision, settled.arrived, now, out);
+        }
+    }
+
+    /// Emits `flow` with `decision`, or queues it when pending. `arrived` is when it was
+    /// submitted: its wait and its deadline count from then.
     fn dispatch(
         &mut self,
         flow: FlowQuery<F>,
         decision: Lookup,
+        arrived: UnixMillis,
         now: UnixMillis,
         out: &mut Outputs<F>,
     ) {
-        self.stats.flows_submitted += 1;
+        let waited_ms = now.since(arrived);
         match decision {
             Lookup::Attributed { workload, source } => {
-                self.emit_attributed(flow.payload, workload, source, 0, out);
+                self.emit_attributed(flow.payload, workload, source, waited_ms, out);
             }
-            Lookup::Unattributed(reason) => self.emit_unattributed(flow.payload, reason, 0, out),
+            Lookup::Unattributed(reason) => {
+                self.emit_unattributed(flow.payload, reason, waited_ms, out);
+            }
             Lookup::Pending(_) => {
                 let entry = Entry {
                     ip: IpKey::new(flow.remote),
                     window: flow.window.widened(self.config.skew_margin_ms),
-                    submitted: now,
-                    deadline: now.plus(self.config.pending_deadline_ms),
+                    submitted: arrived,
+                    deadline: arrived.plus(self.config.pending_deadline_ms),
                     payload: flow.payload,
                 };
                 match self.pending.push(entry) {
                     Ok(()) => self.stats.flows_pending += 1,
                     Err(entry) => {
-                        self.emit_unattributed(entry.payload, Reason::Overload, 0, out);
+                        self.emit_unattributed(entry.payload, Reason::Overload, waited_ms, out);
                     }
                 }
             }
@@ -820,6 +925,7 @@ impl<F> Engine<F> {
     /// gives now, and applies retention when a sweep is due.
     pub fn tick(&mut self, now: UnixMillis, out: &mut Outputs<F>) {
         self.advance(now);
+        self.release_settled(now, out);
         while let Some(slot) = self.pending.next_due(now) {
             let Some(entry) = self.pending.remove(slot) else {
                 break;
@@ -951,6 +1057,14 @@ impl<F> Engine<F> {
 /// Lookups per group in [`Engine::lookup_many`]: enough to keep the loads of a group in
 /// flight together, few enough that a group's entries stay in the first-level cache.
 const LOOKUP_GROUP: usize = 32;
+
+/// A flow waiting to settle: looked up first at `ready`.
+#[derive(Debug)]
+struct Settling<F> {
+    ready: UnixMillis,
+    arrived: UnixMillis,
+    flow: FlowQuery<F>,
+}
 
 /// A group of [`Engine::lookup_many`] waiting for phase three: the lookups (indices into
 /// `group`) that the latest segment did not answer, whose older segments are loading.

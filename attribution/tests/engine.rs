@@ -415,3 +415,114 @@ fn grouped_lookups_agree_with_single_ones_over_a_large_table_after_sweeps() {
     assert_eq!(after.len(), before.len());
     assert!(after.contains(&Lookup::Unattributed(Reason::Expired)));
 }
+
+/// An engine whose flows settle `seconds` after their end before their first lookup.
+fn settling(seconds: u64) -> Harness {
+    Harness::with(EngineConfig {
+        settle_ms: seconds * S,
+        ..EngineConfig::default()
+    })
+}
+
+/// How long the flow `id` waited, when it has been emitted.
+fn waited_ms(h: &Harness, id: u32) -> Option<u64> {
+    h.out
+        .resolved
+        .iter()
+        .find(|r| r.payload == id)
+        .map(|r| r.waited_ms)
+}
+
+#[test]
+fn a_settling_flow_is_first_looked_up_settle_ms_after_its_end_and_not_by_claims() {
+    let mut h = settling(12);
+    h.heartbeat("10.0.0.1", "api", 0, 10);
+    h.flow(1, "10.0.0.1", 9, 10); // arrives at 10 s, first looked up at 22 s
+    assert_eq!(h.engine.settling_len(), 1);
+    assert_eq!(h.engine.pending_len(), 1);
+    assert_eq!(h.engine.next_deadline(), Some(t(22)));
+    // A claim that covers it does not reach it while it settles.
+    h.heartbeat("10.0.0.1", "api", 0, 20);
+    assert_eq!(h.verdict(1), None);
+    h.engine.tick(t(21), &mut h.out);
+    assert_eq!(h.verdict(1), None);
+    h.engine.tick(t(22), &mut h.out);
+    assert_eq!(waited_ms(&h, 1), Some(12 * S));
+    assert_eq!(h.verdict(1), heartbeat_of("api"));
+    assert_eq!(h.engine.pending_len(), 0);
+    assert_eq!(h.engine.stats().flows_settled, 1);
+    assert_eq!(h.engine.stats().flows_pending, 0);
+}
+
+#[test]
+fn a_flow_that_ended_settle_ms_ago_is_looked_up_on_arrival() {
+    let mut h = settling(12);
+    h.heartbeat("10.0.0.1", "api", 0, 30);
+    let flow = FlowQuery {
+        remote: ip("10.0.0.1"),
+        window: Window::new(t(10), t(18)).unwrap(),
+        payload: 1,
+    };
+    h.engine.submit_many(vec![flow], t(30), &mut h.out);
+    assert_eq!(h.verdict(1), heartbeat_of("api"));
+    assert_eq!(h.engine.stats().flows_settled, 0);
+}
+
+#[test]
+fn a_settled_flow_still_not_covered_waits_with_the_deadline_of_its_arrival() {
+    let mut h = settling(12);
+    h.heartbeat("10.0.0.1", "api", 0, 10);
+    h.flow(1, "10.0.0.1", 30, 31); // arrives at 31 s, settles until 43 s
+    h.engine.tick(t(43), &mut h.out);
+    assert_eq!(h.verdict(1), None);
+    assert_eq!(h.engine.settling_len(), 0);
+    assert_eq!(h.engine.pending_len(), 1);
+    // Its deadline counts from its arrival (31 + 25), not from when it settled.
+    assert_eq!(h.engine.next_deadline(), Some(t(31 + 25)));
+    h.engine.tick(t(55), &mut h.out);
+    assert_eq!(h.verdict(1), None);
+    h.engine.tick(t(56), &mut h.out);
+    assert_eq!(waited_ms(&h, 1), Some(25 * S));
+    assert_eq!(h.verdict(1), Some(Verdict::Unattributed(Reason::NoOwner)));
+}
+
+#[test]
+fn a_flow_ending_in_the_future_settles_no_longer_than_one_ending_now() {
+    let mut h = settling(12);
+    // Its host's clock is 9 s ahead: it ends at 40 s, arriving at 31 s.
+    let flow = FlowQuery {
+        remote: ip("10.0.0.1"),
+        window: Window::new(t(39), t(40)).unwrap(),
+        payload: 1,
+    };
+    h.engine.submit(flow, t(31), &mut h.out);
+    assert_eq!(h.engine.next_deadline(), Some(t(43)));
+}
+
+#[test]
+fn settling_flows_count_against_the_pending_limit_and_leave_with_take_pending() {
+    let mut h = Harness::with(EngineConfig {
+        settle_ms: 12 * S,
+        pending_flows_max: NonZeroUsize::new(2).unwrap(),
+        ..EngineConfig::default()
+    });
+    h.flow(1, "10.0.0.1", 10, 11);
+    h.flow(2, "10.0.0.2", 10, 11);
+    h.flow(3, "10.0.0.3", 10, 11);
+    assert_eq!(h.verdict(3), Some(Verdict::Unattributed(Reason::Overload)));
+    assert_eq!(h.engine.take_pending(), vec![1, 2]);
+    assert_eq!(h.engine.pending_len(), 0);
+    assert_eq!(h.engine.next_deadline(), None);
+}
+
+#[test]
+fn settling_must_end_before_the_pending_deadline() {
+    let config = EngineConfig {
+        settle_ms: 25 * S,
+        ..EngineConfig::default()
+    };
+    assert!(matches!(
+        Engine::<u32>::new(config),
+        Err(tenure_attribution::ConfigError::Settle { .. })
+    ));
+}

@@ -194,17 +194,20 @@ fn flow_window(flow: &TrueFlow) -> Window {
     .unwrap()
 }
 
-/// Runs one scenario through an engine whose tables are seeded with `hash_seed`, checks
-/// the promises, and returns every verdict in the order emitted.
+/// Runs one scenario through an engine whose tables are seeded with `hash_seed` and whose
+/// flows settle `settle_ms` before their first lookup, checks the promises, and returns
+/// every verdict in the order emitted.
 fn run(
     seed: u64,
     loss_percent: u64,
     max_delay_ms: u64,
     hash_seed: u64,
+    settle_ms: u64,
 ) -> Result<Vec<(usize, Verdict)>, TestCaseError> {
     let s = scenario(seed, loss_percent, max_delay_ms);
     let config = EngineConfig {
         skew_margin_ms: DELTA_MS,
+        settle_ms,
         hash_seed,
         ..EngineConfig::default()
     };
@@ -347,10 +350,19 @@ proptest! {
         loss_percent in 0u64..60,
         max_delay_ms in 0u64..(3 * HEARTBEAT_MS),
         hash_seed in any::<u64>(),
+        // Half the cases look flows up on arrival; the others let them settle for up to
+        // two heartbeat intervals first.
+        settle_ms in prop_oneof![Just(0u64), 1u64..(2 * HEARTBEAT_MS)],
     ) {
         // The tables' seed changes where keys land, never what comes out, nor its order.
-        let verdicts = run(seed, loss_percent, max_delay_ms, hash_seed)?;
-        let again = run(seed, loss_percent, max_delay_ms, hash_seed.rotate_left(17) ^ 1)?;
+        let verdicts = run(seed, loss_percent, max_delay_ms, hash_seed, settle_ms)?;
+        let again = run(
+            seed,
+            loss_percent,
+            max_delay_ms,
+            hash_seed.rotate_left(17) ^ 1,
+            settle_ms,
+        )?;
         prop_assert_eq!(verdicts, again, "seed {}", seed);
     }
 }

@@ -349,7 +349,9 @@ pub struct CollectorConfig {
     pub replication: usize,
     /// Attribution engine limits and timings (skew margin, deadline, retention...).
     /// Defaults: see the engine's documentation; `pending_deadline_ms` defaults to
-    /// 2 × heartbeat interval + 5,000.
+    /// 2 × heartbeat interval + 5,000, and `settle_ms` to heartbeat interval + δ + 250
+    /// ([`settle_ms_for`]). A section given here is taken as it is (its `settle_ms` is 0
+    /// unless set).
     #[serde(default)]
     pub engine: Option<EngineConfig>,
     /// Where attributed flows go. Default: rolling files in `./tenure-flows`.
@@ -678,18 +680,36 @@ impl CollectorConfig {
         }
     }
 
-    /// The engine configuration: as given, or defaults with the deadline derived from the
-    /// heartbeat interval.
+    /// The engine configuration: as given, or defaults with the deadline and the settling
+    /// time derived from the heartbeat interval.
     pub fn engine_config(&self) -> EngineConfig {
-        self.engine.clone().unwrap_or_else(|| EngineConfig {
-            pending_deadline_ms: self
-                .heartbeat_interval_ms
-                .saturating_mul(2)
-                .saturating_add(5_000),
-            ..EngineConfig::default()
+        self.engine.clone().unwrap_or_else(|| {
+            let defaults = EngineConfig::default();
+            EngineConfig {
+                pending_deadline_ms: self
+                    .heartbeat_interval_ms
+                    .saturating_mul(2)
+                    .saturating_add(5_000),
+                settle_ms: settle_ms_for(self.heartbeat_interval_ms, defaults.skew_margin_ms),
+                ..defaults
+            }
         })
     }
 }
+
+/// How long a flow settles before its first lookup, for exporters heartbeating every
+/// `heartbeat_interval_ms` with clocks within `skew_margin_ms` (δ): the heartbeat that
+/// covers a flow's end plus δ is sent within one interval of it, and reaches the IP's
+/// owners (one hop from the exporter's collector) within a few tens of ms more; 250 ms
+/// leaves room for that hop and the collector's tick.
+pub fn settle_ms_for(heartbeat_interval_ms: u64, skew_margin_ms: u64) -> u64 {
+    heartbeat_interval_ms
+        .saturating_add(skew_margin_ms)
+        .saturating_add(SETTLE_SLACK_MS)
+}
+
+/// See [`settle_ms_for`].
+const SETTLE_SLACK_MS: u64 = 250;
 
 /// Where an exporter learns its local workloads.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -865,6 +885,7 @@ mod tests {
         let config: CollectorConfig = parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(config.heartbeat_interval_ms, 10_000);
         assert_eq!(config.engine_config().pending_deadline_ms, 25_000);
+        assert_eq!(config.engine_config().settle_ms, 11_250);
         config.validate().unwrap();
         let bad = format!("{text}\nbogus = 1\n");
         let err = parse::<CollectorConfig>(&bad, Path::new("t.toml")).unwrap_err();

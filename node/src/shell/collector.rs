@@ -441,6 +441,8 @@ impl Shared {
         let node = self.node.clone();
         metrics::gauge!(m::FLOWS_PENDING, "node" => node.clone())
             .set((memory.pending_flows + core.held_len()) as f64);
+        metrics::gauge!(m::FLOWS_SETTLING, "node" => node.clone())
+            .set(core.engine().settling_len() as f64);
         metrics::gauge!(m::RANGES, "node" => node.clone()).set(memory.segments as f64);
         metrics::gauge!(m::IPS_TRACKED, "node" => node.clone()).set(memory.ips as f64);
         metrics::gauge!(m::ENGINE_TABLE_BYTES, "node" => node.clone())

@@ -194,7 +194,8 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
             "handoff_pending_spans": core.handoff().pending_spans(),
         },
         "flows": {
-            "pending": core.engine().pending_len(),
+            "settling": core.engine().settling_len(),
+            "pending": core.engine().pending_len() - core.engine().settling_len(),
             "held_for_handoff": core.held_len(),
             "gathered_for_peers": core.outbox_len(),
             "forwarded_unacknowledged": core.inflight_len(),

@@ -8,7 +8,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const FLOWS_IN: &str = "tenure_flows_in_total";
 pub const FLOWS_OUT: &str = "tenure_flows_out_total";
+/// Flows waiting: settling before their first lookup, pending, or held for handoff.
 pub const FLOWS_PENDING: &str = "tenure_flows_pending";
+/// Of those, the flows settling (not looked up yet: the engine's `settle_ms`).
+pub const FLOWS_SETTLING: &str = "tenure_flows_settling";
 pub const FLOWS_FORWARDED: &str = "tenure_flows_forwarded_total";
 pub const RANGES: &str = "tenure_ranges";
 pub const IPS_TRACKED: &str = "tenure_ips_tracked";
