@@ -6,6 +6,7 @@
 //! traffic is unknown instead of a graph that silently leaves it out.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tenure_attribution::Reason;
@@ -21,7 +22,7 @@ pub const BUCKETS_MAX: usize = 1_440;
 pub const EDGES_PER_BUCKET_MAX: usize = 100_000;
 
 /// One end of an edge.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum End {
     /// A workload, by name.
     Workload(Arc<str>),
@@ -31,7 +32,62 @@ pub enum End {
     Unattributed,
 }
 
+/// Hashed as its [`EndRef`], so that an edge is found by borrowed ends.
+impl Hash for End {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+/// An [`End`] borrowed: what recording a flow looks its edge up with. Cloning the two
+/// names' `Arc`s for every flow, only to drop them again when the edge exists (nearly
+/// always), cost four atomic operations per flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum EndRef<'a> {
+    Workload(&'a Arc<str>),
+    External,
+    Unattributed,
+}
+
+impl EndRef<'_> {
+    fn to_owned(self) -> End {
+        match self {
+            EndRef::Workload(w) => End::Workload(w.clone()),
+            EndRef::External => End::External,
+            EndRef::Unattributed => End::Unattributed,
+        }
+    }
+}
+
+/// An edge: caller and callee.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EdgeKey {
+    from: End,
+    to: End,
+}
+
+/// An [`EdgeKey`] borrowed; hashes as it does (same fields, in the same order).
+#[derive(Hash)]
+struct EdgeRef<'a> {
+    from: EndRef<'a>,
+    to: EndRef<'a>,
+}
+
+impl hashbrown::Equivalent<EdgeKey> for EdgeRef<'_> {
+    fn equivalent(&self, key: &EdgeKey) -> bool {
+        self.from == key.from.as_ref() && self.to == key.to.as_ref()
+    }
+}
+
 impl End {
+    fn as_ref(&self) -> EndRef<'_> {
+        match self {
+            End::Workload(w) => EndRef::Workload(w),
+            End::External => EndRef::External,
+            End::Unattributed => EndRef::Unattributed,
+        }
+    }
+
     /// The name shown for this end: the workload's name, `external` or `unattributed`.
     pub fn name(&self) -> &str {
         match self {
@@ -107,7 +163,7 @@ pub fn reason_index(reason: Reason) -> usize {
 /// under `tenure loadgen`); [`Dependencies::edges`] sorts what it returns, so the map's
 /// order never reaches output. Its keys are workload names exporters send, so its seed is
 /// the collector's, drawn from the OS.
-type Edges = hashbrown::HashMap<(End, End), EdgeTotals, foldhash::fast::FixedState>;
+type Edges = hashbrown::HashMap<EdgeKey, EdgeTotals, foldhash::fast::FixedState>;
 
 /// The graph.
 #[derive(Debug)]
@@ -135,20 +191,26 @@ impl Dependencies {
             unattributed: [0; Reason::ALL.len()],
         };
         let remote = match (flow.remote_workload(), flow.reason()) {
-            (Some(w), _) => End::Workload(w.clone()),
+            (Some(w), _) => EndRef::Workload(w),
             (None, Some(reason)) => {
                 totals.unattributed[reason_index(reason)] = 1;
-                End::Unattributed
+                EndRef::Unattributed
             }
-            (None, None) if flow.is_external() => End::External,
+            (None, None) if flow.is_external() => EndRef::External,
             // An attribution without a workload that is not external does not exist today;
             // should one appear, it is counted as unknown rather than dropped.
-            (None, None) => End::Unattributed,
+            (None, None) => EndRef::Unattributed,
         };
-        let local = End::Workload(flow.record.local_workload.clone());
+        let local = EndRef::Workload(&flow.record.local_workload);
         let key = match flow.record.direction {
-            Direction::Outbound => (local, remote),
-            Direction::Inbound => (remote, local),
+            Direction::Outbound => EdgeRef {
+                from: local,
+                to: remote,
+            },
+            Direction::Inbound => EdgeRef {
+                from: remote,
+                to: local,
+            },
         };
         let bucket = flow.record.start_ms / BUCKET_MS;
         let edges = self.buckets.entry(bucket).or_insert_with(|| {
@@ -160,6 +222,10 @@ impl Dependencies {
             self.edges_dropped += 1;
             return;
         } else {
+            let key = EdgeKey {
+                from: key.from.to_owned(),
+                to: key.to.to_owned(),
+            };
             edges.insert(key, totals);
         }
         while self.buckets.len() > BUCKETS_MAX {
@@ -185,10 +251,13 @@ impl Dependencies {
             .range(since_ms / BUCKET_MS..=until_ms / BUCKET_MS)
         {
             for (key, t) in edges {
-                if workload.is_some() && !touches(&key.0) && !touches(&key.1) {
+                if workload.is_some() && !touches(&key.from) && !touches(&key.to) {
                     continue;
                 }
-                total.entry(key.clone()).or_default().add(t);
+                total
+                    .entry((key.from.clone(), key.to.clone()))
+                    .or_default()
+                    .add(t);
             }
         }
         total.into_iter().map(|((a, b), t)| (a, b, t)).collect()
@@ -196,5 +265,84 @@ impl Dependencies {
 
     pub fn edges_dropped(&self) -> u64 {
         self.edges_dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenure_attribution::{Attribution, Verdict};
+
+    fn flow(local: &str, direction: Direction, verdict: Verdict) -> EmittedFlow {
+        EmittedFlow {
+            record: crate::core::FlowRecord {
+                flow_id: 1,
+                local_ip: "10.1.2.3".parse().unwrap(),
+                local_port: 40_000,
+                remote_ip: "10.1.9.9".parse().unwrap(),
+                remote_port: 443,
+                local_workload: Arc::from(local),
+                start_ms: 1_700_000_000_000,
+                end_ms: 1_700_000_000_250,
+                bytes_sent: 10,
+                bytes_received: 5,
+                packets: 3,
+                retransmits: 0,
+                direction,
+                ongoing: false,
+                exporter_id: 7,
+                exporter_region: Arc::from("r"),
+                hops: 0,
+            },
+            verdict,
+            waited_ms: 0,
+            emitted_ms: 1_700_000_001_000,
+        }
+    }
+
+    fn calls(name: &str) -> Verdict {
+        // A new allocation each time: edges are found by the names, not by their `Arc`s.
+        Verdict::Attributed(Attribution::Heartbeat(Arc::from(name)))
+    }
+
+    /// Flows of one edge land in one entry however their names were allocated, in either
+    /// direction; the borrowed lookup hashes exactly as the stored key does.
+    #[test]
+    fn flows_of_one_edge_share_one_entry() {
+        let mut deps = Dependencies::new(42);
+        for _ in 0..3 {
+            deps.record(&flow("web", Direction::Outbound, calls("db")));
+            deps.record(&flow("db", Direction::Inbound, calls("web")));
+            deps.record(&flow(
+                "web",
+                Direction::Outbound,
+                Verdict::Unattributed(Reason::NoOwner),
+            ));
+            deps.record(&flow(
+                "web",
+                Direction::Outbound,
+                Verdict::Attributed(Attribution::External),
+            ));
+        }
+        let bucket = 1_700_000_000_000 / BUCKET_MS;
+        assert_eq!(
+            deps.buckets[&bucket].len(),
+            3,
+            "web→db, web→unattributed, web→external"
+        );
+        let edges = deps.edges(0, u64::MAX / 2, None);
+        let web = End::Workload(Arc::from("web"));
+        let db = End::Workload(Arc::from("db"));
+        let find = |from: &End, to: &End| {
+            edges
+                .iter()
+                .find(|(a, b, _)| a == from && b == to)
+                .map(|(_, _, t)| *t)
+        };
+        let both_ways = find(&web, &db).expect("web calls db");
+        assert_eq!((both_ways.flows, both_ways.bytes), (6, 90));
+        let unknown = find(&web, &End::Unattributed).expect("web calls something unknown");
+        assert_eq!(unknown.unattributed_flows(), 3);
+        assert_eq!(find(&web, &End::External).map(|t| t.flows), Some(3));
     }
 }
