@@ -347,13 +347,12 @@ pub struct CollectorConfig {
     /// Owners of each IP on the region's ring. Default 2.
     #[serde(default = "default_replication")]
     pub replication: usize,
-    /// Attribution engine limits and timings (skew margin, deadline, retention...).
-    /// Defaults: see the engine's documentation; `pending_deadline_ms` defaults to
-    /// 2 × heartbeat interval + 5,000, and `settle_ms` to heartbeat interval + δ + 250
-    /// ([`settle_ms_for`]). A section given here is taken as it is (its `settle_ms` is 0
-    /// unless set).
+    /// Attribution engine limits and timings (skew margin, deadline, settling,
+    /// retention...). Defaults: see the engine's documentation, except the two derived
+    /// from the heartbeat interval when not written: `pending_deadline_ms`, 2 × heartbeat
+    /// interval + 5,000, and `settle_ms`, heartbeat interval + δ + 250 ([`settle_ms_for`]).
     #[serde(default)]
-    pub engine: Option<EngineConfig>,
+    pub engine: Option<EngineSection>,
     /// Where attributed flows go. Default: rolling files in `./tenure-flows`.
     #[serde(default)]
     pub sink: SinkConfig,
@@ -579,11 +578,9 @@ impl CollectorConfig {
         if !JOURNAL_FSYNC_INTERVAL_MS.contains(&self.journal_fsync_interval_ms) {
             return Err(invalid("journal_fsync_interval_ms", "must be 1 to 1,000"));
         }
-        if let Some(engine) = &self.engine {
-            engine
-                .validate()
-                .map_err(|e| invalid("engine", e.to_string()))?;
-        }
+        self.engine_config()
+            .validate()
+            .map_err(|e| invalid("engine", e.to_string()))?;
         if self.exporter_key.is_none() && !self.dev_exporters_use_cluster_key {
             return Err(invalid(
                 "exporter_key",
@@ -680,19 +677,48 @@ impl CollectorConfig {
         }
     }
 
-    /// The engine configuration: as given, or defaults with the deadline and the settling
-    /// time derived from the heartbeat interval.
+    /// The engine configuration: the `[engine]` section's settings (or the defaults), with
+    /// the deadline and the settling time derived from the heartbeat interval unless the
+    /// section writes them.
     pub fn engine_config(&self) -> EngineConfig {
-        self.engine.clone().unwrap_or_else(|| {
-            let defaults = EngineConfig::default();
-            EngineConfig {
-                pending_deadline_ms: self
-                    .heartbeat_interval_ms
-                    .saturating_mul(2)
-                    .saturating_add(5_000),
-                settle_ms: settle_ms_for(self.heartbeat_interval_ms, defaults.skew_margin_ms),
-                ..defaults
-            }
+        let section = self.engine.clone().unwrap_or_default();
+        let mut engine = section.config;
+        if !section.pending_deadline_written {
+            engine.pending_deadline_ms = self
+                .heartbeat_interval_ms
+                .saturating_mul(2)
+                .saturating_add(5_000);
+        }
+        if !section.settle_written {
+            engine.settle_ms = settle_ms_for(self.heartbeat_interval_ms, engine.skew_margin_ms);
+        }
+        engine
+    }
+}
+
+/// The `[engine]` section: the engine's settings, and whether the two that default to
+/// values derived from the heartbeat interval were written (when not, they are derived, as
+/// with no section at all).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineSection {
+    pub config: EngineConfig,
+    pub pending_deadline_written: bool,
+    pub settle_written: bool,
+}
+
+impl<'de> Deserialize<'de> for EngineSection {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let table = toml::Table::deserialize(deserializer)?;
+        let pending_deadline_written = table.contains_key("pending_deadline_ms");
+        let settle_written = table.contains_key("settle_ms");
+        // The engine's own field checks (unknown keys refused) on the same table.
+        let config = toml::Value::Table(table)
+            .try_into::<EngineConfig>()
+            .map_err(serde::de::Error::custom)?;
+        Ok(EngineSection {
+            config,
+            pending_deadline_written,
+            settle_written,
         })
     }
 }
@@ -892,6 +918,52 @@ mod tests {
         let shown = text_of(&err);
         assert!(shown.starts_with("parsing t.toml: "), "{shown}");
         assert!(shown.contains("unknown field `bogus`"), "{shown}");
+    }
+
+    /// An `[engine]` section sets what it writes; the deadline and the settling time it
+    /// leaves out are derived from the heartbeat interval (and the section's δ), as with no
+    /// section; unknown keys in it are refused, and a settling time that reaches the
+    /// deadline is refused.
+    #[test]
+    fn an_engine_section_keeps_the_derived_settings_it_does_not_write() {
+        let config: CollectorConfig = parse(
+            &format!("{MINIMAL}\nheartbeat_interval_ms = 2000\n[engine]\nskew_margin_ms = 250\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let engine = config.engine_config();
+        assert_eq!(engine.skew_margin_ms, 250);
+        assert_eq!(engine.pending_deadline_ms, 9_000);
+        assert_eq!(engine.settle_ms, 2_000 + 250 + 250);
+        config.validate().unwrap();
+
+        let written: CollectorConfig = parse(
+            &format!("{MINIMAL}\n[engine]\nsettle_ms = 0\npending_deadline_ms = 7000\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(written.engine_config().settle_ms, 0);
+        assert_eq!(written.engine_config().pending_deadline_ms, 7_000);
+
+        let unknown = format!("{MINIMAL}\n[engine]\nsettle_msec = 10\n");
+        let err = parse::<CollectorConfig>(&unknown, Path::new("t.toml")).unwrap_err();
+        assert!(
+            text_of(&err).contains("unknown field `settle_msec`"),
+            "{}",
+            text_of(&err)
+        );
+
+        let late: CollectorConfig = parse(
+            &format!("{MINIMAL}\n[engine]\nsettle_ms = 30000\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let err = late.validate().unwrap_err();
+        assert!(
+            text_of(&err).contains("settle_ms (30000) must be below pending_deadline_ms (25000)"),
+            "{}",
+            text_of(&err)
+        );
     }
 
     #[test]

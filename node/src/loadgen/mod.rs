@@ -115,8 +115,8 @@ pub struct LoadOptions {
     #[arg(long)]
     pub journal_fsync_interval_ms: Option<u64>,
     /// The collectors' engine `settle_ms` (how long after its end a flow is first looked
-    /// up); unset: what a collector derives from the heartbeat interval and δ, as with no
-    /// `[engine]` section. 0: every flow looked up on arrival.
+    /// up); unset: what a collector derives, heartbeat interval + δ + 250 ms. 0: every
+    /// flow looked up on arrival.
     #[arg(long)]
     pub settle_ms: Option<u64>,
     /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
@@ -174,11 +174,13 @@ impl LoadOptions {
             self.heartbeat_interval_ms >= 100,
             "heartbeat interval: at least 100 ms"
         );
-        anyhow::ensure!(
-            self.settle_ms() < self.pending_deadline_ms(),
-            "settle: below the collectors' pending deadline, {} ms",
-            self.pending_deadline_ms()
-        );
+        if let Some(ms) = self.settle_ms {
+            anyhow::ensure!(
+                ms < self.pending_deadline_ms(),
+                "settle: below the collectors' pending deadline, {} ms",
+                self.pending_deadline_ms()
+            );
+        }
         anyhow::ensure!(
             self.tenure_ms_max >= self.tenure_ms_min,
             "tenures: min <= max"
@@ -198,12 +200,6 @@ impl LoadOptions {
 
     fn pending_deadline_ms(&self) -> u64 {
         2 * self.heartbeat_interval_ms + 3_000
-    }
-
-    fn settle_ms(&self) -> u64 {
-        self.settle_ms.unwrap_or_else(|| {
-            crate::config::settle_ms_for(self.heartbeat_interval_ms, LOAD_SKEW_MARGIN_MS)
-        })
     }
 }
 
@@ -342,7 +338,7 @@ data_dir = "{data}"
 [engine]
 skew_margin_ms = {LOAD_SKEW_MARGIN_MS}
 pending_deadline_ms = {deadline}
-settle_ms = {settle}
+{settle}
 [regions]
 "#,
         region_name = region_name(region),
@@ -355,7 +351,10 @@ settle_ms = {settle}
         sink = sink_dir.display(),
         data = data_dir.display(),
         deadline = options.pending_deadline_ms(),
-        settle = options.settle_ms(),
+        settle = options
+            .settle_ms
+            .map(|ms| format!("settle_ms = {ms}"))
+            .unwrap_or_default(),
         fsync = options
             .journal_fsync_interval_ms
             .map(|ms| format!("journal_fsync_interval_ms = {ms}"))
