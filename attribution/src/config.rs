@@ -32,8 +32,8 @@ pub struct EngineConfig {
     /// Claims that state a time later than the engine's `now` plus this are rejected.
     /// Default 60,000 ms.
     pub claim_future_max_ms: u64,
-    /// Flows waiting at once, settling ones included; past it a flow is emitted unattributed with reason
-    /// `overload`. Default 1,000,000.
+    /// Flows waiting at once, settling ones included; past it a flow is emitted
+    /// unattributed with reason `overload`. Default 1,000,000.
     pub pending_flows_max: NonZeroUsize,
     /// Segments kept per IP; past it the oldest are dropped and the IP's history starts
     /// later. Default 64.

@@ -325,8 +325,8 @@ impl<'s> World<'s> {
         let flows_end = heal_at + scenario.run.healed_phase_s * 1_000;
         let pending = scenario.pending_deadline_ms();
         let drain = 2 * pending + 2 * hb + 30_000;
-        // As a collector without an `[engine]` section derives it; a scenario whose
-        // deadline is shorter looks every flow up on arrival.
+        // As a collector derives it (unless its `[engine]` section writes it); a scenario
+        // whose deadline is shorter looks every flow up on arrival.
         let settle = tenure_node::config::settle_ms_for(hb, scenario.cluster.skew_margin_ms);
         let engine = EngineConfig {
             skew_margin_ms: scenario.cluster.skew_margin_ms,
