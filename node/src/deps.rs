@@ -35,7 +35,7 @@ pub enum End {
 /// Hashed as its [`EndRef`], so that an edge is found by borrowed ends.
 impl Hash for End {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.as_ref().hash(state);
+        self.borrowed().hash(state);
     }
 }
 
@@ -50,7 +50,7 @@ enum EndRef<'a> {
 }
 
 impl EndRef<'_> {
-    fn to_owned(self) -> End {
+    fn into_end(self) -> End {
         match self {
             EndRef::Workload(w) => End::Workload(w.clone()),
             EndRef::External => End::External,
@@ -75,12 +75,12 @@ struct EdgeRef<'a> {
 
 impl hashbrown::Equivalent<EdgeKey> for EdgeRef<'_> {
     fn equivalent(&self, key: &EdgeKey) -> bool {
-        self.from == key.from.as_ref() && self.to == key.to.as_ref()
+        self.from == key.from.borrowed() && self.to == key.to.borrowed()
     }
 }
 
 impl End {
-    fn as_ref(&self) -> EndRef<'_> {
+    fn borrowed(&self) -> EndRef<'_> {
         match self {
             End::Workload(w) => EndRef::Workload(w),
             End::External => EndRef::External,
@@ -223,8 +223,8 @@ impl Dependencies {
             return;
         } else {
             let key = EdgeKey {
-                from: key.from.to_owned(),
-                to: key.to.to_owned(),
+                from: key.from.into_end(),
+                to: key.to.into_end(),
             };
             edges.insert(key, totals);
         }
