@@ -379,11 +379,12 @@ impl<F> Engine<F> {
     /// When the next waiting flow is due (a pending flow's deadline, or a settling flow's
     /// first lookup): the caller should call [`Engine::tick`] then.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
-        let settled = self.settling.front().map(|s| s.ready);
-        match (self.pending.next_deadline(), settled) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let settling = self.settling.front().map(|s| s.ready);
+        self.pending
+            .next_deadline()
+            .into_iter()
+            .chain(settling)
+            .min()
     }
 
     pub fn memory(&self) -> MemoryReport {

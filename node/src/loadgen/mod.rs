@@ -174,12 +174,16 @@ impl LoadOptions {
             self.heartbeat_interval_ms >= 100,
             "heartbeat interval: at least 100 ms"
         );
-        if let Some(ms) = self.settle_ms {
-            anyhow::ensure!(
-                ms < self.pending_deadline_ms(),
-                "settle: below the collectors' pending deadline, {} ms",
-                self.pending_deadline_ms()
-            );
+        if let Some(settle_ms) = self.settle_ms {
+            // The collectors' own check, before any is started.
+            tenure_attribution::EngineConfig {
+                skew_margin_ms: LOAD_SKEW_MARGIN_MS,
+                pending_deadline_ms: self.pending_deadline_ms(),
+                settle_ms,
+                ..tenure_attribution::EngineConfig::default()
+            }
+            .validate()
+            .map_err(|e| anyhow::anyhow!("settle: {e}"))?;
         }
         anyhow::ensure!(
             self.tenure_ms_max >= self.tenure_ms_min,
