@@ -119,6 +119,10 @@ pub struct LoadOptions {
     /// flow looked up on arrival.
     #[arg(long)]
     pub settle_ms: Option<u64>,
+    /// The collectors' sink `direct_io` (`false`: NDJSON files written through the page
+    /// cache, as before session 11); unset: the collector's default, direct I/O.
+    #[arg(long)]
+    pub sink_direct_io: Option<bool>,
     /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.
     #[arg(long, default_value_t = 32)]
     pub fanout: u32,
@@ -336,7 +340,7 @@ exporter_claims_burst_max = 1000000000
 exporter_flows_per_sec_max = 1000000000
 exporter_flows_burst_max = 1000000000
 shutdown_grace_ms = 3000
-sink = {{ kind = "files", dir = "{sink}" }}
+sink = {{ kind = "files", dir = "{sink}"{direct_io} }}
 data_dir = "{data}"
 {fsync}
 [engine]
@@ -353,6 +357,10 @@ pending_deadline_ms = {deadline}
         region_size = options.collectors_per_region,
         fleet_size = options.collectors_per_region * options.regions,
         sink = sink_dir.display(),
+        direct_io = options
+            .sink_direct_io
+            .map(|on| format!(", direct_io = {on}"))
+            .unwrap_or_default(),
         data = data_dir.display(),
         deadline = options.pending_deadline_ms(),
         settle = options
