@@ -120,7 +120,7 @@ pub struct LoadOptions {
     #[arg(long)]
     pub settle_ms: Option<u64>,
     /// The collectors' sink `direct_io` (`false`: NDJSON files written through the page
-    /// cache, as before session 11); unset: the collector's default, direct I/O.
+    /// cache); unset: the collector's default, direct I/O.
     #[arg(long)]
     pub sink_direct_io: Option<bool>,
     /// Remote IPs each workload calls, per region (its dependencies); 0: any IP.

@@ -381,12 +381,13 @@ const BLOCK: usize = 4096;
 /// configuration does not turn it off. A collector never reads its sink back, so writing
 /// through the page cache only copied every line into fresh kernel pages that nobody read:
 /// under `tenure loadgen` that copy was a third of the collectors' CPU (each new page a
-/// fault in the kernel, and on a VM in the host too), and a sink written past the
-/// page-cache's free memory evicts what the collector does read. With direct I/O the
-/// device reads the lines from [`Pending`]'s memory, which is reused. The last partial
-/// block, written at each [`RollingFiles::sync`] so that it is durable, goes through the
-/// page cache (one page per sync) and is written again, whole, by the next direct write;
-/// a file never holds anything but whole lines, in order.
+/// fault in the kernel, on the VM it was measured on most likely in the host too), and a
+/// sink written past the page cache's free memory evicts what the collector does read.
+/// With direct I/O the device reads the lines from [`Pending`]'s memory, which is reused.
+/// The last partial block, written at each [`RollingFiles::sync`] so that it is durable,
+/// goes through the page cache (one page per sync) and is written again, whole, by the
+/// next direct write. A file holds its lines in order and nothing else; between syncs it
+/// may end inside a line (a direct write ends on a block), after a sync it ends on one.
 #[derive(Debug)]
 pub struct RollingFiles {
     dir: PathBuf,
