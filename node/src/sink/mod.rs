@@ -501,8 +501,9 @@ impl RollingFiles {
             })
     }
 
-    /// Whether the open file is written with direct I/O.
-    pub fn direct(&self) -> bool {
+    /// Whether the open file is written with direct I/O (tests: whether that path ran).
+    #[cfg(test)]
+    fn direct(&self) -> bool {
         self.current.as_ref().is_some_and(|c| c.direct.is_some())
     }
 
@@ -657,6 +658,8 @@ impl Pending {
     }
 }
 
+/// Deletes the oldest finished sink files (`flows-*<suffix>` in `dir`, oldest first by
+/// name) until at most `files_max` are left. A file that cannot be deleted is logged.
 fn prune_files(dir: &Path, suffix: &str, files_max: usize) -> Result<(), SinkError> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|source| SinkError::Dir {
