@@ -785,7 +785,7 @@ impl<F> Engine<F> {
         }
     }
 
-    /// The rules of DESIGN.md, on a window already widened by δ.
+    /// The rules of docs/design.md, on a window already widened by δ.
     #[inline]
     fn decide(&self, key: IpKey, window: Window) -> Lookup {
         self.decide_with(key, self.segments(key).0, window)

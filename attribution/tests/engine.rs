@@ -1,4 +1,4 @@
-//! The ownership-range rules of DESIGN.md, one scenario each.
+//! The ownership-range rules of docs/design.md, one scenario each.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
