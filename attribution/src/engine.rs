@@ -12,6 +12,7 @@ use crate::pending::{Entry, PendingQueue};
 use crate::ranges::{judge, History, Judgement, Overlap, Owner, RangeTable};
 use crate::snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
 use crate::table::prefetch;
+use crate::time::SteadyClock;
 use crate::time::{UnixMillis, Window};
 use crate::workload::{InternError, Interner, WorkloadId};
 
@@ -309,7 +310,10 @@ pub struct Engine<F> {
     settling: VecDeque<Settling<F>>,
     /// History before this instant is gone: `now − retention` at the latest call.
     horizon: UnixMillis,
+    /// When the last sweep ran, in steady time.
     last_sweep: UnixMillis,
+    /// What every wait is counted in: settling, pending deadlines, sweeps.
+    steady: SteadyClock,
     overlaps: Vec<Overlap>,
     stats: EngineStats,
 }
@@ -327,6 +331,7 @@ impl<F> Engine<F> {
             settling: VecDeque::new(),
             horizon: UnixMillis(0),
             last_sweep: UnixMillis(0),
+            steady: SteadyClock::new(),
             overlaps: Vec::new(),
             stats: EngineStats::default(),
             config,
@@ -377,7 +382,8 @@ impl<F> Engine<F> {
     }
 
     /// When the next waiting flow is due (a pending flow's deadline, or a settling flow's
-    /// first lookup): the caller should call [`Engine::tick`] then.
+    /// first lookup), by the wall clock of the latest call if it keeps its pace: the caller
+    /// should call [`Engine::tick`] then.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
         let settling = self.settling.front().map(|s| s.ready);
         self.pending
@@ -385,6 +391,7 @@ impl<F> Engine<F> {
             .into_iter()
             .chain(settling)
             .min()
+            .map(|at| self.steady.to_wall(at))
     }
 
     pub fn memory(&self) -> MemoryReport {
@@ -399,8 +406,11 @@ impl<F> Engine<F> {
         }
     }
 
-    fn advance(&mut self, now: UnixMillis) {
+    /// Takes the caller's `now`: moves the retention horizon (wall clock) and returns the
+    /// steady time that waits are counted in.
+    fn advance(&mut self, now: UnixMillis) -> UnixMillis {
         self.horizon = self.horizon.max(now.minus(self.config.retention_ms));
+        self.steady.observe(now)
     }
 
     /// Merges a claim into its IP's history, then retries the flows waiting on that IP.
@@ -431,7 +441,7 @@ impl<F> Engine<F> {
             self.stats.claims_rejected += 1;
             return Err(ClaimError::UnknownWorkload(claim.workload));
         }
-        self.advance(now);
+        let at = self.advance(now);
         if claim.until < self.horizon {
             self.stats.claims_expired += 1;
             return Ok(ClaimEffect::Expired);
@@ -448,7 +458,7 @@ impl<F> Engine<F> {
         let overflowed = self.insert(key, since, claim.until, Owner::Workload(claim.workload));
         self.report_overlaps(key, out);
         self.stats.claims_applied += 1;
-        self.retry(key, now, out);
+        self.retry(key, at, out);
         Ok(if overflowed {
             ClaimEffect::Overflowed
         } else {
@@ -501,12 +511,12 @@ impl<F> Engine<F> {
             IpEvent::Assign { ip, owner, at } => (ip, at, Some(owner)),
             IpEvent::Unassign { ip, at } => (ip, at, None),
         };
-        self.advance(now);
+        let steady = self.advance(now);
         let key = IpKey::new(ip);
         self.events
             .record(key, at, owner, self.config.events_per_ip_max.get());
         self.stats.events_applied += 1;
-        self.retry(key, now, out);
+        self.retry(key, steady, out);
     }
 
     /// The event feed states that every event at or before `watermark` has been delivered.
@@ -516,6 +526,7 @@ impl<F> Engine<F> {
         now: UnixMillis,
         out: &mut Outputs<F>,
     ) {
+        let at = self.advance(now);
         if watermark <= self.watermark {
             return;
         }
@@ -537,29 +548,29 @@ impl<F> Engine<F> {
                 .collect()
         };
         for key in keys {
-            self.retry(key, now, out);
+            self.retry(key, at, out);
         }
     }
 
     /// Attributes `flow` now if its remote IP's history covers it, or queues it (to settle
     /// first, when [`EngineConfig::settle_ms`] says it is too recent to be covered).
     pub fn submit(&mut self, flow: FlowQuery<F>, now: UnixMillis, out: &mut Outputs<F>) {
-        self.advance(now);
+        let at = self.advance(now);
         self.stats.flows_submitted += 1;
-        let Some(flow) = self.settle(flow, now, out) else {
+        let Some(flow) = self.settle(flow, now, at, out) else {
             return;
         };
         let decision = self.decide(
             IpKey::new(flow.remote),
             flow.window.widened(self.config.skew_margin_ms),
         );
-        self.dispatch(flow, decision, now, now, out);
+        self.dispatch(flow, decision, at, at, out);
     }
 
     /// [`Engine::submit`] for a whole batch, with the lookups grouped as in
     /// [`Engine::lookup_many`]: the way a collector takes an exporter's batch.
     pub fn submit_many(&mut self, flows: Vec<FlowQuery<F>>, now: UnixMillis, out: &mut Outputs<F>) {
-        self.advance(now);
+        let at = self.advance(now);
         self.stats.flows_submitted += flows.len() as u64;
         let flows = if self.config.settle_ms == 0 {
             flows
@@ -568,7 +579,7 @@ impl<F> Engine<F> {
             // looked up at once are gathered apart.
             let mut now_due = Vec::new();
             for flow in flows {
-                if let Some(flow) = self.settle(flow, now, out) {
+                if let Some(flow) = self.settle(flow, now, at, out) {
                     now_due.push(flow);
                 }
             }
@@ -581,7 +592,7 @@ impl<F> Engine<F> {
         let mut decisions = Vec::with_capacity(queries.len());
         self.lookup_many(&queries, &mut decisions);
         for (flow, decision) in flows.into_iter().zip(decisions) {
-            self.dispatch(flow, decision, now, now, out);
+            self.dispatch(flow, decision, at, at, out);
         }
     }
 
@@ -592,21 +603,25 @@ impl<F> Engine<F> {
     /// It settles until `settle_ms` after its end, and at most `settle_ms` after now: an
     /// end in the future (a fast clock) waits no longer than a flow ending now, so the
     /// queue's arrival order is nearly the order of the times it is due, and a flow behind
-    /// one due later waits at most `settle_ms` past its arrival.
+    /// one due later waits at most `settle_ms` past its arrival. The wait is measured on
+    /// the wall clock (`now`, against the flow's end) and then counted in steady time
+    /// (`at`), so that a clock stepped back later cannot stretch it.
     fn settle(
         &mut self,
         flow: FlowQuery<F>,
         now: UnixMillis,
+        at: UnixMillis,
         out: &mut Outputs<F>,
     ) -> Option<FlowQuery<F>> {
         let settle = self.config.settle_ms;
         if settle == 0 {
             return Some(flow);
         }
-        let ready = flow.window.end.plus(settle).min(now.plus(settle));
-        if ready <= now {
+        let wait_ms = flow.window.end.plus(settle).since(now).min(settle);
+        if wait_ms == 0 {
             return Some(flow);
         }
+        let ready = at.plus(wait_ms);
         if self.pending_len() >= self.config.pending_flows_max.get() {
             self.emit_unattributed(flow.payload, Reason::Overload, 0, out);
             return None;
@@ -614,7 +629,7 @@ impl<F> Engine<F> {
         self.stats.flows_settled += 1;
         self.settling.push_back(Settling {
             ready,
-            arrived: now,
+            arrived: at,
             flow,
         });
         None
@@ -622,13 +637,13 @@ impl<F> Engine<F> {
 
     /// Looks up the settling flows whose time has come, as one grouped batch: attributed,
     /// unattributed, or on to the pending queue with the deadline of their arrival.
-    fn release_settled(&mut self, now: UnixMillis, out: &mut Outputs<F>) {
+    fn release_settled(&mut self, at: UnixMillis, out: &mut Outputs<F>) {
         // From the front, in arrival order: a flow behind one due later waits for it (at
         // most `settle_ms` past its own arrival, see `settle`).
         let queries: Vec<(IpAddr, Window)> = self
             .settling
             .iter()
-            .take_while(|s| s.ready <= now)
+            .take_while(|s| s.ready <= at)
             .map(|s| (s.flow.remote, s.flow.window))
             .collect();
         if queries.is_empty() {
@@ -641,21 +656,21 @@ impl<F> Engine<F> {
             let Some(settled) = self.settling.pop_front() else {
                 break;
             };
-            self.dispatch(settled.flow, decision, settled.arrived, now, out);
+            self.dispatch(settled.flow, decision, settled.arrived, at, out);
         }
     }
 
     /// Emits `flow` with `decision`, or queues it when pending. `arrived` is when it was
-    /// submitted: its wait and its deadline count from then.
+    /// submitted: its wait and its deadline count from then. Both times are steady time.
     fn dispatch(
         &mut self,
         flow: FlowQuery<F>,
         decision: Lookup,
         arrived: UnixMillis,
-        now: UnixMillis,
+        at: UnixMillis,
         out: &mut Outputs<F>,
     ) {
-        let waited_ms = now.since(arrived);
+        let waited_ms = at.since(arrived);
         match decision {
             Lookup::Attributed { workload, source } => {
                 self.emit_attributed(flow.payload, workload, source, waited_ms, out);
@@ -831,7 +846,8 @@ impl<F> Engine<F> {
         }
     }
 
-    fn retry(&mut self, key: IpKey, now: UnixMillis, out: &mut Outputs<F>) {
+    /// `at` is steady time (see [`SteadyClock`]).
+    fn retry(&mut self, key: IpKey, at: UnixMillis, out: &mut Outputs<F>) {
         if !self.pending.has_ip(&key) {
             return;
         }
@@ -853,18 +869,12 @@ impl<F> Engine<F> {
             let Some(entry) = self.pending.remove(slot) else {
                 continue;
             };
-            self.resolve(entry, decision, now, out);
+            self.resolve(entry, decision, at, out);
         }
     }
 
-    fn resolve(
-        &mut self,
-        entry: Entry<F>,
-        decision: Lookup,
-        now: UnixMillis,
-        out: &mut Outputs<F>,
-    ) {
-        let waited_ms = now.since(entry.submitted);
+    fn resolve(&mut self, entry: Entry<F>, decision: Lookup, at: UnixMillis, out: &mut Outputs<F>) {
+        let waited_ms = at.since(entry.submitted);
         match decision {
             Lookup::Attributed { workload, source } => {
                 self.emit_attributed(entry.payload, workload, source, waited_ms, out);
@@ -925,23 +935,23 @@ impl<F> Engine<F> {
     /// Emits flows whose deadline has come, unattributed with the reason their IP's history
     /// gives now, and applies retention when a sweep is due.
     pub fn tick(&mut self, now: UnixMillis, out: &mut Outputs<F>) {
-        self.advance(now);
-        self.release_settled(now, out);
-        while let Some(slot) = self.pending.next_due(now) {
+        let at = self.advance(now);
+        self.release_settled(at, out);
+        while let Some(slot) = self.pending.next_due(at) {
             let Some(entry) = self.pending.remove(slot) else {
                 break;
             };
             let decision = self.decide(entry.ip, entry.window);
-            self.resolve(entry, decision, now, out);
+            self.resolve(entry, decision, at, out);
         }
-        if now.since(self.last_sweep) >= self.config.sweep_interval_ms {
-            self.sweep(now);
+        if at.since(self.last_sweep) >= self.config.sweep_interval_ms {
+            self.sweep(at);
         }
     }
 
     /// Drops history before the horizon and frees workload names no range refers to.
-    fn sweep(&mut self, now: UnixMillis) {
-        self.last_sweep = now;
+    fn sweep(&mut self, at: UnixMillis) {
+        self.last_sweep = at;
         self.v4.expire(self.horizon);
         self.v6.expire(self.horizon);
         self.events.expire(self.horizon);
@@ -1028,7 +1038,7 @@ impl<F> Engine<F> {
         now: UnixMillis,
         out: &mut Outputs<F>,
     ) -> Result<(), InternError> {
-        self.advance(now);
+        let at = self.advance(now);
         let key = IpKey::new(ranges.ip);
         if self.is_new_ip_past_limit(key) && !ranges.segments.is_empty() {
             self.stats.claims_rejected += 1;
@@ -1050,7 +1060,7 @@ impl<F> Engine<F> {
             self.insert(key, start, end, owner);
             self.report_overlaps(key, out);
         }
-        self.retry(key, now, out);
+        self.retry(key, at, out);
         Ok(())
     }
 }

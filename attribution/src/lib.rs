@@ -29,7 +29,7 @@ pub use engine::{
 pub use legacy::{LegacyAttributor, LegacyConfig, LegacyEvent};
 pub use region::{Locate, RegionError, RegionMap};
 pub use snapshot::{IpRanges, SegmentOwner, SegmentSnapshot};
-pub use time::{UnixMillis, Window};
+pub use time::{SteadyClock, UnixMillis, Window};
 pub use workload::{InternError, WorkloadId, WORKLOAD_NAME_MAX_BYTES};
 
 /// Property-test cases: `PROPTEST_CASES`, else 10,000 (what CI runs).

@@ -47,6 +47,57 @@ impl fmt::Display for UnixMillis {
     }
 }
 
+/// Time that never runs backwards, measured from the wall-clock readings a core is given:
+/// a reading ahead of the previous one counts as that much time passed, one behind it as
+/// none. Until a reading steps back it equals the wall clock.
+///
+/// Everything a core waits *for a while* (a flow's settling and pending deadline, an
+/// unacknowledged batch's timeout, a token bucket's refill, a handoff's retry) is counted
+/// in steady time; what a timestamp of a flow or a claim is compared with stays the wall
+/// clock. A wall clock stepped forward and then back (an operator, NTP, a VM migration)
+/// therefore ends those waits early, never holds them for the length of the step.
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct SteadyClock {
+    /// The latest wall-clock reading; `None` before the first.
+    wall: Option<UnixMillis>,
+    /// Steady time at that reading.
+    steady: UnixMillis,
+}
+
+impl SteadyClock {
+    /// A clock that starts at the first reading it is given.
+    pub fn new() -> SteadyClock {
+        SteadyClock::default()
+    }
+
+    /// Takes the wall clock's reading `wall`; returns the steady time now.
+    #[inline]
+    pub fn observe(&mut self, wall: UnixMillis) -> UnixMillis {
+        self.steady = match self.wall {
+            None => wall,
+            Some(last) => self.steady.plus(wall.since(last)),
+        };
+        self.wall = Some(wall);
+        self.steady
+    }
+
+    /// Steady time at the latest reading (zero before the first).
+    pub fn now(&self) -> UnixMillis {
+        self.steady
+    }
+
+    /// The wall-clock time at which steady time `at` comes, if the wall clock keeps its
+    /// pace from the latest reading.
+    pub fn to_wall(&self, at: UnixMillis) -> UnixMillis {
+        let wall = self.wall.unwrap_or(self.steady);
+        if at >= self.steady {
+            wall.plus(at.since(self.steady))
+        } else {
+            wall.minus(self.steady.since(at))
+        }
+    }
+}
+
 /// A closed interval of time, `[start, end]`, both ends included.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Window {
@@ -72,5 +123,25 @@ impl Window {
             start: self.start.minus(margin_ms),
             end: self.end.plus(margin_ms),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steady_time_follows_forward_steps_and_ignores_backward_ones() {
+        let mut clock = SteadyClock::new();
+        assert_eq!(clock.observe(UnixMillis(1_000)), UnixMillis(1_000));
+        assert_eq!(clock.observe(UnixMillis(1_500)), UnixMillis(1_500));
+        // Forward by 100 s: that much passed.
+        assert_eq!(clock.observe(UnixMillis(101_500)), UnixMillis(101_500));
+        // Back by 100 s: nothing passed, and the pace goes on from the new reading.
+        assert_eq!(clock.observe(UnixMillis(1_600)), UnixMillis(101_500));
+        assert_eq!(clock.observe(UnixMillis(1_700)), UnixMillis(101_600));
+        assert_eq!(clock.to_wall(UnixMillis(101_650)), UnixMillis(1_750));
+        assert_eq!(clock.to_wall(UnixMillis(101_550)), UnixMillis(1_650));
+        assert_eq!(clock.now(), UnixMillis(101_600));
     }
 }

@@ -526,3 +526,56 @@ fn settling_must_end_before_the_pending_deadline() {
         Err(tenure_attribution::ConfigError::Settle { .. })
     ));
 }
+
+#[test]
+fn a_clock_stepped_forward_and_back_does_not_hold_waiting_flows_for_the_step() {
+    // The collector's clock runs 100 s ahead while a flow arrives, then is set right.
+    let mut h = Harness::new();
+    h.heartbeat("10.0.0.1", "api", 0, 10);
+    let window = Window::new(t(30), t(31)).unwrap();
+    let flow = FlowQuery {
+        remote: ip("10.0.0.1"),
+        window,
+        payload: 1,
+    };
+    h.engine.submit(flow, t(131), &mut h.out);
+    assert_eq!(h.verdict(1), None, "waits for coverage");
+    // Set right: the deadline (25 s) counts from the arrival in time that passed, not
+    // from the arrival's reading of a wrong clock.
+    h.engine.tick(t(32), &mut h.out);
+    assert_eq!(h.verdict(1), None);
+    h.engine.tick(t(55), &mut h.out);
+    assert_eq!(h.verdict(1), None, "23 s have passed");
+    h.engine.tick(t(57), &mut h.out);
+    assert_eq!(
+        h.verdict(1),
+        Some(Verdict::Unattributed(Reason::NoOwner)),
+        "25 s after it arrived, not 100 s later"
+    );
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_stretch_settling() {
+    let mut h = Harness::with(EngineConfig {
+        settle_ms: 2_000,
+        ..EngineConfig::default()
+    });
+    h.heartbeat("10.0.0.1", "api", 0, 40);
+    // Arrives as it ends, so it settles for 2 s; then the clock steps back by 30 s.
+    let window = Window::new(t(30), t(31)).unwrap();
+    let flow = FlowQuery {
+        remote: ip("10.0.0.1"),
+        window,
+        payload: 1,
+    };
+    h.engine.submit(flow, t(31), &mut h.out);
+    assert_eq!(h.verdict(1), None, "settling");
+    h.engine.tick(t(1), &mut h.out);
+    assert_eq!(h.verdict(1), None, "no time passed");
+    h.engine.tick(t(3), &mut h.out);
+    assert_eq!(
+        h.verdict(1),
+        heartbeat_of("api"),
+        "looked up 2 s after it arrived, by the time that passed"
+    );
+}
