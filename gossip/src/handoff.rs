@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use tenure_attribution::UnixMillis;
+use tenure_attribution::{SteadyClock, UnixMillis};
 
 use crate::identity::NodeIdentity;
 use crate::ring::{point_of, split_keyspace, Ring, Span};
@@ -92,13 +92,15 @@ pub enum Readiness {
 enum SpanState {
     /// Waiting for a snapshot.
     Pending {
-        /// When we started owning it (the deadline and the eventual floor count from here).
+        /// When we started owning it, by the wall clock: the eventual floor.
         since: UnixMillis,
+        /// The same moment in steady time: the deadline counts from here.
+        pending_from: UnixMillis,
         /// Whom to ask, previous owners first; all alive when the ring was built.
         sources: Vec<NodeIdentity>,
         /// Index into `sources` of the one asked last.
         next_source: usize,
-        /// When it was asked, or `None` if nobody was asked yet.
+        /// When it was asked (steady time), or `None` if nobody was asked yet.
         asked_at: Option<UnixMillis>,
     },
     /// Rebuilt from heartbeats after nobody could send it: ready, with a floor.
@@ -112,6 +114,9 @@ pub struct Handoff {
     config: HandoffConfig,
     /// Disjoint spans by start: `start -> (end, state)`.
     spans: BTreeMap<u64, (u64, SpanState)>,
+    /// Deadlines and retries count in steady time, so that a wall clock stepped back
+    /// does not keep spans pending for the length of the step.
+    steady: SteadyClock,
 }
 
 impl Handoff {
@@ -122,10 +127,13 @@ impl Handoff {
         now: UnixMillis,
         config: HandoffConfig,
     ) -> Handoff {
+        let mut steady = SteadyClock::new();
+        let at = steady.observe(now);
         let mut handoff = Handoff {
             local,
             config,
             spans: BTreeMap::new(),
+            steady,
         };
         for (span, owners) in ring.spans() {
             if owners
@@ -139,6 +147,7 @@ impl Handoff {
                         span.end,
                         SpanState::Pending {
                             since: now,
+                            pending_from: at,
                             sources,
                             next_source: 0,
                             asked_at: None,
@@ -156,6 +165,7 @@ impl Handoff {
                     u64::MAX,
                     SpanState::Pending {
                         since: now,
+                        pending_from: at,
                         sources: Vec::new(),
                         next_source: 0,
                         asked_at: None,
@@ -171,6 +181,7 @@ impl Handoff {
     /// Spans we no longer own are forgotten; spans we newly own become pending; pending
     /// spans we keep get their sources refreshed. Returns whom to ask for what.
     pub fn on_ring_change(&mut self, old: &Ring, new: &Ring, now: UnixMillis) -> Vec<Pull> {
+        let at = self.steady.observe(now);
         let mut ends: Vec<u64> = old.boundaries();
         ends.extend(new.boundaries());
         for (start, (end, _)) in &self.spans {
@@ -194,6 +205,7 @@ impl Handoff {
             let state = match self.state_at(segment.start) {
                 Some(SpanState::Pending {
                     since,
+                    pending_from,
                     next_source,
                     asked_at,
                     sources: previous,
@@ -203,6 +215,7 @@ impl Handoff {
                     let keep = asked.and_then(|a| sources.iter().position(|s| s.node_id() == a));
                     SpanState::Pending {
                         since: *since,
+                        pending_from: *pending_from,
                         next_source: keep.unwrap_or(0),
                         asked_at: keep.and(*asked_at),
                         sources,
@@ -212,6 +225,7 @@ impl Handoff {
                 None if old_owners.iter().any(|o| o.node_id() == me) => continue,
                 None => SpanState::Pending {
                     since: now,
+                    pending_from: at,
                     sources,
                     next_source: 0,
                     asked_at: None,
@@ -221,7 +235,7 @@ impl Handoff {
         }
         self.spans = next;
         self.coalesce();
-        self.collect_pulls(now)
+        self.collect_pulls(at)
     }
 
     /// A snapshot of `span` has been merged: the pending and rebuilt parts of
@@ -246,6 +260,7 @@ impl Handoff {
     /// Time passed: pending spans past their deadline are rebuilt (with a floor), unanswered
     /// requests go to the next source, and floors older than retention are forgotten.
     pub fn tick(&mut self, now: UnixMillis) -> Vec<Pull> {
+        let at = self.steady.observe(now);
         let rebuild_after_ms = self.config.rebuild_after_ms();
         let retention_ms = self.config.retention_ms;
         let pull_timeout_ms = self.config.pull_timeout_ms;
@@ -254,13 +269,14 @@ impl Handoff {
             match state {
                 SpanState::Pending {
                     since,
+                    pending_from,
                     sources,
                     next_source,
                     asked_at,
                 } => {
-                    if now.since(*since) >= rebuild_after_ms {
+                    if at.since(*pending_from) >= rebuild_after_ms {
                         *state = SpanState::Rebuilt { floor: *since };
-                    } else if asked_at.is_some_and(|t| now.since(t) >= pull_timeout_ms)
+                    } else if asked_at.is_some_and(|t| at.since(t) >= pull_timeout_ms)
                         && !sources.is_empty()
                     {
                         *next_source = (*next_source + 1) % sources.len();
@@ -278,7 +294,7 @@ impl Handoff {
             self.spans.remove(&start);
         }
         self.coalesce();
-        self.collect_pulls(now)
+        self.collect_pulls(at)
     }
 
     /// Whether lookups of `ip` may be answered now.
@@ -376,8 +392,9 @@ impl Handoff {
         self.spans = merged;
     }
 
-    /// Asks a source for every pending span nobody was asked for, grouped by source.
-    fn collect_pulls(&mut self, now: UnixMillis) -> Vec<Pull> {
+    /// Asks a source for every pending span nobody was asked for, grouped by source; `at`
+    /// is steady time.
+    fn collect_pulls(&mut self, at: UnixMillis) -> Vec<Pull> {
         let mut by_source: BTreeMap<String, Pull> = BTreeMap::new();
         for (start, (end, state)) in self.spans.iter_mut() {
             let SpanState::Pending {
@@ -395,7 +412,7 @@ impl Handoff {
             let Some(source) = sources.get(*next_source) else {
                 continue;
             };
-            *asked_at = Some(now);
+            *asked_at = Some(at);
             by_source
                 .entry(source.node_id().to_owned())
                 .or_insert_with(|| Pull {
@@ -521,5 +538,29 @@ mod tests {
             assert_eq!(!handoff.is_ready(ip), owns, "{ip}");
         }
         assert!(!handoff.is_span_ready(Span::FULL));
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_keep_spans_pending_for_the_step() {
+        let config = HandoffConfig::default();
+        let t0 = UnixMillis(10_000_000);
+        let before = ring(&["b", "c", "d"]);
+        let mut handoff = Handoff::new(node("a"), &before, t0, config);
+        let joined = ring(&["a", "b", "c", "d"]);
+        handoff.on_ring_change(&before, &joined, t0);
+        assert!(handoff.pending_spans() > 0);
+        // The wall clock steps back by five minutes, then goes on at its pace.
+        let back = t0.minus(300_000);
+        handoff.tick(back);
+        handoff.tick(back.plus(config.rebuild_after_ms()));
+        assert_eq!(
+            handoff.pending_spans(),
+            0,
+            "rebuilt once rebuild_after_ms has passed, whatever the clock read"
+        );
+        assert!(ips().any(|ip| handoff.readiness(ip)
+            == Readiness::Ready {
+                history_floor: Some(t0)
+            }));
     }
 }

@@ -87,7 +87,7 @@ use recent::Recent;
 pub use recent::RECENT_FLOWS_MAX;
 use tenure_attribution::{
     Attribution, Claim, ConflictFound, Engine, EngineConfig, IpEvent, IpRanges, Locate, Lookup,
-    Reason, RegionMap, SegmentOwner, SegmentSnapshot, UnixMillis, Verdict, Window,
+    Reason, RegionMap, SegmentOwner, SegmentSnapshot, SteadyClock, UnixMillis, Verdict, Window,
 };
 use tenure_gossip::directory::RegionRecord;
 use tenure_gossip::handoff::{Handoff, HandoffConfig, Pull, Readiness};
@@ -258,6 +258,7 @@ pub struct CoreConfig {
 struct Inflight {
     to: Dest,
     node_id: String,
+    /// Steady time (see [`SteadyClock`]): the ack timeout counts from here.
     sent_at: UnixMillis,
     flows: Vec<JournaledFlow>,
 }
@@ -320,6 +321,10 @@ pub struct NodeCore {
     names: Names,
     scratch: tenure_attribution::Outputs<JournaledFlow>,
     admission: Admission,
+    /// What ack timeouts and the exporters' token buckets count in: a wall clock stepped
+    /// back must not hold forwarded flows, nor refuse exporters, for the length of the
+    /// step. The engine and the handoff keep their own.
+    steady: SteadyClock,
 }
 
 impl NodeCore {
@@ -377,6 +382,7 @@ impl NodeCore {
             names: Names::new(config.engine.hash_seed),
             scratch: tenure_attribution::Outputs::default(),
             admission: Admission::new(AdmissionConfig::default()),
+            steady: SteadyClock::new(),
             config,
         })
     }
@@ -644,10 +650,11 @@ impl NodeCore {
         let gathered = std::mem::take(&mut self.outbox);
         self.send_grouped(gathered, now, out);
         let timeout = self.config.forward_ack_timeout_ms;
+        let at = self.steady.observe(now);
         let overdue: Vec<u64> = self
             .inflight
             .iter()
-            .filter(|(_, f)| now.since(f.sent_at) >= timeout)
+            .filter(|(_, f)| at.since(f.sent_at) >= timeout)
             .map(|(id, _)| *id)
             .collect();
         for id in overdue {
@@ -795,7 +802,7 @@ impl NodeCore {
                 batch.exporter_id,
                 batch.claims.len(),
                 batch.flows.len(),
-                now,
+                self.steady.observe(now),
             );
             if let Err(reason) = taken {
                 self.admission.count_message(reason);
@@ -991,6 +998,7 @@ impl NodeCore {
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
+        let sent_at = self.steady.observe(now);
         for (dest, node_id, flows) in peers {
             let mut flows = flows.into_iter().peekable();
             while flows.peek().is_some() {
@@ -1055,7 +1063,7 @@ impl NodeCore {
                         Inflight {
                             to: dest.clone(),
                             node_id: node_id.clone(),
-                            sent_at: now,
+                            sent_at,
                             flows: group,
                         },
                     );

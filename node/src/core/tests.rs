@@ -917,3 +917,40 @@ fn flows_for_a_peer_are_gathered_until_the_tick_and_routed_again_when_it_leaves(
         batches_to(&out, "a1")
     );
 }
+
+#[test]
+fn a_clock_stepped_forward_and_back_does_not_hold_forwarded_flows_for_the_step() {
+    let mut pair = Pair::joined();
+    let theirs: Vec<String> = (0..=255)
+        .map(|i| format!("10.1.3.{i}"))
+        .filter(|ip| pair.cores[0].owners_of(ip.parse().unwrap())[0].node_id() == "a1")
+        .take(4)
+        .collect();
+    assert_eq!(theirs.len(), 4, "a1 owns some of 10.1.3.0/24");
+    let real = pair.now;
+    let flows: Vec<wire::Flow> = (0..4u128)
+        .map(|id| flow(id, &theirs[id as usize], real))
+        .collect();
+    // a0's clock runs 100 s ahead while it takes the batch and forwards it to a1.
+    let ahead = UnixMillis(real + 100_000);
+    let mut out = Vec::new();
+    pair.cores[0].handle_message_from(
+        1,
+        Sender::Exporter,
+        batch(1, "a", flows, Vec::new()),
+        ahead,
+        &mut out,
+    );
+    pair.cores[0].tick(ahead, &mut out);
+    let out = pair.carry(0, out);
+    assert_eq!(batches_to(&out, "a1").len(), 1, "forwarded to a1");
+    assert_eq!(pair.cores[0].inflight_len(), 4);
+    // The clock is set right; a1 never acknowledges. The ack timeout (1 s) counts the
+    // time that passed since the send, not the wrong clock's reading of it.
+    let out = pair.advance(2_000);
+    let again = batches_to(&out, "a1");
+    assert!(
+        again.iter().any(|(_, ids)| ids.len() == 4),
+        "sent again within 2 s of real time: {again:?}"
+    );
+}
