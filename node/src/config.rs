@@ -850,6 +850,12 @@ pub struct ExporterConfig {
     /// HTTP address for `/metrics` and `/healthz`; none when absent. Default none.
     #[serde(default)]
     pub http_addr: Option<SocketAddr>,
+    /// A folder where the exporter keeps its sender epoch (the file `epoch`), so that a
+    /// restart stays accepted by collectors even when the host's clock was stepped back
+    /// meanwhile. Default none: the epoch is the start time, and an exporter restarted
+    /// with its clock behind its previous start is refused until the clock passes it.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_buffer_batches_max() -> usize {

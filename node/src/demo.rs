@@ -345,6 +345,7 @@ pub async fn run(
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             http_addr: None,
+            state_dir: None,
         };
         exporters.push((
             Sender::new(&config),
@@ -428,6 +429,7 @@ pub async fn run(
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             http_addr: None,
+            state_dir: None,
         };
         host_task = Some(tokio::spawn(async move {
             if let Err(e) = crate::exporter::run(config, false, async move {

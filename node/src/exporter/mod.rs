@@ -179,7 +179,13 @@ pub async fn run(
         .key
         .resolve(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
         .context("exporter key")?;
-    let crypto = Crypto::new(config.key.key_id, &key, None, config.exporter_id, start.0);
+    let epoch = match &config.state_dir {
+        Some(dir) => {
+            crate::shell::epoch::next(dir, start.0).context("choosing the sender epoch")?
+        }
+        None => start.0,
+    };
+    let crypto = Crypto::new(config.key.key_id, &key, None, config.exporter_id, epoch);
     let mut batcher = Batcher::new(
         config.exporter_id,
         &config.region,

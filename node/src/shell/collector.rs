@@ -533,13 +533,15 @@ pub async fn run_reloadable(
         start.0,
     )?;
     let sender_id = fnv64(config.node_id.as_bytes());
+    let state_dir = config.data_dir.join(&config.node_id);
+    let epoch = super::epoch::next(&state_dir, start.0).context("choosing the sender epoch")?;
     let crypto = Crypto::with_keys(
         Keys {
             cluster: cluster_ring,
             exporter: exporter_ring,
         },
         sender_id,
-        start.0,
+        epoch,
     );
     // The engine's and the core's hash tables are keyed by what exporters send (IPs, flow
     // ids, workload names): seeded from the OS, so that nobody can aim keys at one bucket.

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod collector;
+pub mod epoch;
 pub mod fanout;
 pub mod http;
 pub mod metrics;
