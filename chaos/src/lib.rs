@@ -120,6 +120,29 @@ pub struct Report {
     pub unattributed_share: f64,
     pub max_recovery_s: f64,
     pub skipped: Vec<String>,
+    /// The faults injected, in order, as printed while they ran.
+    pub schedule: Vec<String>,
+    /// Up to [`LOST_IDS_SHOWN`] acknowledged flows that no sink holds.
+    pub lost_ids: Vec<String>,
+}
+
+/// How many lost flow ids a report keeps.
+pub const LOST_IDS_SHOWN: usize = 20;
+
+impl Report {
+    /// What to read when a run failed: the result, the lost flows, the fault schedule.
+    pub fn details(&self) -> String {
+        let mut text = format!(
+            "{self}\nlost flows (first {LOST_IDS_SHOWN}): {:?}\nfault schedule:\n",
+            self.lost_ids
+        );
+        for fault in &self.schedule {
+            text.push_str("  ");
+            text.push_str(fault);
+            text.push('\n');
+        }
+        text
+    }
 }
 
 impl Report {
@@ -271,6 +294,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     };
     for fault in &faults {
         eprintln!("chaos: {fault}");
+        report.schedule.push(fault.to_string());
         let healed = match *fault {
             Fault::Kill { node, down_ms } => {
                 cluster.kill9(node)?;
@@ -431,13 +455,13 @@ pub fn check(
         calm_unattributed as f64 / calm as f64
     };
     if report.lost > 0 {
-        let sample: Vec<String> = history
+        report.lost_ids = history
             .acked
             .iter()
             .filter(|id| !emitted.contains_key(*id))
-            .take(5)
+            .take(LOST_IDS_SHOWN)
             .map(|id| format!("{id:032x}"))
             .collect();
-        eprintln!("chaos: lost flows, e.g. {sample:?}");
+        eprintln!("chaos: lost flows, e.g. {:?}", report.lost_ids);
     }
 }
