@@ -46,7 +46,11 @@ pub struct FlowTruth {
     pub bounded: bool,
     /// An exporter got an `Accepted` ack for a batch holding it.
     pub accepted: bool,
+    /// When the first such ack arrived, true time.
+    pub accepted_at_ms: u64,
     pub emitted: u32,
+    /// When it was first emitted, true time.
+    pub first_emitted_at_ms: u64,
     pub tenure: Class,
     pub reason: Option<Reason>,
     /// One class per legacy attributor.
@@ -69,6 +73,14 @@ pub enum Violation {
     Lost {
         count: u64,
         first_flow_id: u128,
+    },
+    /// Accepted flows emitted later than `bound_ms` after the cluster was sane again (no
+    /// fault active) once they were accepted.
+    Late {
+        count: u64,
+        first_flow_id: u128,
+        late_by_ms: u64,
+        bound_ms: u64,
     },
     UnattributedShare {
         share: f64,
@@ -104,6 +116,15 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "{count} accepted flows were never emitted (first: {first_flow_id:#x})"
+            ),
+            Violation::Late {
+                count,
+                first_flow_id,
+                late_by_ms,
+                bound_ms,
+            } => write!(
+                f,
+                "{count} accepted flows were emitted more than {bound_ms} ms after the faults around their acceptance healed (first: {first_flow_id:#x}, {late_by_ms} ms past the bound)"
             ),
             Violation::UnattributedShare {
                 share,
@@ -171,6 +192,9 @@ impl Truths {
         };
         let truth = &mut self.flows[index];
         truth.emitted += 1;
+        if truth.emitted == 1 {
+            truth.first_emitted_at_ms = now_ms;
+        }
         if truth.emitted > 1 {
             self.duplicates += 1;
         }
@@ -236,6 +260,29 @@ impl Truths {
             (None, Owner::Named(_)) => Class::Unattributed,
         };
         truth.legacy[variant] = class;
+    }
+
+    /// Accepted flows emitted more than `bound_ms` after `sane_after(accepted_at)`, the
+    /// first moment after their acceptance when no fault was active.
+    pub fn late(&self, bound_ms: u64, sane_after: impl Fn(u64) -> u64) -> Option<Violation> {
+        let mut count = 0;
+        let mut first = None;
+        for (i, t) in self.flows.iter().enumerate() {
+            if !t.accepted || t.emitted == 0 {
+                continue;
+            }
+            let deadline = sane_after(t.accepted_at_ms).saturating_add(bound_ms);
+            if t.first_emitted_at_ms > deadline {
+                count += 1;
+                first.get_or_insert((i, t.first_emitted_at_ms - deadline));
+            }
+        }
+        first.map(|(i, late_by_ms)| Violation::Late {
+            count,
+            first_flow_id: self.flow_id(i),
+            late_by_ms,
+            bound_ms,
+        })
     }
 
     /// Accepted flows never emitted.

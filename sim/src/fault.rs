@@ -19,12 +19,14 @@ pub enum FaultKind {
     PartitionAsymmetric,
     Pause,
     ClockJump,
+    ClockStep,
+    ClockSlew,
     ExporterOutage,
     Crash,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Loss,
         FaultKind::Delay,
         FaultKind::PartitionNode,
@@ -32,6 +34,8 @@ impl FaultKind {
         FaultKind::PartitionAsymmetric,
         FaultKind::Pause,
         FaultKind::ClockJump,
+        FaultKind::ClockStep,
+        FaultKind::ClockSlew,
         FaultKind::ExporterOutage,
         FaultKind::Crash,
     ];
@@ -45,6 +49,8 @@ impl FaultKind {
             FaultKind::PartitionAsymmetric => "partition-asymmetric",
             FaultKind::Pause => "pause",
             FaultKind::ClockJump => "clock-jump",
+            FaultKind::ClockStep => "clock-step",
+            FaultKind::ClockSlew => "clock-slew",
             FaultKind::ExporterOutage => "exporter-outage",
             FaultKind::Crash => "crash",
         }
@@ -69,6 +75,12 @@ pub enum Fault {
         collector_offset_ms: i64,
         hosts: Vec<(u32, i64)>,
     },
+    /// A collector's clock is stepped by `step_ms` (far beyond the margins, either way:
+    /// an operator, NTP or a VM migration) at the start, and stepped back at the end.
+    ClockStep { collector: u16, step_ms: i64 },
+    /// A collector's clock is slewed, with no step: its offset moves steadily from zero to
+    /// `peak_ms` at the episode's middle and back to zero at its end.
+    ClockSlew { collector: u16, peak_ms: i64 },
     /// Exporters stop (no heartbeats, no sends) and come back with what they kept.
     ExporterOutage { hosts: Vec<u32> },
 }
@@ -99,7 +111,11 @@ pub fn plan(
         .copied()
         .filter(|k| *k != FaultKind::Crash || f.crash)
         .filter(|k| *k != FaultKind::PartitionRegion || scenario.regions.len() > 1)
+        .filter(|k| f.kinds.is_empty() || f.kinds.iter().any(|n| n == k.as_str()))
         .collect();
+    if allowed.is_empty() {
+        return Vec::new();
+    }
     let mut enabled: Vec<FaultKind> = allowed
         .iter()
         .copied()
@@ -185,6 +201,30 @@ pub fn plan(
                     collector: node,
                     collector_offset_ms: rng.random_range(-c..=c),
                     hosts,
+                }
+            }
+            FaultKind::ClockStep => {
+                let max = scenario.clocks.collector_step_ms_max.max(1_000);
+                let magnitude = rng.random_range(1_000..=max) as i64;
+                Fault::ClockStep {
+                    collector: node,
+                    step_ms: if rng.random_bool(0.5) {
+                        magnitude
+                    } else {
+                        -magnitude
+                    },
+                }
+            }
+            FaultKind::ClockSlew => {
+                let max = scenario.clocks.collector_slew_ms_max.max(1);
+                let magnitude = rng.random_range(1..=max) as i64;
+                Fault::ClockSlew {
+                    collector: node,
+                    peak_ms: if rng.random_bool(0.5) {
+                        magnitude
+                    } else {
+                        -magnitude
+                    },
                 }
             }
             FaultKind::ExporterOutage => {

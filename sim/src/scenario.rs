@@ -180,6 +180,12 @@ pub struct ClockConfig {
     pub host_skew_ms_max: u64,
     /// Largest collector clock offset from true time, in ms. Default 2,000.
     pub collector_skew_ms_max: u64,
+    /// Largest step of a collector's clock in a `clock-step` episode, either way, in ms
+    /// (at least 1,000). Default 120,000.
+    pub collector_step_ms_max: u64,
+    /// Largest offset a `clock-slew` episode slews a collector's clock to, either way, in
+    /// ms. Default 5,000.
+    pub collector_slew_ms_max: u64,
 }
 
 impl Default for ClockConfig {
@@ -187,6 +193,8 @@ impl Default for ClockConfig {
         ClockConfig {
             host_skew_ms_max: 400,
             collector_skew_ms_max: 2_000,
+            collector_step_ms_max: 120_000,
+            collector_slew_ms_max: 5_000,
         }
     }
 }
@@ -351,6 +359,9 @@ pub struct FaultConfig {
     pub loss: f64,
     /// Extra one-way delay during a delay episode, uniform up to this, in ms.
     pub delay_ms_max: u64,
+    /// The kinds episodes may be of, by name (`clock-step`, `crash`, ...); empty: every
+    /// kind the scenario allows. Default empty.
+    pub kinds: Vec<String>,
 }
 
 impl Default for FaultConfig {
@@ -364,6 +375,7 @@ impl Default for FaultConfig {
             crash: false,
             loss: 0.3,
             delay_ms_max: 2_000,
+            kinds: Vec::new(),
         }
     }
 }
@@ -499,6 +511,14 @@ impl Scenario {
         }
         if self.clocks.collector_skew_ms_max > 30_000 {
             return Err(invalid("clocks.collector_skew_ms_max", "at most 30000"));
+        }
+        if self.clocks.collector_step_ms_max > 86_400_000
+            || self.clocks.collector_slew_ms_max > 86_400_000
+        {
+            return Err(invalid(
+                "clocks.collector_step_ms_max",
+                "steps and slews of at most a day (86400000)",
+            ));
         }
         let h = &self.heartbeat;
         if h.interval_ms < 100 {
@@ -640,6 +660,19 @@ impl Scenario {
             ));
         }
         let f = &self.faults;
+        if let Some(unknown) = f.kinds.iter().find(|k| {
+            !crate::fault::FaultKind::ALL
+                .iter()
+                .any(|known| known.as_str() == k.as_str())
+        }) {
+            return Err(invalid(
+                "faults.kinds",
+                format!(
+                    "unknown kind {unknown:?}; known: {}",
+                    crate::fault::FaultKind::ALL.map(|k| k.as_str()).join(", ")
+                ),
+            ));
+        }
         share("faults.kind_probability", f.kind_probability)?;
         share("faults.loss", f.loss)?;
         ordered("faults.duration_s_*", f.duration_s_min, f.duration_s_max)?;

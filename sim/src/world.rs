@@ -166,6 +166,10 @@ struct Collector {
     opener: Opener,
     decoder: FrameDecoder,
     offset_ms: i64,
+    /// Active `clock-step` episodes: (fault id, step).
+    steps: Vec<(u32, i64)>,
+    /// Active `clock-slew` episodes: (fault id, start, end, peak), true times.
+    slews: Vec<(u32, u64, u64, i64)>,
     paused: bool,
     backlog: Vec<Ev>,
 }
@@ -360,6 +364,8 @@ impl<'s> World<'s> {
                     opener: Opener::new(OpenerConfig::default()),
                     decoder: FrameDecoder::new(FrameLimits::default()),
                     offset_ms: rng.random_range(-skew..=skew),
+                    steps: Vec::new(),
+                    slews: Vec::new(),
                     paused: false,
                     backlog: Vec::new(),
                 });
@@ -562,10 +568,29 @@ impl<'s> World<'s> {
         self.push(self.end_at, Ev::End);
     }
 
+    /// How long after the faults around its acceptance healed an accepted flow may take
+    /// to be emitted: membership converging again, then the pending deadline (which bounds
+    /// settling too), a few forwarding retries and a heartbeat. A clock stepped and set
+    /// right must not stretch it by the step.
+    fn emit_bound_ms(&self) -> u64 {
+        let hb = self.scenario.heartbeat.interval_ms;
+        convergence_bound_ms(hb)
+            + self.scenario.pending_deadline_ms()
+            + 4 * self.scenario.cluster.forward_ack_timeout_ms
+            + hb
+    }
+
     fn collector_now(&self, i: u16) -> UnixMillis {
+        let c = &self.collectors[i as usize];
+        let stepped: i64 = c.steps.iter().map(|(_, s)| s).sum();
+        let slewed: i64 = c
+            .slews
+            .iter()
+            .map(|&(_, start, end, peak)| slew_at(self.now, start, end, peak))
+            .sum();
         UnixMillis(
             self.now
-                .saturating_add_signed(self.collectors[i as usize].offset_ms),
+                .saturating_add_signed(c.offset_ms + stepped + slewed),
         )
     }
 
@@ -1156,6 +1181,7 @@ impl<'s> World<'s> {
                             if let Some(t) = self.truths.flows.get_mut(index) {
                                 if !t.accepted {
                                     t.accepted = true;
+                                    t.accepted_at_ms = self.now;
                                     self.stats.accepted += 1;
                                 }
                             }
@@ -1468,7 +1494,9 @@ impl<'s> World<'s> {
             caller: caller_w,
             bounded,
             accepted: false,
+            accepted_at_ms: 0,
             emitted: 0,
+            first_emitted_at_ms: 0,
             tenure: Class::Unscored,
             reason: None,
             legacy: vec![Class::Unscored; self.legacy.len()],
@@ -1574,6 +1602,19 @@ impl<'s> World<'s> {
                     self.exporters[h as usize].offset_ms = offset;
                 }
             }
+            Fault::ClockStep { collector, step_ms } => {
+                self.collectors[collector as usize]
+                    .steps
+                    .push((id, step_ms));
+            }
+            Fault::ClockSlew { collector, peak_ms } => {
+                self.collectors[collector as usize].slews.push((
+                    id,
+                    planned.start_ms,
+                    planned.end_ms,
+                    peak_ms,
+                ));
+            }
             Fault::ExporterOutage { ref hosts } => {
                 for &h in hosts {
                     self.exporters[h as usize].down += 1;
@@ -1606,6 +1647,16 @@ impl<'s> World<'s> {
                 }
             }
             Fault::ClockJump { .. } => {}
+            Fault::ClockStep { collector, .. } => {
+                self.collectors[collector as usize]
+                    .steps
+                    .retain(|(f, _)| *f != id);
+            }
+            Fault::ClockSlew { collector, .. } => {
+                self.collectors[collector as usize]
+                    .slews
+                    .retain(|(f, ..)| *f != id);
+            }
             Fault::ExporterOutage { ref hosts } => {
                 for &h in hosts {
                     let e = &mut self.exporters[h as usize];
@@ -1737,6 +1788,11 @@ impl<'s> World<'s> {
             self.drain_legacy();
             if let Some(v) = self.truths.lost() {
                 self.violation = Some(v);
+            } else if let Some(v) = self
+                .truths
+                .late(self.emit_bound_ms(), |at| sane_after(&self.faults, at))
+            {
+                self.violation = Some(v);
             }
         }
         let s = &mut self.stats;
@@ -1856,4 +1912,35 @@ fn endpoint_of_conn(conn: ConnId) -> Endpoint {
 /// Runs one seed of `scenario`.
 pub fn run(scenario: &Scenario, seed: u64) -> RunOutcome {
     World::new(scenario, seed).run()
+}
+
+/// A slew's offset at true time `now`: zero at `start`, `peak` halfway, zero at `end`,
+/// moving steadily in between.
+fn slew_at(now: u64, start: u64, end: u64, peak: i64) -> i64 {
+    if now <= start || now >= end {
+        return 0;
+    }
+    let half = (end - start) / 2;
+    let from_edge = (now - start).min(end - now);
+    if half == 0 {
+        return 0;
+    }
+    (i128::from(peak) * i128::from(from_edge) / i128::from(half)) as i64
+}
+
+/// The first true time at or after `at` when no fault episode is active.
+fn sane_after(faults: &[Planned], at: u64) -> u64 {
+    let mut t = at;
+    // Episodes may overlap and chain: move past each one active at `t` until none is.
+    loop {
+        let Some(end) = faults
+            .iter()
+            .filter(|f| f.start_ms <= t && t < f.end_ms)
+            .map(|f| f.end_ms)
+            .max()
+        else {
+            return t;
+        };
+        t = end;
+    }
 }
