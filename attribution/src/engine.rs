@@ -87,16 +87,20 @@ pub enum Reason {
     Overload,
     /// The remote IP's region had no live collector to route to.
     RegionUnreachable,
+    /// The exporter's clock disagreed with the other exporters' by more than δ when it
+    /// sent the flow: its times cannot be held against other hosts' heartbeats.
+    ExporterClock,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::NoOwner,
         Reason::Ambiguous,
         Reason::Conflict,
         Reason::Expired,
         Reason::Overload,
         Reason::RegionUnreachable,
+        Reason::ExporterClock,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +111,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::Overload => "overload",
             Reason::RegionUnreachable => "region_unreachable",
+            Reason::ExporterClock => "exporter_clock",
         }
     }
 
@@ -118,6 +123,7 @@ impl Reason {
             Reason::Expired => 3,
             Reason::Overload => 4,
             Reason::RegionUnreachable => 5,
+            Reason::ExporterClock => 6,
         }
     }
 }
@@ -260,7 +266,7 @@ pub struct EngineStats {
     pub flows_settled: u64,
     pub attributed_heartbeat: u64,
     pub attributed_event: u64,
-    unattributed: [u64; 6],
+    unattributed: [u64; Reason::ALL.len()],
 }
 
 impl EngineStats {

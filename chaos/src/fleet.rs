@@ -323,6 +323,7 @@ impl Fleet {
                 batch_id: seq,
                 exporter_id: me.id,
                 hops: 0,
+                sent_ms: now,
                 region: me.region.clone(),
                 dictionary: vec![me.workload.clone()],
                 claims,

@@ -104,6 +104,7 @@ fn batch() -> FlowBatch {
         batch_id: 17,
         exporter_id: 0xE0,
         hops: 0,
+        sent_ms: 0,
         region: "eu-west-1".to_owned(),
         dictionary,
         flows,
@@ -145,6 +146,7 @@ struct SerdeFlowBatch {
     batch_id: u64,
     exporter_id: u64,
     hops: u8,
+    sent_ms: u64,
     region: String,
     dictionary: Vec<String>,
     flows: Vec<SerdeFlow>,
@@ -157,6 +159,7 @@ impl From<&FlowBatch> for SerdeFlowBatch {
             batch_id: b.batch_id,
             exporter_id: b.exporter_id,
             hops: b.hops,
+            sent_ms: b.sent_ms,
             region: b.region.clone(),
             dictionary: b.dictionary.clone(),
             flows: b

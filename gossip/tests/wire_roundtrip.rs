@@ -115,8 +115,8 @@ fn claim_batch() -> impl Strategy<Value = Message> {
 }
 
 fn flow_batch() -> impl Strategy<Value = Message> {
-    (any::<(u64, u64, u8)>(), region(), dictionary()).prop_flat_map(
-        |((batch_id, exporter_id, hops), region, dictionary)| {
+    (any::<(u64, u64, u8, u64)>(), region(), dictionary()).prop_flat_map(
+        |((batch_id, exporter_id, hops, sent_ms), region, dictionary)| {
             let entries = dictionary.len() as u32;
             (vec(flow(entries), 0..12), vec(claim(entries), 0..6)).prop_map(
                 move |(flows, claims)| {
@@ -124,6 +124,7 @@ fn flow_batch() -> impl Strategy<Value = Message> {
                         batch_id,
                         exporter_id,
                         hops,
+                        sent_ms,
                         region: region.clone(),
                         dictionary: dictionary.clone(),
                         flows,
@@ -494,6 +495,7 @@ fn flow_batch_with(flows: usize, dictionary: usize) -> FlowBatch {
         batch_id: 1,
         exporter_id: 2,
         hops: 0,
+        sent_ms: 0,
         region: "eu-west-1".to_owned(),
         dictionary: (0..dictionary).map(|i| format!("workload-{i}")).collect(),
         flows: (0..flows)

@@ -155,6 +155,7 @@ pub fn reason_index(reason: Reason) -> usize {
         Reason::Expired => 3,
         Reason::Overload => 4,
         Reason::RegionUnreachable => 5,
+        Reason::ExporterClock => 6,
     }
 }
 

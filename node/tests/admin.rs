@@ -87,6 +87,7 @@ async fn heartbeat(addr: SocketAddr, batch_id: u64) -> anyhow::Result<AckStatus>
         batch_id,
         exporter_id: 7,
         hops: 0,
+        sent_ms: 0,
         region: "a".into(),
         dictionary: vec!["web".into()],
         claims: vec![wire::Claim {

@@ -232,6 +232,7 @@ async fn collectors_attribute_cross_region_and_reused_ips() -> anyhow::Result<()
         batch_id: 1,
         exporter_id: 11,
         hops: 0,
+        sent_ms: 0,
         region: "a".into(),
         dictionary: vec!["gateway".into(), "old-svc".into(), "new-svc".into()],
         flows: vec![
@@ -252,6 +253,7 @@ async fn collectors_attribute_cross_region_and_reused_ips() -> anyhow::Result<()
         batch_id: 1,
         exporter_id: 21,
         hops: 0,
+        sent_ms: 0,
         region: "b".into(),
         dictionary: vec!["b-svc".into()],
         flows: Vec::new(),
@@ -265,6 +267,7 @@ async fn collectors_attribute_cross_region_and_reused_ips() -> anyhow::Result<()
         batch_id: 2,
         exporter_id: 21,
         hops: 0,
+        sent_ms: 0,
         region: "b".into(),
         dictionary: Vec::new(),
         flows: Vec::new(),

@@ -139,6 +139,7 @@ fn batch(
         batch_id: id,
         exporter_id,
         hops: 0,
+        sent_ms: 0,
         region: "a".into(),
         dictionary: names.iter().map(|s| (*s).to_owned()).collect(),
         flows,

@@ -97,6 +97,7 @@ fn one_flow_batch(batch_id: u64) -> Message {
         batch_id,
         exporter_id: 1,
         hops: 0,
+        sent_ms: 0,
         region: "a".into(),
         dictionary: vec!["web".into()],
         flows: vec![wire::Flow {

@@ -21,12 +21,13 @@ pub enum FaultKind {
     ClockJump,
     ClockStep,
     ClockSlew,
+    HostClockStep,
     ExporterOutage,
     Crash,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Loss,
         FaultKind::Delay,
         FaultKind::PartitionNode,
@@ -36,6 +37,7 @@ impl FaultKind {
         FaultKind::ClockJump,
         FaultKind::ClockStep,
         FaultKind::ClockSlew,
+        FaultKind::HostClockStep,
         FaultKind::ExporterOutage,
         FaultKind::Crash,
     ];
@@ -51,6 +53,7 @@ impl FaultKind {
             FaultKind::ClockJump => "clock-jump",
             FaultKind::ClockStep => "clock-step",
             FaultKind::ClockSlew => "clock-slew",
+            FaultKind::HostClockStep => "host-clock-step",
             FaultKind::ExporterOutage => "exporter-outage",
             FaultKind::Crash => "crash",
         }
@@ -81,6 +84,9 @@ pub enum Fault {
     /// A collector's clock is slewed, with no step: its offset moves steadily from zero to
     /// `peak_ms` at the episode's middle and back to zero at its end.
     ClockSlew { collector: u16, peak_ms: i64 },
+    /// Some hosts' clocks are stepped by `step` (from three times δ to minutes, either
+    /// way) at the start and set right at the end.
+    HostClockStep { hosts: Vec<(u32, i64)> },
     /// Exporters stop (no heartbeats, no sends) and come back with what they kept.
     ExporterOutage { hosts: Vec<u32> },
 }
@@ -226,6 +232,23 @@ pub fn plan(
                         -magnitude
                     },
                 }
+            }
+            FaultKind::HostClockStep => {
+                let min = 3 * scenario.cluster.skew_margin_ms;
+                let max = scenario.clocks.host_step_ms_max.max(min);
+                let count = (fleet.hosts.len() / 10).max(1);
+                let hosts = (0..count)
+                    .map(|_| {
+                        let magnitude = rng.random_range(min..=max) as i64;
+                        let step = if rng.random_bool(0.5) {
+                            magnitude
+                        } else {
+                            -magnitude
+                        };
+                        (rng.random_range(0..fleet.hosts.len()) as u32, step)
+                    })
+                    .collect();
+                Fault::HostClockStep { hosts }
             }
             FaultKind::ExporterOutage => {
                 let count = (fleet.hosts.len() / 5).max(1);

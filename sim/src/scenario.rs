@@ -186,6 +186,10 @@ pub struct ClockConfig {
     /// Largest offset a `clock-slew` episode slews a collector's clock to, either way, in
     /// ms. Default 5,000.
     pub collector_slew_ms_max: u64,
+    /// Largest step of a host's clock in a `host-clock-step` episode, either way, in ms
+    /// (steps are at least three times δ: far enough off the fleet to be told apart).
+    /// Default 120,000.
+    pub host_step_ms_max: u64,
 }
 
 impl Default for ClockConfig {
@@ -195,6 +199,7 @@ impl Default for ClockConfig {
             collector_skew_ms_max: 2_000,
             collector_step_ms_max: 120_000,
             collector_slew_ms_max: 5_000,
+            host_step_ms_max: 120_000,
         }
     }
 }
@@ -514,6 +519,7 @@ impl Scenario {
         }
         if self.clocks.collector_step_ms_max > 86_400_000
             || self.clocks.collector_slew_ms_max > 86_400_000
+            || self.clocks.host_step_ms_max > 86_400_000
         {
             return Err(invalid(
                 "clocks.collector_step_ms_max",

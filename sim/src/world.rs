@@ -181,6 +181,13 @@ struct Exporter {
     opener: Opener,
     decoder: FrameDecoder,
     offset_ms: i64,
+    /// Active `host-clock-step` episodes: (fault id, step).
+    steps: Vec<(u32, i64)>,
+    /// The host's clock offset when batches were built: newest batch id of a build →
+    /// offset. A batch sent after its host's clock stepped is re-based to the clock of the
+    /// send, so that `sent_ms` and every time in it share one clock (as the exporter does
+    /// with its monotonic clock).
+    frames: BTreeMap<u64, i64>,
     collectors: Vec<u16>,
     current: usize,
     inflight: Option<u64>,
@@ -395,6 +402,8 @@ impl<'s> World<'s> {
                 opener: Opener::new(OpenerConfig::default()),
                 decoder: FrameDecoder::new(FrameLimits::default()),
                 offset_ms: rng.random_range(-host_skew..=host_skew),
+                steps: Vec::new(),
+                frames: BTreeMap::new(),
                 current: h % mine.len().max(1),
                 collectors: mine,
                 inflight: None,
@@ -594,9 +603,14 @@ impl<'s> World<'s> {
         )
     }
 
+    /// Host `h`'s clock offset from true time: its skew plus any step in force.
+    fn host_offset(&self, h: u32) -> i64 {
+        let e = &self.exporters[h as usize];
+        e.offset_ms + e.steps.iter().map(|(_, s)| s).sum::<i64>()
+    }
+
     fn host_now(&self, h: u32) -> u64 {
-        self.now
-            .saturating_add_signed(self.exporters[h as usize].offset_ms)
+        self.now.saturating_add_signed(self.host_offset(h))
     }
 
     /// Starts (or restarts, with a new generation: fresh state, a higher incarnation and
@@ -1222,7 +1236,33 @@ impl<'s> World<'s> {
             return;
         };
         let batch_id = batch.batch_id;
-        let message = Message::FlowBatch(batch.clone());
+        // Every attempt states when it was sent, by the host's clock, and carries its
+        // times by that same clock.
+        let mut copy = batch.clone();
+        copy.sent_ms = self.host_now(h);
+        let built = e
+            .frames
+            .range(batch_id..)
+            .next()
+            .map_or(0, |(_, offset)| *offset);
+        let delta = self.host_offset(h) - built;
+        if delta != 0 {
+            for f in &mut copy.flows {
+                f.start_ms = f.start_ms.saturating_add_signed(delta);
+                f.end_ms = f.end_ms.saturating_add_signed(delta);
+            }
+            for c in &mut copy.claims {
+                c.since_ms = c.since_ms.saturating_add_signed(delta);
+                c.until_ms = c.until_ms.saturating_add_signed(delta);
+            }
+        }
+        let e = &mut self.exporters[h as usize];
+        let older: Vec<u64> = e.frames.range(..batch_id).map(|(id, _)| *id).collect();
+        for id in older {
+            e.frames.remove(&id);
+        }
+        let message = Message::FlowBatch(copy);
+        let e = &self.exporters[h as usize];
         let to = Endpoint::Collector(e.collectors[e.current]);
         self.exporters[h as usize].inflight = Some(batch_id);
         self.send_frame(Endpoint::Exporter(h), to, &message);
@@ -1259,6 +1299,7 @@ impl<'s> World<'s> {
         self.drain_legacy();
         // Claims: one per IP held here, and a final one per instance that ended.
         let hb = &self.scenario.heartbeat;
+        let offset_now = self.host_offset(h);
         let host = &mut self.fleet.hosts[h as usize];
         let mut claims = std::mem::take(&mut self.exporters[h as usize].delayed_claims);
         let mut delayed = Vec::new();
@@ -1270,15 +1311,19 @@ impl<'s> World<'s> {
             .chain(ended.iter().map(|&i| (i, true)))
         {
             let instance = &self.fleet.instances[inst as usize];
+            let rebased = |t: u64| t.saturating_add_signed(offset_now);
             let until = if final_claim {
-                instance.end_stamped_ms.unwrap_or(host_now)
+                instance
+                    .end_stamped_ms
+                    .map(|_| rebased(instance.end_ms))
+                    .unwrap_or(host_now)
             } else {
                 host_now
             };
             let claim = LocalClaim {
                 ip: self.fleet.ips[instance.ip as usize].addr,
                 workload: self.fleet.names[instance.workload as usize].to_string(),
-                since_ms: instance.since_stamped_ms,
+                since_ms: rebased(instance.start_ms),
                 until_ms: until,
             };
             if hb.loss > 0.0 && self.rng.random_bool(hb.loss) {
@@ -1295,8 +1340,15 @@ impl<'s> World<'s> {
         }
         let e = &mut self.exporters[h as usize];
         e.delayed_claims = delayed;
+        for f in &mut flows {
+            f.start_ms = f.start_ms.saturating_add_signed(offset_now);
+            f.end_ms = f.end_ms.saturating_add_signed(offset_now);
+        }
         let dropped_before = e.batcher.stats().flows_dropped;
         e.batcher.push(flows, claims);
+        if let Some(newest) = e.batcher.newest_batch_id() {
+            e.frames.insert(newest, offset_now);
+        }
         let dropped = e.batcher.stats().flows_dropped - dropped_before;
         self.stats.undelivered += dropped;
         self.try_send(h);
@@ -1334,7 +1386,9 @@ impl<'s> World<'s> {
     // ----- fleet -----
 
     fn start_instance(&mut self, workload: u32, first: bool) {
-        let offsets: Vec<i64> = self.exporters.iter().map(|e| e.offset_ms).collect();
+        let offsets: Vec<i64> = (0..self.exporters.len() as u32)
+            .map(|h| self.host_offset(h))
+            .collect();
         let change = self
             .fleet
             .start_instance(workload, self.now, first, &mut self.rng, |h| {
@@ -1363,7 +1417,7 @@ impl<'s> World<'s> {
 
     fn end_instance(&mut self, instance: u32) {
         let host = self.fleet.instances[instance as usize].host;
-        let offset = self.exporters[host as usize].offset_ms;
+        let offset = self.host_offset(host);
         self.fleet.end_instance(instance, offset);
         let inst = &self.fleet.instances[instance as usize];
         let (workload, ip, end) = (inst.workload, inst.ip, inst.end_ms);
@@ -1485,7 +1539,6 @@ impl<'s> World<'s> {
             return; // the legacy payload's index bits are full: stop generating
         }
         let flow_id = self.truths.flow_id(index);
-        let offset = self.exporters[host as usize].offset_ms;
         self.truths.flows.push(FlowTruth {
             start_ms: start,
             end_ms: end,
@@ -1514,8 +1567,9 @@ impl<'s> World<'s> {
             local_workload: self.fleet.names[caller_w as usize].to_string(),
             remote_ip: remote,
             remote_port: 8080,
-            start_ms: start.saturating_add_signed(offset),
-            end_ms: end.saturating_add_signed(offset),
+            // True times: the host's clock is applied when the batch is built.
+            start_ms: start,
+            end_ms: end,
             bytes_sent: 100 + (index as u64 % 5_000),
             bytes_received: 200 + (index as u64 % 50_000),
             packets: 10,
@@ -1607,6 +1661,11 @@ impl<'s> World<'s> {
                     .steps
                     .push((id, step_ms));
             }
+            Fault::HostClockStep { ref hosts } => {
+                for &(h, step) in hosts {
+                    self.exporters[h as usize].steps.push((id, step));
+                }
+            }
             Fault::ClockSlew { collector, peak_ms } => {
                 self.collectors[collector as usize].slews.push((
                     id,
@@ -1656,6 +1715,11 @@ impl<'s> World<'s> {
                 self.collectors[collector as usize]
                     .slews
                     .retain(|(f, ..)| *f != id);
+            }
+            Fault::HostClockStep { ref hosts } => {
+                for &(h, _) in hosts {
+                    self.exporters[h as usize].steps.retain(|(f, _)| *f != id);
+                }
             }
             Fault::ExporterOutage { ref hosts } => {
                 for &h in hosts {

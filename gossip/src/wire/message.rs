@@ -122,6 +122,10 @@ pub struct FlowBatch {
     /// How many times collectors forwarded this batch; routers drop it past a limit, so
     /// disagreeing directories cannot bounce it forever.
     pub hops: u8,
+    /// The sender's clock when it sent this copy, Unix ms (an exporter stamps every
+    /// attempt); 0 when not stated. A collector compares an exporter's with the other
+    /// exporters' to find a clock that disagrees with the fleet's.
+    pub sent_ms: u64,
     /// The exporter's region.
     pub region: String,
     /// Workload identities referred to by index, each once.

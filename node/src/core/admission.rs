@@ -83,11 +83,14 @@ pub enum Rejection {
     PeerOnly,
     /// The exporter key was used for a batch marked as forwarded by a collector.
     Relayed,
+    /// The batch's `sent_ms` was more than δ off the other exporters' (see
+    /// [`super::clocks`]): its claims are refused and its flows go out unattributed.
+    ExporterClock,
 }
 
 impl Rejection {
     /// Every reason, for metrics.
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Stale,
         Rejection::Future,
         Rejection::Inverted,
@@ -95,6 +98,7 @@ impl Rejection {
         Rejection::RateLimited,
         Rejection::PeerOnly,
         Rejection::Relayed,
+        Rejection::ExporterClock,
     ];
 
     /// The metric label.
@@ -107,6 +111,7 @@ impl Rejection {
             Rejection::RateLimited => "rate_limited",
             Rejection::PeerOnly => "peer_only",
             Rejection::Relayed => "relayed",
+            Rejection::ExporterClock => "exporter_clock",
         }
     }
 }

@@ -65,6 +65,7 @@
 //! routes the gathered flows again.
 
 mod admission;
+pub mod clocks;
 mod flow;
 mod journal;
 mod recent;
@@ -78,6 +79,7 @@ use std::sync::Arc;
 
 use admission::Admission;
 pub use admission::{AdmissionConfig, AdmissionStats, Rejection};
+use clocks::{ClockVerdict, ExporterClocks};
 use flow::{DictionaryBuilder, Names};
 pub use flow::{EmittedFlow, FlowRecord};
 use ipnet::IpNet;
@@ -290,6 +292,9 @@ pub struct CoreStats {
     /// Flows in forwarded batches already journaled here (a peer's re-sent copies), not
     /// taken again.
     pub flows_already_held: u64,
+    /// Exporter batches whose `sent_ms` was more than δ off the fleet's: claims refused,
+    /// flows unattributed (`exporter_clock`).
+    pub batches_clock_off: u64,
 }
 
 /// The node's core. See the module documentation.
@@ -325,6 +330,8 @@ pub struct NodeCore {
     /// back must not hold forwarded flows, nor refuse exporters, for the length of the
     /// step. The engine and the handoff keep their own.
     steady: SteadyClock,
+    /// Exporters' clocks against the fleet's.
+    clocks: ExporterClocks,
 }
 
 impl NodeCore {
@@ -383,6 +390,7 @@ impl NodeCore {
             scratch: tenure_attribution::Outputs::default(),
             admission: Admission::new(AdmissionConfig::default()),
             steady: SteadyClock::new(),
+            clocks: exporter_clocks(&config, &AdmissionConfig::default()),
             config,
         })
     }
@@ -431,6 +439,7 @@ impl NodeCore {
     /// Kept apart from [`CoreConfig`] so that every driver gets the checks without having to
     /// opt in.
     pub fn set_admission(&mut self, config: AdmissionConfig) {
+        self.clocks = exporter_clocks(&self.config, &config);
         self.admission = Admission::new(config);
     }
 
@@ -796,8 +805,10 @@ impl NodeCore {
             let retry_after_ms = self.config.busy_retry_after_ms;
             return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
         }
+        let mut clock_off = false;
         let claims = if batch.hops == 0 {
-            // Straight from an exporter: its budget first, then every claim on its own.
+            // Straight from an exporter: its budget first, its clock, then every claim on
+            // its own.
             let taken = self.admission.take(
                 batch.exporter_id,
                 batch.claims.len(),
@@ -812,7 +823,18 @@ impl NodeCore {
                 let retry_after_ms = self.config.busy_retry_after_ms;
                 return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
             }
-            self.admit_claims(batch.claims, now)
+            let at = self.steady.observe(now);
+            match self.clocks.judge(batch.exporter_id, batch.sent_ms, now, at) {
+                ClockVerdict::Agrees => self.admit_claims(batch.claims, now),
+                ClockVerdict::Disagrees { off_ms } => {
+                    self.stats.batches_clock_off += 1;
+                    self.admission
+                        .count_claims(Rejection::ExporterClock, batch.claims.len() as u64);
+                    tracing::debug!(exporter = batch.exporter_id, off_ms, "exporter clock off the fleet's; its claims are refused and its flows unattributed");
+                    clock_off = true;
+                    Vec::new()
+                }
+            }
         } else {
             batch.claims
         };
@@ -862,6 +884,19 @@ impl NodeCore {
         // `journal_synced`.
         self.stats.journal_appends += 1;
         self.journal.append(&flows, conn, id, out);
+        if clock_off {
+            // Their times cannot be held against other hosts' heartbeats.
+            for flow in flows {
+                self.emit(
+                    flow,
+                    Verdict::Unattributed(Reason::ExporterClock),
+                    0,
+                    now,
+                    out,
+                );
+            }
+            return;
+        }
         self.route_flows(flows, now, out);
     }
 
@@ -1051,6 +1086,7 @@ impl NodeCore {
                             batch_id: id,
                             exporter_id,
                             hops: hops.saturating_add(1),
+                            sent_ms: now.0,
                             region,
                             dictionary: dict.finish(),
                             flows: wire_flows,
@@ -1743,4 +1779,14 @@ fn snapshot_from_wire(ip: &wire::SnapshotIp) -> IpRanges {
             })
             .collect(),
     }
+}
+
+/// The exporter clock check of a core: δ from the engine, samples kept for three
+/// heartbeat intervals, as many exporters as admission tracks.
+fn exporter_clocks(config: &CoreConfig, admission: &AdmissionConfig) -> ExporterClocks {
+    ExporterClocks::new(
+        config.engine.skew_margin_ms,
+        3 * config.handoff.heartbeat_interval_ms.max(1_000),
+        admission.exporters_tracked_max,
+    )
 }

@@ -84,6 +84,7 @@ fn batch(id: u64, region: &str, flows: Vec<wire::Flow>, claims: Vec<wire::Claim>
         batch_id: id,
         exporter_id: 1,
         hops: 0,
+        sent_ms: 0,
         region: region.into(),
         dictionary: vec!["gateway".into(), "svc".into()],
         flows,
@@ -953,4 +954,90 @@ fn a_clock_stepped_forward_and_back_does_not_hold_forwarded_flows_for_the_step()
         again.iter().any(|(_, ids)| ids.len() == 4),
         "sent again within 2 s of real time: {again:?}"
     );
+}
+
+/// An exporter batch of `exporter_id` stamped `sent_ms`.
+fn stamped(
+    id: u64,
+    exporter_id: u64,
+    sent_ms: u64,
+    flows: Vec<wire::Flow>,
+    claims: Vec<wire::Claim>,
+) -> Message {
+    let Message::FlowBatch(mut b) = batch(id, "a", flows, claims) else {
+        unreachable!("batch builds a flow batch")
+    };
+    b.exporter_id = exporter_id;
+    b.sent_ms = sent_ms;
+    Message::FlowBatch(b)
+}
+
+#[test]
+fn an_exporter_whose_clock_is_far_off_the_fleets_has_its_claims_refused_and_flows_unattributed() {
+    let (mut core, now) = ready_core_with_an_owner();
+    let ip = "10.1.0.7".parse().unwrap();
+    let before = core.history(ip);
+    let n = now.0;
+    // Three exporters agree (within δ, 100 ms here; the collector's own clock is
+    // irrelevant).
+    for (exporter, off) in [(11u64, 0i64), (12, 60), (13, -40)] {
+        let mut out = Vec::new();
+        core.handle_message_from(
+            exporter,
+            Sender::Exporter,
+            stamped(
+                exporter,
+                exporter,
+                n.saturating_add_signed(off),
+                Vec::new(),
+                Vec::new(),
+            ),
+            now,
+            &mut out,
+        );
+        assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+        assert_eq!(
+            core.stats().batches_clock_off,
+            0,
+            "exporter {exporter} agrees"
+        );
+    }
+    // A fourth, whose clock was stepped back 90 s: its flow to the owner's IP would be
+    // looked up 90 s early, and its claim restates a tenure on the wrong clock.
+    let back = n - 90_000;
+    let mut out = Vec::new();
+    core.handle_message_from(
+        14,
+        Sender::Exporter,
+        stamped(
+            14,
+            14,
+            back,
+            vec![flow(21, "10.1.0.7", START + 2_000)],
+            vec![claim("10.1.0.7", 1, back - 1_000, back)],
+        ),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        emitted(&out),
+        vec![(21, Verdict::Unattributed(Reason::ExporterClock))]
+    );
+    assert_eq!(core.history(ip), before, "its claim reached no range");
+    assert_eq!(
+        core.admission_stats()
+            .claims_rejected
+            .get(&Rejection::ExporterClock),
+        Some(&1)
+    );
+    assert_eq!(core.stats().batches_clock_off, 1);
+    // Journaled and acknowledged like any other: nothing is lost.
+    assert!(
+        matches!(journal(&out).first(), Some(JournalOp::Append { .. })),
+        "{:?}",
+        journal(&out)
+    );
+    let mut out = Vec::new();
+    core.journal_synced(u64::MAX, now, &mut out);
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
 }

@@ -159,6 +159,7 @@ impl Batcher {
             batch_id: self.next_batch_id,
             exporter_id: self.exporter_id,
             hops: 0,
+            sent_ms: 0,
             region: self.region.clone(),
             dictionary,
             flows: wire_flows,
@@ -178,6 +179,11 @@ impl Batcher {
     }
 
     /// The oldest unacknowledged batch: the next to send.
+    /// The id of the newest batch buffered.
+    pub fn newest_batch_id(&self) -> Option<u64> {
+        self.buffer.back().map(|b| b.batch_id)
+    }
+
     pub fn front(&self) -> Option<&FlowBatch> {
         self.buffer.front()
     }

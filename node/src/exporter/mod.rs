@@ -277,10 +277,12 @@ impl Sender {
         // Bounded: at most a few rounds over the collectors per call; the rest waits for
         // the next interval.
         let mut failures = 0usize;
-        while let Some(batch) = batcher.front().cloned() {
+        while let Some(mut batch) = batcher.front().cloned() {
             if failures > self.collectors.len() * 2 {
                 return;
             }
+            // Every attempt states when it was sent: collectors compare exporters' clocks.
+            batch.sent_ms = clock::now().0;
             match self.send_one(crypto, batch).await {
                 Ok(AckStatus::Accepted) => {
                     batcher.acked(batcher.front().map(|b| b.batch_id).unwrap_or_default());

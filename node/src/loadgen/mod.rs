@@ -502,6 +502,7 @@ fn build_batch(
         batch_id,
         exporter_id: who.exporter_id,
         hops: 0,
+        sent_ms: 0,
         region: who.region_name.to_owned(),
         dictionary: dictionary.take(),
         flows,
@@ -700,7 +701,9 @@ async fn send(
         Some(c) => c,
         None => client.insert(Client::connect(addr, crypto, timeout).await?),
     };
-    Ok(c.send_batch(crypto, batch.clone(), timeout).await?)
+    let mut batch = batch.clone();
+    batch.sent_ms = crate::shell::clock::now().0;
+    Ok(c.send_batch(crypto, batch, timeout).await?)
 }
 
 fn cpu_ticks(collectors: &[Collector]) -> anyhow::Result<procs::CpuTicks> {

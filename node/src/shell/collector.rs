@@ -450,6 +450,8 @@ impl Shared {
         metrics::counter!(m::CLAIMS_APPLIED, "node" => node.clone()).absolute(stats.claims_applied);
         metrics::counter!(m::FLOWS_ALREADY_HELD, "node" => node.clone())
             .absolute(core.stats().flows_already_held);
+        metrics::counter!(m::EXPORTER_CLOCK_OFF_BATCHES, "node" => node.clone())
+            .absolute(core.stats().batches_clock_off);
         metrics::counter!(m::CLAIMS_REJECTED, "node" => node.clone(), "reason" => "engine")
             .absolute(stats.claims_rejected);
         let admission = core.admission_stats();

@@ -43,6 +43,9 @@ pub const EXPORTER_BUFFERED: &str = "tenure_exporter_batches_buffered";
 /// Flows in forwarded batches that this node had journaled already (a peer's re-sent
 /// copies), not taken twice.
 pub const FLOWS_ALREADY_HELD: &str = "tenure_flows_already_held_total";
+/// Exporter batches whose `sent_ms` was more than δ off the other exporters': claims
+/// refused, flows unattributed (`exporter_clock`).
+pub const EXPORTER_CLOCK_OFF_BATCHES: &str = "tenure_exporter_clock_off_batches_total";
 /// The admin-set clock offset of a collector, in ms (0 unless fault injection set one).
 pub const CLOCK_OFFSET: &str = "tenure_clock_offset_ms";
 
