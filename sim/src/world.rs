@@ -183,11 +183,6 @@ struct Exporter {
     offset_ms: i64,
     /// Active `host-clock-step` episodes: (fault id, step).
     steps: Vec<(u32, i64)>,
-    /// The host's clock offset when batches were built: newest batch id of a build →
-    /// offset. A batch sent after its host's clock stepped is re-based to the clock of the
-    /// send, so that `sent_ms` and every time in it share one clock (as the exporter does
-    /// with its monotonic clock).
-    frames: BTreeMap<u64, i64>,
     collectors: Vec<u16>,
     current: usize,
     inflight: Option<u64>,
@@ -403,7 +398,6 @@ impl<'s> World<'s> {
                 decoder: FrameDecoder::new(FrameLimits::default()),
                 offset_ms: rng.random_range(-host_skew..=host_skew),
                 steps: Vec::new(),
-                frames: BTreeMap::new(),
                 current: h % mine.len().max(1),
                 collectors: mine,
                 inflight: None,
@@ -1232,35 +1226,11 @@ impl<'s> World<'s> {
         if e.down > 0 || e.inflight.is_some() || e.collectors.is_empty() {
             return;
         }
-        let Some(batch) = e.batcher.front() else {
+        // Every attempt states when it was sent, its times by the same clock.
+        let Some(copy) = e.batcher.outgoing(self.host_now(h), self.host_offset(h)) else {
             return;
         };
-        let batch_id = batch.batch_id;
-        // Every attempt states when it was sent, by the host's clock, and carries its
-        // times by that same clock.
-        let mut copy = batch.clone();
-        copy.sent_ms = self.host_now(h);
-        let built = e
-            .frames
-            .range(batch_id..)
-            .next()
-            .map_or(0, |(_, offset)| *offset);
-        let delta = self.host_offset(h) - built;
-        if delta != 0 {
-            for f in &mut copy.flows {
-                f.start_ms = f.start_ms.saturating_add_signed(delta);
-                f.end_ms = f.end_ms.saturating_add_signed(delta);
-            }
-            for c in &mut copy.claims {
-                c.since_ms = c.since_ms.saturating_add_signed(delta);
-                c.until_ms = c.until_ms.saturating_add_signed(delta);
-            }
-        }
-        let e = &mut self.exporters[h as usize];
-        let older: Vec<u64> = e.frames.range(..batch_id).map(|(id, _)| *id).collect();
-        for id in older {
-            e.frames.remove(&id);
-        }
+        let batch_id = copy.batch_id;
         let message = Message::FlowBatch(copy);
         let e = &self.exporters[h as usize];
         let to = Endpoint::Collector(e.collectors[e.current]);
@@ -1345,10 +1315,9 @@ impl<'s> World<'s> {
             f.end_ms = f.end_ms.saturating_add_signed(offset_now);
         }
         let dropped_before = e.batcher.stats().flows_dropped;
+        // The simulated monotonic clock is true time: the frame is the host's offset.
+        e.batcher.set_clock_frame(offset_now);
         e.batcher.push(flows, claims);
-        if let Some(newest) = e.batcher.newest_batch_id() {
-            e.frames.insert(newest, offset_now);
-        }
         let dropped = e.batcher.stats().flows_dropped - dropped_before;
         self.stats.undelivered += dropped;
         self.try_send(h);

@@ -1,6 +1,12 @@
 //! The exporter's batch buffer, sans-io: flows and heartbeats become batches, batches wait
 //! until a collector acknowledges them, and the buffer is bounded with a counted drop of
 //! the oldest batch.
+//!
+//! Every time in a batch is by the host's wall clock, and a copy goes out with `sent_ms`,
+//! the wall clock at the send, which collectors hold against other exporters' clocks. So
+//! that the two always agree, each batch remembers the *clock frame* it was built in (the
+//! wall clock minus the monotonic clock, which moves only when the wall clock is stepped)
+//! and a copy sent in another frame has every time moved by the step ([`Batcher::outgoing`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -53,7 +59,10 @@ pub struct Batcher {
     next_batch_id: u64,
     batch_flows_max: usize,
     buffer_batches_max: usize,
-    buffer: VecDeque<FlowBatch>,
+    /// Unacknowledged batches, each with the clock frame it was built in.
+    buffer: VecDeque<(FlowBatch, i64)>,
+    /// The clock frame new batches are built in: wall minus monotonic clock, ms.
+    frame_ms: i64,
     stats: BatcherStats,
 }
 
@@ -74,6 +83,7 @@ impl Batcher {
             batch_flows_max: batch_flows_max.max(1),
             buffer_batches_max: buffer_batches_max.max(1),
             buffer: VecDeque::new(),
+            frame_ms: 0,
             stats: BatcherStats::default(),
         }
     }
@@ -84,6 +94,12 @@ impl Batcher {
 
     pub fn buffered(&self) -> usize {
         self.buffer.len()
+    }
+
+    /// The clock frame the next batches are built in: the host's wall clock minus its
+    /// monotonic clock, in ms, measured when their times were read.
+    pub fn set_clock_frame(&mut self, frame_ms: i64) {
+        self.frame_ms = frame_ms;
     }
 
     /// Turns one heartbeat interval's flows and claims into batches (more than one when
@@ -155,18 +171,21 @@ impl Batcher {
             .collect();
         self.next_batch_id += 1;
         self.stats.batches_made += 1;
-        self.buffer.push_back(FlowBatch {
-            batch_id: self.next_batch_id,
-            exporter_id: self.exporter_id,
-            hops: 0,
-            sent_ms: 0,
-            region: self.region.clone(),
-            dictionary,
-            flows: wire_flows,
-            claims: wire_claims,
-        });
+        self.buffer.push_back((
+            FlowBatch {
+                batch_id: self.next_batch_id,
+                exporter_id: self.exporter_id,
+                hops: 0,
+                sent_ms: 0,
+                region: self.region.clone(),
+                dictionary,
+                flows: wire_flows,
+                claims: wire_claims,
+            },
+            self.frame_ms,
+        ));
         while self.buffer.len() > self.buffer_batches_max {
-            if let Some(dropped) = self.buffer.pop_front() {
+            if let Some((dropped, _)) = self.buffer.pop_front() {
                 self.stats.batches_dropped += 1;
                 self.stats.flows_dropped += dropped.flows.len() as u64;
                 tracing::warn!(
@@ -179,18 +198,34 @@ impl Batcher {
     }
 
     /// The oldest unacknowledged batch: the next to send.
-    /// The id of the newest batch buffered.
-    pub fn newest_batch_id(&self) -> Option<u64> {
-        self.buffer.back().map(|b| b.batch_id)
+    pub fn front(&self) -> Option<&FlowBatch> {
+        self.buffer.front().map(|(b, _)| b)
     }
 
-    pub fn front(&self) -> Option<&FlowBatch> {
-        self.buffer.front()
+    /// A copy of the oldest unacknowledged batch to send at `now_ms` (wall clock) in clock
+    /// frame `frame_ms`: stamped `sent_ms`, and with every time moved by the wall clock's
+    /// steps since it was built, so that all of them and `sent_ms` read one clock.
+    pub fn outgoing(&self, now_ms: u64, frame_ms: i64) -> Option<FlowBatch> {
+        let (batch, built_in) = self.buffer.front()?;
+        let mut copy = batch.clone();
+        copy.sent_ms = now_ms;
+        let step = frame_ms.saturating_sub(*built_in);
+        if step != 0 {
+            for f in &mut copy.flows {
+                f.start_ms = f.start_ms.saturating_add_signed(step);
+                f.end_ms = f.end_ms.saturating_add_signed(step);
+            }
+            for c in &mut copy.claims {
+                c.since_ms = c.since_ms.saturating_add_signed(step);
+                c.until_ms = c.until_ms.saturating_add_signed(step);
+            }
+        }
+        Some(copy)
     }
 
     /// The collector took `batch_id`.
     pub fn acked(&mut self, batch_id: u64) {
-        if self.buffer.front().is_some_and(|b| b.batch_id == batch_id) {
+        if self.front().is_some_and(|b| b.batch_id == batch_id) {
             self.buffer.pop_front();
             self.stats.batches_acked += 1;
         }
@@ -198,8 +233,8 @@ impl Batcher {
 
     /// The collector refused `batch_id` for good: drop it, counted.
     pub fn rejected(&mut self, batch_id: u64) {
-        if self.buffer.front().is_some_and(|b| b.batch_id == batch_id) {
-            if let Some(b) = self.buffer.pop_front() {
+        if self.front().is_some_and(|b| b.batch_id == batch_id) {
+            if let Some((b, _)) = self.buffer.pop_front() {
                 self.stats.batches_rejected += 1;
                 self.stats.flows_dropped += b.flows.len() as u64;
             }
@@ -244,5 +279,36 @@ mod tests {
         b.acked(first);
         assert_eq!(b.buffered(), 1);
         assert_eq!(b.stats().batches_acked, 1);
+    }
+
+    #[test]
+    fn a_batch_sent_after_the_clock_stepped_carries_its_times_by_the_new_clock() {
+        let mut b = Batcher::new(1, "r", 100, 10, 4);
+        b.set_clock_frame(1_000);
+        let claim = LocalClaim {
+            ip: IpAddr::from([10, 0, 0, 1]),
+            workload: "w".into(),
+            since_ms: 50_000,
+            until_ms: 60_000,
+        };
+        b.push(Vec::new(), vec![claim]);
+        let same = b.outgoing(60_100, 1_000).unwrap();
+        assert_eq!(same.sent_ms, 60_100);
+        assert_eq!(
+            (same.claims[0].since_ms, same.claims[0].until_ms),
+            (50_000, 60_000)
+        );
+        // The wall clock was stepped back 30 s before the retry.
+        let retry = b.outgoing(30_200, -29_000).unwrap();
+        assert_eq!(retry.sent_ms, 30_200);
+        assert_eq!(
+            (retry.claims[0].since_ms, retry.claims[0].until_ms),
+            (20_000, 30_000)
+        );
+        assert_eq!(
+            b.front().unwrap().claims[0].since_ms,
+            50_000,
+            "kept as built"
+        );
     }
 }

@@ -219,7 +219,9 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = interval.tick() => {
+                let frame = clock_frame_ms();
                 let (flows, claims) = collect(&mut source, clock::now().0);
+                batcher.set_clock_frame(frame);
                 batcher.push(flows, claims);
                 sender.drain(&crypto, &mut batcher).await;
                 let stats = batcher.stats();
@@ -232,7 +234,9 @@ pub async fn run(
     }
     // One last batch (the final heartbeats and closed flows), then a bounded attempt to
     // deliver what is buffered.
+    let frame = clock_frame_ms();
     let (flows, claims) = collect(&mut source, clock::now().0);
+    batcher.set_clock_frame(frame);
     batcher.push(flows, claims);
     let _ = tokio::time::timeout(
         Duration::from_millis(config.ack_timeout_ms * 2),
@@ -277,12 +281,12 @@ impl Sender {
         // Bounded: at most a few rounds over the collectors per call; the rest waits for
         // the next interval.
         let mut failures = 0usize;
-        while let Some(mut batch) = batcher.front().cloned() {
+        // Every attempt states when it was sent, its times by the same clock: collectors
+        // compare exporters' clocks.
+        while let Some(batch) = batcher.outgoing(clock::now().0, clock_frame_ms()) {
             if failures > self.collectors.len() * 2 {
                 return;
             }
-            // Every attempt states when it was sent: collectors compare exporters' clocks.
-            batch.sent_ms = clock::now().0;
             match self.send_one(crypto, batch).await {
                 Ok(AckStatus::Accepted) => {
                     batcher.acked(batcher.front().map(|b| b.batch_id).unwrap_or_default());
@@ -514,4 +518,10 @@ async fn print_flows(
             _ = &mut shutdown => return Ok(()),
         }
     }
+}
+
+/// The host's clock frame: its wall clock minus its monotonic clock, in ms. It moves only
+/// when the wall clock is stepped.
+fn clock_frame_ms() -> i64 {
+    i64::try_from(tenure_node_ebpf::ClockOffset::measure().to_unix_ms(0)).unwrap_or(i64::MAX)
 }
