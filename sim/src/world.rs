@@ -1490,8 +1490,10 @@ impl<'s> World<'s> {
             end_ms: end.saturating_add_signed(offset),
             bytes_sent: 100 + (index as u64 % 5_000),
             bytes_received: 200 + (index as u64 % 50_000),
-            packets: 10,
+            segs_in: 5,
+            segs_out: 5,
             retransmits: 0,
+            rtt_us: 0,
             direction: Direction::Outbound,
             ongoing: false,
         };

@@ -373,8 +373,10 @@ pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
         end_ms: f.end_ms,
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
-        packets: 0,
+        segs_in: 0,
+        segs_out: 0,
         retransmits: 0,
+        rtt_us: 0,
         direction: Direction::Outbound,
         ongoing: false,
     }
@@ -407,8 +409,10 @@ pub(crate) fn captured_flow(
         end_ms: f.end_unix_ms.max(f.start_unix_ms),
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
-        packets: u64::from(f.segs_in) + u64::from(f.segs_out),
+        segs_in: u64::from(f.segs_in),
+        segs_out: u64::from(f.segs_out),
         retransmits: u64::from(f.retransmits),
+        rtt_us: f.srtt_us,
         direction: match f.direction {
             tenure_node_ebpf::Direction::Inbound => Direction::Inbound,
             tenure_node_ebpf::Direction::Outbound | tenure_node_ebpf::Direction::Unknown => {

@@ -27,8 +27,10 @@ fn flow(id: u128, v6: bool) -> FlowRecord {
         end_ms: 1_700_000_000_100 + id as u64,
         bytes_sent: 10,
         bytes_received: 20,
-        packets: 3,
+        segs_in: 1,
+        segs_out: 2,
         retransmits: 1,
+        rtt_us: 0,
         direction: if v6 {
             Direction::Inbound
         } else {
