@@ -220,6 +220,11 @@ source = {{ kind = "ebpf", births_max = 65536 }}
                     // Payload bytes, exactly: no SYN or FIN counted.
                     assert_eq!(line["bytes_sent"], sent as u64, "{line}");
                     assert_eq!(line["bytes_received"], received as u64, "{line}");
+                    // TCP health from the kernel: segments both ways and a smoothed RTT.
+                    for field in ["segs_in", "segs_out", "rtt_us"] {
+                        let value = line[field].as_u64().context("health field")?;
+                        assert!(value > 0, "{field} is {value}: {line}");
+                    }
                 }
                 assert_eq!(client["remote"]["port"], server_port);
                 assert_eq!(server["remote"]["port"], client_port);

@@ -498,7 +498,10 @@ async fn print_flows(
                         "duration_ms": f.end_ms - f.start_ms,
                         "bytes_sent": f.bytes_sent,
                         "bytes_received": f.bytes_received,
+                        "segs_in": f.segs_in,
+                        "segs_out": f.segs_out,
                         "retransmits": f.retransmits,
+                        "rtt_us": f.rtt_us,
                         "ongoing": f.ongoing,
                     });
                     out.extend_from_slice(line.to_string().as_bytes());
