@@ -221,7 +221,9 @@ fn rkyv_decode_and_read(bytes: &[u8], limits: &WireLimits) -> u64 {
             .wrapping_add(f.flow_id.to_native() as u64)
             .wrapping_add(f.start_ms.to_native() ^ f.end_ms.to_native())
             .wrapping_add(f.bytes_sent.to_native() + f.bytes_received.to_native())
-            .wrapping_add(f.segs_in.to_native() + f.segs_out.to_native() + f.retransmits.to_native())
+            .wrapping_add(
+                f.segs_in.to_native() + f.segs_out.to_native() + f.retransmits.to_native(),
+            )
             .wrapping_add(u64::from(f.rtt_us.to_native()))
             .wrapping_add(ip_bits(f.local_ip.as_ipaddr()) ^ ip_bits(f.remote_ip.as_ipaddr()))
             .wrapping_add(

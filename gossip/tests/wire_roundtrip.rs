@@ -69,7 +69,13 @@ fn claim(entries: u32) -> impl Strategy<Value = Claim> {
 
 fn flow(entries: u32) -> impl Strategy<Value = Flow> {
     (
-        (any::<u128>(), window(), any::<[u64; 5]>(), 0..entries, any::<u32>()),
+        (
+            any::<u128>(),
+            window(),
+            any::<[u64; 5]>(),
+            0..entries,
+            any::<u32>(),
+        ),
         (ip(), ip(), any::<[u16; 2]>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(

@@ -476,6 +476,9 @@ mod tests {
         let mut b = RttStats::of(10);
         b.add(&RttStats::of(70));
         a.add(&b);
-        assert_eq!((a.samples, a.min_us, a.max_us, a.mean_us()), (3, 10, 70, Some(40)));
+        assert_eq!(
+            (a.samples, a.min_us, a.max_us, a.mean_us()),
+            (3, 10, 70, Some(40))
+        );
     }
 }

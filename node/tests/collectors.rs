@@ -597,16 +597,14 @@ async fn a_connection_reported_by_both_ends_counts_once() -> anyhow::Result<()> 
     external.direction = Direction::Inbound;
     external.rtt_us = 30_000;
     server_flows.push(external);
-    let batch = |exporter_id: u64, name: &str, ip: &str, flows: Vec<wire::Flow>| {
-        wire::FlowBatch {
-            batch_id: 1,
-            exporter_id,
-            hops: 0,
-            region: "us-east".into(),
-            dictionary: vec![name.into()],
-            flows,
-            claims: vec![claim(ip, 0, t0, t0 + 20_000)],
-        }
+    let batch = |exporter_id: u64, name: &str, ip: &str, flows: Vec<wire::Flow>| wire::FlowBatch {
+        batch_id: 1,
+        exporter_id,
+        hops: 0,
+        region: "us-east".into(),
+        dictionary: vec![name.into()],
+        flows,
+        claims: vec![claim(ip, 0, t0, t0 + 20_000)],
     };
     let web_batch = batch(31, "web", web, client_flows);
     let db_batch = batch(32, "db", db, server_flows);
@@ -621,7 +619,10 @@ async fn a_connection_reported_by_both_ends_counts_once() -> anyhow::Result<()> 
             break lines;
         }
         if Instant::now() > deadline {
-            bail!("{} of {wanted} sink lines after {RESULT_TIMEOUT:?}", lines.len());
+            bail!(
+                "{} of {wanted} sink lines after {RESULT_TIMEOUT:?}",
+                lines.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -658,7 +659,11 @@ async fn a_connection_reported_by_both_ends_counts_once() -> anyhow::Result<()> 
     assert_eq!(web_db["retransmits"], u64::from(CONNECTIONS), "{web_db}");
     assert_eq!(web_db["rtt_samples"], u64::from(CONNECTIONS), "{web_db}");
     assert_eq!(
-        (&web_db["rtt_us_min"], &web_db["rtt_us_mean"], &web_db["rtt_us_max"]),
+        (
+            &web_db["rtt_us_min"],
+            &web_db["rtt_us_mean"],
+            &web_db["rtt_us_max"]
+        ),
         (
             &serde_json::json!(200),
             &serde_json::json!(400),

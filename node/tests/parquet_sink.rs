@@ -208,9 +208,15 @@ fn parquet_files_roll_and_read_back_with_pyarrow() -> anyhow::Result<()> {
     );
     ensure!(schema["local_port"][0] == "uint16", "{schema}");
     for column in ["segs_in", "segs_out", "retransmits"] {
-        ensure!(schema[column] == serde_json::json!(["uint64", false]), "{schema}");
+        ensure!(
+            schema[column] == serde_json::json!(["uint64", false]),
+            "{schema}"
+        );
     }
-    ensure!(schema["rtt_us"] == serde_json::json!(["uint32", false]), "{schema}");
+    ensure!(
+        schema["rtt_us"] == serde_json::json!(["uint32", false]),
+        "{schema}"
+    );
     ensure!(schema["remote_workload"][1] == true, "{schema}");
     ensure!(schema["flow_id"][1] == false, "{schema}");
 
