@@ -12,12 +12,13 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{collect_until, is_end_of, privileged, Exchange, DEADLINE};
 use rustix::net::sockopt::set_socket_linger;
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use tenure_node_ebpf::{Capture, CaptureOptions, CapturedFlow, Direction};
+use tokio::time::Instant;
 
 /// What the client writes: odd, and more than one segment.
 const UP: usize = 123_457;
@@ -44,7 +45,7 @@ enum Close {
     ClientAborts,
     /// The client half-closes (its FIN acknowledged, the server's EOF read), then aborts
     /// from FIN_WAIT2: one FIN counted on each side, then an RST.
-    AbortAfterHalfClose,
+    HalfClosedThenAborted,
 }
 
 async fn payload_is_exact(close: Close, loopback: IpAddr) {
@@ -177,7 +178,7 @@ fn converse(loopback: IpAddr, close: Close, netns: Option<&str>) -> io::Result<E
                 server: server_addr,
             });
         }
-        Close::AbortAfterHalfClose => {
+        Close::HalfClosedThenAborted => {
             client.shutdown(Shutdown::Write)?;
             served.read_to_end(&mut Vec::new())?;
             wait_until("the client's FIN acknowledged", || {
@@ -368,11 +369,11 @@ async fn ipv6_client_aborts() {
 }
 
 #[tokio::test]
-async fn ipv4_abort_after_half_close() {
-    payload_is_exact(Close::AbortAfterHalfClose, V4).await;
+async fn ipv4_half_closed_then_aborted() {
+    payload_is_exact(Close::HalfClosedThenAborted, V4).await;
 }
 
 #[tokio::test]
-async fn ipv6_abort_after_half_close() {
-    payload_is_exact(Close::AbortAfterHalfClose, V6).await;
+async fn ipv6_half_closed_then_aborted() {
+    payload_is_exact(Close::HalfClosedThenAborted, V6).await;
 }
