@@ -75,8 +75,10 @@ fn batch() -> FlowBatch {
                 end_ms: start_ms + r.next() % 60_000,
                 bytes_sent: r.next() % 10_000_000,
                 bytes_received: r.next() % 10_000_000,
-                packets: r.next() % 100_000,
+                segs_in: r.next() % 50_000,
+                segs_out: r.next() % 50_000,
                 retransmits: r.next() % 10,
+                rtt_us: (r.next() % 200_000) as u32,
                 local_workload: (r.next() % DICTIONARY_ENTRIES as u64) as u32,
                 local_ip: ip(&mut r),
                 remote_ip: ip(&mut r),
@@ -121,9 +123,11 @@ struct SerdeFlow {
     end_ms: u64,
     bytes_sent: u64,
     bytes_received: u64,
-    packets: u64,
+    segs_in: u64,
+    segs_out: u64,
     retransmits: u64,
     local_workload: u32,
+    rtt_us: u32,
     local_ip: IpAddr,
     remote_ip: IpAddr,
     local_port: u16,
@@ -171,9 +175,11 @@ impl From<&FlowBatch> for SerdeFlowBatch {
                     end_ms: f.end_ms,
                     bytes_sent: f.bytes_sent,
                     bytes_received: f.bytes_received,
-                    packets: f.packets,
+                    segs_in: f.segs_in,
+                    segs_out: f.segs_out,
                     retransmits: f.retransmits,
                     local_workload: f.local_workload,
+                    rtt_us: f.rtt_us,
                     local_ip: f.local_ip,
                     remote_ip: f.remote_ip,
                     local_port: f.local_port,
@@ -218,7 +224,10 @@ fn rkyv_decode_and_read(bytes: &[u8], limits: &WireLimits) -> u64 {
             .wrapping_add(f.flow_id.to_native() as u64)
             .wrapping_add(f.start_ms.to_native() ^ f.end_ms.to_native())
             .wrapping_add(f.bytes_sent.to_native() + f.bytes_received.to_native())
-            .wrapping_add(f.packets.to_native() + f.retransmits.to_native())
+            .wrapping_add(
+                f.segs_in.to_native() + f.segs_out.to_native() + f.retransmits.to_native(),
+            )
+            .wrapping_add(u64::from(f.rtt_us.to_native()))
             .wrapping_add(ip_bits(f.local_ip.as_ipaddr()) ^ ip_bits(f.remote_ip.as_ipaddr()))
             .wrapping_add(
                 u64::from(f.local_port.to_native()) << 16 | u64::from(f.remote_port.to_native()),
@@ -242,7 +251,8 @@ fn serde_read(batch: &SerdeFlowBatch) -> u64 {
             .wrapping_add(f.flow_id as u64)
             .wrapping_add(f.start_ms ^ f.end_ms)
             .wrapping_add(f.bytes_sent + f.bytes_received)
-            .wrapping_add(f.packets + f.retransmits)
+            .wrapping_add(f.segs_in + f.segs_out + f.retransmits)
+            .wrapping_add(u64::from(f.rtt_us))
             .wrapping_add(ip_bits(f.local_ip) ^ ip_bits(f.remote_ip))
             .wrapping_add(u64::from(f.local_port) << 16 | u64::from(f.remote_port))
             .wrapping_add(u64::from(f.outbound) + u64::from(f.ongoing))

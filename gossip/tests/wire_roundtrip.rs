@@ -69,12 +69,18 @@ fn claim(entries: u32) -> impl Strategy<Value = Claim> {
 
 fn flow(entries: u32) -> impl Strategy<Value = Flow> {
     (
-        (any::<u128>(), window(), any::<[u64; 4]>(), 0..entries),
+        (
+            any::<u128>(),
+            window(),
+            any::<[u64; 5]>(),
+            0..entries,
+            any::<u32>(),
+        ),
         (ip(), ip(), any::<[u16; 2]>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
-                (flow_id, (start_ms, end_ms), counts, local_workload),
+                (flow_id, (start_ms, end_ms), counts, local_workload, rtt_us),
                 (local_ip, remote_ip, ports, inbound, ongoing),
             )| {
                 Flow {
@@ -83,9 +89,11 @@ fn flow(entries: u32) -> impl Strategy<Value = Flow> {
                     end_ms,
                     bytes_sent: counts[0],
                     bytes_received: counts[1],
-                    packets: counts[2],
-                    retransmits: counts[3],
+                    segs_in: counts[2],
+                    segs_out: counts[3],
+                    retransmits: counts[4],
                     local_workload,
+                    rtt_us,
                     local_ip,
                     remote_ip,
                     local_port: ports[0],
@@ -505,9 +513,11 @@ fn flow_batch_with(flows: usize, dictionary: usize) -> FlowBatch {
                 end_ms: 2,
                 bytes_sent: 3,
                 bytes_received: 4,
-                packets: 5,
+                segs_in: 2,
+                segs_out: 3,
                 retransmits: 0,
                 local_workload: 0,
+                rtt_us: 0,
                 local_ip: IpAddr::from([10, 0, 0, 1]),
                 remote_ip: IpAddr::from([10, 0, 0, 2]),
                 local_port: 1234,

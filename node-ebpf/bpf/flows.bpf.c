@@ -35,6 +35,7 @@
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "flows.h"
 
 /* GPL-compatible so the program may call bpf_probe_read_kernel and bpf_seq_write. */
@@ -207,16 +208,56 @@ static __always_inline void set_v4_mapped(__u8 dst[16], __be32 addr)
 	__builtin_memcpy(dst + 12, &addr, 4);
 }
 
+/* The socket's flags (SOCK_* bits), in sock_common on recent kernels, in sock before. */
+static __always_inline unsigned long sock_flags(const struct tcp_sock *tp)
+{
+	const struct sock_common *skc = (const struct sock_common *)tp;
+
+	if (bpf_core_field_exists(skc->skc_flags))
+		return skc->skc_flags;
+	return ((const struct sock___flags_in_sock *)tp)->sk_flags;
+}
+
 /*
  * Counters common to close records and snapshots. Plain loads, not BPF_CORE_READ: the
  * socket is a BTF-typed pointer (tp_btf argument, bpf_skc_to_tcp_sock), so the verifier
  * lets the program load its fields directly (a fault-safe load, offsets relocated by
  * CO-RE), where BPF_CORE_READ would call bpf_probe_read_kernel once per field.
+ *
+ * Payload bytes. The kernel's bytes_acked and bytes_received (RFC 4898) count sequence
+ * numbers, and a SYN and a FIN take one each; what the kernel counted of them is
+ * subtracted, from the socket's own state:
+ * - bytes_acked counts from the first value of snd_una: the ISN after an active open,
+ *   whose SYN therefore counts as soon as anything is acknowledged (an acknowledgement
+ *   covers the SYN first); ISN + 1 for the child of a passive open, created with its
+ *   SYN-ACK acknowledged, which never counts it.
+ * - Our FIN has been queued exactly in FIN_WAIT1, FIN_WAIT2, CLOSING and LAST_ACK (the
+ *   state before CLOSE, or the live state for a snapshot; TIME_WAIT sockets are
+ *   minisocks, never read), and it takes the last sequence number of write_seq: it has
+ *   been acknowledged, and counted, exactly when snd_una has reached write_seq.
+ * - bytes_received counts from rcv_nxt after the peer's SYN, so that SYN never counts;
+ *   the peer's FIN counts once rcv_nxt passes it, and tcp_fin(), which runs right then,
+ *   is the one place that marks a TCP socket SOCK_DONE.
+ * So the payload is exact each way for every kind of close (FINs crossing, RST, timeout)
+ * whenever the program knows whether the socket opened actively: always when it saw the
+ * birth; for a socket adopted or closed unseen (FLOW_FLAG_START_LATE) it goes by the
+ * direction guessed from the listening ports.
  */
-static __always_inline void fill_counters(struct flow_record *r, const struct tcp_sock *tp)
+static __always_inline void fill_counters(struct flow_record *r, const struct tcp_sock *tp,
+					  int state)
 {
-	r->bytes_sent = tp->bytes_acked;
-	r->bytes_received = tp->bytes_received;
+	__u64 acked = tp->bytes_acked, received = tp->bytes_received;
+
+	if (r->direction == DIRECTION_OUTBOUND && acked)
+		acked--;
+	if ((state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 || state == TCP_CLOSING ||
+	     state == TCP_LAST_ACK) &&
+	    tp->snd_una == tp->write_seq && acked)
+		acked--;
+	if ((sock_flags(tp) >> SOCK_DONE) & 1 && received)
+		received--;
+	r->bytes_sent = acked;
+	r->bytes_received = received;
 	r->segs_in = tp->segs_in;
 	r->segs_out = tp->segs_out;
 	r->retransmits = tp->total_retrans;
@@ -413,7 +454,7 @@ int inet_sock_set_state(__u64 *ctx)
 		r->flags = FLOW_FLAG_START_LATE;
 	}
 	r->version = FLOW_RECORD_VERSION;
-	fill_counters(r, tp);
+	fill_counters(r, tp, oldstate);
 	r->workload_id = workload_of(r->local_addr, r->local_port);
 	waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(r, waiting >= RECORD_BYTES &&
@@ -474,7 +515,7 @@ int snapshot_tcp(struct bpf_iter__tcp *ctx)
 	r.direction = fresh.direction;
 	r.flags = fresh.flags | FLOW_FLAG_ONGOING;
 	r.version = FLOW_RECORD_VERSION;
-	fill_counters(&r, tp);
+	fill_counters(&r, tp, state);
 	r.workload_id = workload_of(r.local_addr, r.local_port);
 	/* On overflow the iterator core flushes and runs us again for this socket. */
 	bpf_seq_write(seq, &r, sizeof(r));

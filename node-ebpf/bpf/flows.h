@@ -8,7 +8,7 @@
 #ifndef TENURE_FLOWS_H
 #define TENURE_FLOWS_H
 
-#define FLOW_RECORD_VERSION 1
+#define FLOW_RECORD_VERSION 2
 
 /* flow_record.direction */
 #define DIRECTION_UNKNOWN 0
@@ -34,10 +34,10 @@ struct flow_record {
 	__u8 remote_addr[16];  /* 16 */
 	__u64 start_ns;        /* 32, CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 	__u64 end_ns;          /* 40, close time, or snapshot time when ongoing */
-	__u64 bytes_sent;      /* 48, tcp_sock.bytes_acked */
-	__u64 bytes_received;  /* 56, tcp_sock.bytes_received */
-	__u32 segs_in;         /* 64 */
-	__u32 segs_out;        /* 68 */
+	__u64 bytes_sent;      /* 48, payload acknowledged: bytes_acked less SYN and FIN */
+	__u64 bytes_received;  /* 56, payload received: bytes_received less FIN */
+	__u32 segs_in;         /* 64, tcp_sock.segs_in */
+	__u32 segs_out;        /* 68, tcp_sock.segs_out */
 	__u32 retransmits;     /* 72, tcp_sock.total_retrans */
 	__u32 srtt_us;         /* 76, tcp_sock.srtt_us >> 3 */
 	__u32 workload_id;     /* 80, 0 = unknown */

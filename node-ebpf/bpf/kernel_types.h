@@ -80,6 +80,7 @@ struct sock_common {
 	__u16 skc_num;
 	unsigned short skc_family;
 	volatile unsigned char skc_state;
+	unsigned long skc_flags;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
 } __attribute__((preserve_access_index));
@@ -89,6 +90,17 @@ struct sock {
 	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
+/*
+ * Where struct sock kept its flags before they moved into sock_common as skc_flags; CO-RE
+ * drops the ___ suffix when it matches the name.
+ */
+struct sock___flags_in_sock {
+	unsigned long sk_flags;
+} __attribute__((preserve_access_index));
+
+/* enum sock_flags in include/net/sock.h (SOCK_DEAD = 0, SOCK_DONE = 1, ...): bit numbers. */
+#define SOCK_DONE 1
+
 struct inet_sock {
 	__be16 inet_sport;
 } __attribute__((preserve_access_index));
@@ -96,6 +108,8 @@ struct inet_sock {
 struct tcp_sock {
 	__u64 bytes_received;
 	__u64 bytes_acked;
+	__u32 snd_una;
+	__u32 write_seq;
 	__u32 segs_in;
 	__u32 segs_out;
 	__u32 total_retrans;

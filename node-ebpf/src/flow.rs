@@ -34,20 +34,23 @@ pub struct CapturedFlow {
     pub start_unix_ms: u64,
     /// When the socket closed, or when the snapshot was taken for an ongoing flow.
     pub end_unix_ms: u64,
-    /// Bytes this host sent that the peer acknowledged (`tcp_sock.bytes_acked`). Counted
-    /// in sequence space as the kernel does (RFC 4898): an acknowledged SYN of an active
-    /// open and an acknowledged FIN add one byte each to the payload.
+    /// Payload bytes this host sent that the peer acknowledged: the kernel's
+    /// `tcp_sock.bytes_acked` less the SYN and the FIN it counted (one sequence number
+    /// each, RFC 4898). After a close in which everything was acknowledged, what the
+    /// application wrote. Exact when capture saw the socket's birth (`start_exact`);
+    /// otherwise the SYN is judged by the guessed direction.
     pub bytes_sent: u64,
-    /// Bytes this host received (`tcp_sock.bytes_received`), in sequence space: a
-    /// received FIN adds one byte to the payload.
+    /// Payload bytes this host received in order: `tcp_sock.bytes_received` less the
+    /// peer's FIN. What the application could read.
     pub bytes_received: u64,
-    /// Segments received.
+    /// Segments received (`tcp_sock.segs_in`: pure ACKs and retransmissions included).
     pub segs_in: u32,
-    /// Segments sent.
+    /// Segments sent (`tcp_sock.segs_out`: pure ACKs and retransmissions included).
     pub segs_out: u32,
-    /// Total retransmitted segments.
+    /// Total retransmitted segments (`tcp_sock.total_retrans`).
     pub retransmits: u32,
-    /// Smoothed round-trip time in microseconds.
+    /// Smoothed round-trip time in microseconds (`tcp_sock.srtt_us / 8`); 0 before the
+    /// first RTT sample.
     pub srtt_us: u32,
     /// The local workload from the workload maps at the time of the record; 0 = unknown.
     pub workload_id: u32,

@@ -11,7 +11,7 @@ use crate::clock::ClockOffset;
 use crate::flow::{CapturedFlow, Direction};
 
 /// `FLOW_RECORD_VERSION` in `bpf/flows.h`.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 
 const DIRECTION_UNKNOWN: u8 = 0;
 const DIRECTION_OUTBOUND: u8 = 1;

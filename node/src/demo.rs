@@ -633,7 +633,8 @@ async fn step_fleet(
                 until_ms: c.until_ms,
             })
             .collect();
-        batcher.push(flows, claims);
+        let frame = crate::exporter::clock_frame_ms();
+        batcher.push(flows, claims, frame);
         sender.drain(crypto, batcher).await;
     }
     debug_assert!(

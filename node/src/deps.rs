@@ -4,12 +4,26 @@
 //! Unattributed flows make edges too, to or from the pseudo-end [`End::Unattributed`]
 //! (the exporter's side is always known), so that users see how much of a workload's
 //! traffic is unknown instead of a graph that silently leaves it out.
+//!
+//! A connection counts once even when both of its ends run exporters and report it: the
+//! client's record counts, and an inbound record (the server's) counts only when its remote
+//! end was attributed otherwise than by heartbeat. Heartbeats come only from exporters,
+//! and an exporter reports every TCP socket of its host, so a client attributed by
+//! heartbeat reports the same connection as its own outbound record. A server's record
+//! whose client is external, known by an IP event, or unattributed is the only record of
+//! that connection the graph can count, and it counts. Per-flow sink lines are not
+//! affected: each socket still has its own line.
+//!
+//! TCP health per edge: retransmitted segments summed, and the smoothed RTT of the flows
+//! that had a sample (`rtt_us > 0`) as minimum, maximum and mean (sum and count kept, so
+//! buckets and nodes merge exactly); four numbers per edge and bucket, whatever the
+//! traffic. The RTT is the reporting end's: the client's, for a connection counted once.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use tenure_attribution::Reason;
+use tenure_attribution::{Attribution, Reason, Verdict};
 use tenure_gossip::wire::Direction;
 
 use crate::core::EmittedFlow;
@@ -121,13 +135,62 @@ impl End {
 /// Unattributed flows by reason, indexed as [`Reason::ALL`].
 pub type ReasonCounts = [u64; Reason::ALL.len()];
 
-/// Flows and bytes of one edge.
+/// Smoothed RTTs of some flows: how many had a sample, their sum, minimum and maximum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RttStats {
+    /// Flows with an RTT sample; the other fields are 0 while this is.
+    pub samples: u64,
+    pub sum_us: u64,
+    pub min_us: u32,
+    pub max_us: u32,
+}
+
+impl RttStats {
+    /// The statistics of one flow's RTT; none for 0 (no sample).
+    pub fn of(rtt_us: u32) -> RttStats {
+        if rtt_us == 0 {
+            return RttStats::default();
+        }
+        RttStats {
+            samples: 1,
+            sum_us: u64::from(rtt_us),
+            min_us: rtt_us,
+            max_us: rtt_us,
+        }
+    }
+
+    /// Merges `other` into `self`.
+    pub fn add(&mut self, other: &RttStats) {
+        if other.samples == 0 {
+            return;
+        }
+        if self.samples == 0 {
+            *self = *other;
+            return;
+        }
+        self.samples += other.samples;
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self.min_us = self.min_us.min(other.min_us);
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// The mean RTT in µs, rounded down; `None` without samples.
+    pub fn mean_us(&self) -> Option<u64> {
+        self.sum_us.checked_div(self.samples)
+    }
+}
+
+/// Flows, bytes and TCP health of one edge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EdgeTotals {
     pub flows: u64,
     pub bytes: u64,
     /// Of `flows`, those that went out unattributed, by reason.
     pub unattributed: ReasonCounts,
+    /// Segments retransmitted by the reporting ends.
+    pub retransmits: u64,
+    /// Smoothed RTTs reported by the ends.
+    pub rtt: RttStats,
 }
 
 impl EdgeTotals {
@@ -138,6 +201,8 @@ impl EdgeTotals {
         for (a, b) in self.unattributed.iter_mut().zip(other.unattributed) {
             *a += b;
         }
+        self.retransmits += other.retransmits;
+        self.rtt.add(&other.rtt);
     }
 
     /// Unattributed flows of every reason.
@@ -171,6 +236,7 @@ type Edges = hashbrown::HashMap<EdgeKey, EdgeTotals, foldhash::fast::FixedState>
 pub struct Dependencies {
     buckets: BTreeMap<u64, Edges>,
     edges_dropped: u64,
+    server_ends_skipped: u64,
     hash_seed: u64,
 }
 
@@ -180,16 +246,26 @@ impl Dependencies {
         Dependencies {
             buckets: BTreeMap::new(),
             edges_dropped: 0,
+            server_ends_skipped: 0,
             hash_seed,
         }
     }
 
-    /// Records an emitted flow.
+    /// Records an emitted flow, unless it is the server's record of a connection whose
+    /// client reports it too (see the module documentation).
     pub fn record(&mut self, flow: &EmittedFlow) {
+        if flow.record.direction == Direction::Inbound
+            && matches!(flow.verdict, Verdict::Attributed(Attribution::Heartbeat(_)))
+        {
+            self.server_ends_skipped += 1;
+            return;
+        }
         let mut totals = EdgeTotals {
             flows: 1,
             bytes: flow.record.bytes_sent + flow.record.bytes_received,
             unattributed: [0; Reason::ALL.len()],
+            retransmits: flow.record.retransmits,
+            rtt: RttStats::of(flow.record.rtt_us),
         };
         let remote = match (flow.remote_workload(), flow.reason()) {
             (Some(w), _) => EndRef::Workload(w),
@@ -267,6 +343,11 @@ impl Dependencies {
     pub fn edges_dropped(&self) -> u64 {
         self.edges_dropped
     }
+
+    /// Inbound records left out because the connection's client reports it.
+    pub fn server_ends_skipped(&self) -> u64 {
+        self.server_ends_skipped
+    }
 }
 
 #[cfg(test)]
@@ -287,8 +368,10 @@ mod tests {
                 end_ms: 1_700_000_000_250,
                 bytes_sent: 10,
                 bytes_received: 5,
-                packets: 3,
+                segs_in: 1,
+                segs_out: 2,
                 retransmits: 0,
+                rtt_us: 0,
                 direction,
                 ongoing: false,
                 exporter_id: 7,
@@ -313,7 +396,12 @@ mod tests {
         let mut deps = Dependencies::new(42);
         for _ in 0..3 {
             deps.record(&flow("web", Direction::Outbound, calls("db")));
-            deps.record(&flow("db", Direction::Inbound, calls("web")));
+            // Known by an IP event: web runs no exporter, so db's record is the only one.
+            deps.record(&flow(
+                "db",
+                Direction::Inbound,
+                Verdict::Attributed(Attribution::Event(Arc::from("web"))),
+            ));
             deps.record(&flow(
                 "web",
                 Direction::Outbound,
@@ -345,5 +433,53 @@ mod tests {
         let unknown = find(&web, &End::Unattributed).expect("web calls something unknown");
         assert_eq!(unknown.unattributed_flows(), 3);
         assert_eq!(find(&web, &End::External).map(|t| t.flows), Some(3));
+    }
+
+    /// Both ends of each connection reported: the client's record counts, the server's
+    /// (its client attributed by heartbeat) does not; RTT and retransmits are the client's.
+    #[test]
+    fn a_connection_reported_by_both_ends_counts_once() {
+        let mut deps = Dependencies::new(7);
+        for (i, rtt_us) in [(0u64, 300u32), (1, 100), (2, 0), (3, 500)] {
+            let mut client = flow("web", Direction::Outbound, calls("db"));
+            client.record.rtt_us = rtt_us;
+            client.record.retransmits = i;
+            let mut server = flow("db", Direction::Inbound, calls("web"));
+            server.record.rtt_us = 9_999;
+            server.record.retransmits = 1_000;
+            deps.record(&client);
+            deps.record(&server);
+        }
+        let edges = deps.edges(0, u64::MAX / 2, None);
+        assert_eq!(edges.len(), 1, "{edges:?}");
+        let (from, to, t) = &edges[0];
+        assert_eq!((from.name(), to.name()), ("web", "db"));
+        assert_eq!((t.flows, t.bytes, t.retransmits), (4, 60, 6));
+        assert_eq!(
+            t.rtt,
+            RttStats {
+                samples: 3,
+                sum_us: 900,
+                min_us: 100,
+                max_us: 500
+            }
+        );
+        assert_eq!(t.rtt.mean_us(), Some(300));
+        assert_eq!(deps.server_ends_skipped(), 4);
+    }
+
+    #[test]
+    fn rtt_stats_merge_like_one_set() {
+        let mut a = RttStats::default();
+        a.add(&RttStats::of(0));
+        assert_eq!((a, a.mean_us()), (RttStats::default(), None));
+        a.add(&RttStats::of(40));
+        let mut b = RttStats::of(10);
+        b.add(&RttStats::of(70));
+        a.add(&b);
+        assert_eq!(
+            (a.samples, a.min_us, a.max_us, a.mean_us()),
+            (3, 10, 70, Some(40))
+        );
     }
 }

@@ -143,8 +143,10 @@ fn flow(id: u128, local: &str, remote: &str, start_ms: u64) -> wire::Flow {
         end_ms: start_ms + 100,
         bytes_sent: 1_000,
         bytes_received: 5_000,
-        packets: 10,
+        segs_in: 5,
+        segs_out: 5,
         retransmits: 0,
+        rtt_us: 0,
         local_workload: 0,
         local_ip: local.parse().expect("ip"),
         remote_ip: remote.parse().expect("ip"),
@@ -554,5 +556,132 @@ async fn dependencies_say_partial_when_a_member_cannot_be_asked() -> anyhow::Res
     let (status, local) = get(b.http, "/v1/dependencies?scope=local").await?;
     anyhow::ensure!(status == 200 && local["scope"] == "local", "{local}");
     anyhow::ensure!(local.get("partial").is_none(), "{local}");
+    Ok(())
+}
+
+/// Both ends of each connection run exporters and report it: the sink keeps one line per
+/// socket, with its TCP health, and `/v1/dependencies` counts each connection once (the
+/// client's record), with the client's RTT and retransmits. A server's record whose client
+/// runs no exporter (an external address) still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reported_by_both_ends_counts_once() -> anyhow::Result<()> {
+    const CONNECTIONS: u16 = 5;
+    let dir = tempfile::tempdir()?;
+    let c = start(
+        dir.path(),
+        "both",
+        "us-east",
+        "10.1.0.0/16",
+        ("eu-west", "10.2.0.0/16"),
+        None,
+    )?;
+    wait_ready(&[&c], &[1]).await?;
+    let t0 = common::now_ms() + 1_000;
+    let (web, db) = ("10.1.0.10", "10.1.0.20");
+    let mut client_flows = Vec::new();
+    let mut server_flows = Vec::new();
+    for i in 0..CONNECTIONS {
+        let start_ms = t0 + 1_000 + u64::from(i);
+        let mut client = flow(100 + u128::from(i), web, db, start_ms);
+        client.local_port = 41_000 + i;
+        client.remote_port = 5432;
+        client.rtt_us = 200 + 100 * u32::from(i);
+        client.retransmits = 1;
+        let mut server = flow(200 + u128::from(i), db, web, start_ms);
+        server.direction = Direction::Inbound;
+        server.local_port = 5432;
+        server.remote_port = 41_000 + i;
+        server.rtt_us = 50_000;
+        server.retransmits = 7;
+        client_flows.push(client);
+        server_flows.push(server);
+    }
+    let mut external = flow(300, db, "198.51.100.7", t0 + 1_000);
+    external.direction = Direction::Inbound;
+    external.rtt_us = 30_000;
+    server_flows.push(external);
+    let batch = |exporter_id: u64, name: &str, ip: &str, flows: Vec<wire::Flow>| wire::FlowBatch {
+        batch_id: 1,
+        exporter_id,
+        hops: 0,
+        sent_ms: 0,
+        region: "us-east".into(),
+        dictionary: vec![name.into()],
+        flows,
+        claims: vec![claim(ip, 0, t0, t0 + 20_000)],
+    };
+    let web_batch = batch(31, "web", web, client_flows);
+    let db_batch = batch(32, "db", db, server_flows);
+    assert_eq!(send(c.data, 31, web_batch).await?, AckStatus::Accepted);
+    assert_eq!(send(c.data, 32, db_batch).await?, AckStatus::Accepted);
+
+    let wanted = 2 * usize::from(CONNECTIONS) + 1;
+    let deadline = Instant::now() + RESULT_TIMEOUT;
+    let lines = loop {
+        let lines = sink_lines(&[&c]);
+        if lines.len() >= wanted {
+            break lines;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {wanted} sink lines after {RESULT_TIMEOUT:?}",
+                lines.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(lines.len(), wanted, "one line per socket: {lines:?}");
+    for line in lines.values().flatten() {
+        assert_eq!(line["result"], "attributed", "{line}");
+        for field in ["segs_in", "segs_out", "retransmits", "rtt_us"] {
+            assert!(line[field].is_u64(), "{field} in {line}");
+        }
+    }
+    let client_line = &lines[&format!("{:032x}", 101)][0];
+    assert_eq!(
+        (&client_line["rtt_us"], &client_line["retransmits"]),
+        (&serde_json::json!(300), &serde_json::json!(1)),
+        "{client_line}"
+    );
+
+    let (status, answer) = get(
+        c.http,
+        &format!("/v1/dependencies?since={t0}&until={}", t0 + 60_000),
+    )
+    .await?;
+    assert_eq!(status, 200, "{answer}");
+    let edges = answer["edges"].as_array().context("edges")?;
+    let edge = |from: &str, to: &str| {
+        edges
+            .iter()
+            .find(|e| e["from"] == from && e["to"] == to)
+            .cloned()
+    };
+    let web_db = edge("web", "db").context("web → db")?;
+    assert_eq!(web_db["flows"], u64::from(CONNECTIONS), "{answer}");
+    assert_eq!(web_db["bytes"], 6_000 * u64::from(CONNECTIONS), "{web_db}");
+    assert_eq!(web_db["retransmits"], u64::from(CONNECTIONS), "{web_db}");
+    assert_eq!(web_db["rtt_samples"], u64::from(CONNECTIONS), "{web_db}");
+    assert_eq!(
+        (
+            &web_db["rtt_us_min"],
+            &web_db["rtt_us_mean"],
+            &web_db["rtt_us_max"]
+        ),
+        (
+            &serde_json::json!(200),
+            &serde_json::json!(400),
+            &serde_json::json!(600)
+        ),
+        "the clients' RTTs: {web_db}"
+    );
+    let ext = edge("external", "db").context("external → db")?;
+    assert_eq!(ext["flows"], 1, "{answer}");
+    assert_eq!(ext["rtt_us_max"], 30_000, "{ext}");
+    assert_eq!(
+        answer["totals"]["flows"],
+        u64::from(CONNECTIONS) + 1,
+        "{answer}"
+    );
     Ok(())
 }

@@ -34,8 +34,10 @@ fn flow(id: u128, remote: &str, verdict: Verdict, start_ms: u64) -> EmittedFlow 
             end_ms: start_ms + 250,
             bytes_sent: 1_000 * id as u64,
             bytes_received: 7,
-            packets: 3,
-            retransmits: 0,
+            segs_in: 10 + id as u64,
+            segs_out: 20 + id as u64,
+            retransmits: id as u64 - 1,
+            rtt_us: 1_500 * id as u32,
             direction: Direction::Outbound,
             ongoing: id.is_multiple_of(2),
             exporter_id: 4242,
@@ -205,6 +207,16 @@ fn parquet_files_roll_and_read_back_with_pyarrow() -> anyhow::Result<()> {
         "{schema}"
     );
     ensure!(schema["local_port"][0] == "uint16", "{schema}");
+    for column in ["segs_in", "segs_out", "retransmits"] {
+        ensure!(
+            schema[column] == serde_json::json!(["uint64", false]),
+            "{schema}"
+        );
+    }
+    ensure!(
+        schema["rtt_us"] == serde_json::json!(["uint32", false]),
+        "{schema}"
+    );
     ensure!(schema["remote_workload"][1] == true, "{schema}");
     ensure!(schema["flow_id"][1] == false, "{schema}");
 
@@ -245,6 +257,10 @@ fn parquet_files_roll_and_read_back_with_pyarrow() -> anyhow::Result<()> {
         ensure!(row["waited_ms"] == 12, "row {i}: {row}");
         ensure!(row["bytes_sent"] == 1_000 * id, "row {i}: {row}");
         ensure!(row["bytes_received"] == 7, "row {i}: {row}");
+        ensure!(row["segs_in"] == 10 + id, "row {i}: {row}");
+        ensure!(row["segs_out"] == 20 + id, "row {i}: {row}");
+        ensure!(row["retransmits"] == id - 1, "row {i}: {row}");
+        ensure!(row["rtt_us"] == 1_500 * id, "row {i}: {row}");
         ensure!(row["direction"] == "outbound", "row {i}: {row}");
         ensure!(row["ongoing"] == id.is_multiple_of(2), "row {i}: {row}");
         ensure!(row["exporter_id"] == 4242, "row {i}: {row}");

@@ -106,8 +106,10 @@ fn one_flow_batch(batch_id: u64) -> Message {
             end_ms: t,
             bytes_sent: 1,
             bytes_received: 1,
-            packets: 2,
+            segs_in: 1,
+            segs_out: 1,
             retransmits: 0,
+            rtt_us: 0,
             local_workload: 0,
             local_ip: "10.1.0.5".parse().expect("ip"),
             // External: attributed at once, so every flow reaches the sink quickly.

@@ -1316,8 +1316,7 @@ impl<'s> World<'s> {
         }
         let dropped_before = e.batcher.stats().flows_dropped;
         // The simulated monotonic clock is true time: the frame is the host's offset.
-        e.batcher.set_clock_frame(offset_now);
-        e.batcher.push(flows, claims);
+        e.batcher.push(flows, claims, offset_now);
         let dropped = e.batcher.stats().flows_dropped - dropped_before;
         self.stats.undelivered += dropped;
         self.try_send(h);
@@ -1541,8 +1540,10 @@ impl<'s> World<'s> {
             end_ms: end,
             bytes_sent: 100 + (index as u64 % 5_000),
             bytes_received: 200 + (index as u64 % 50_000),
-            packets: 10,
+            segs_in: 5,
+            segs_out: 5,
             retransmits: 0,
+            rtt_us: 0,
             direction: Direction::Outbound,
             ongoing: false,
         };

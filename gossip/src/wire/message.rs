@@ -86,16 +86,22 @@ pub struct Flow {
     pub start_ms: u64,
     /// When it ended (or was last seen, if `ongoing`), Unix ms; at least `start_ms`.
     pub end_ms: u64,
-    /// Payload bytes sent by the local side.
+    /// Payload bytes the local side sent and the peer acknowledged (SYN and FIN, which
+    /// take one sequence number each, are not counted).
     pub bytes_sent: u64,
-    /// Payload bytes received by the local side.
+    /// Payload bytes the local side received in order (a FIN is not counted).
     pub bytes_received: u64,
-    /// Packets both ways.
-    pub packets: u64,
-    /// Retransmitted segments.
+    /// TCP segments the local side received, retransmissions and pure ACKs included.
+    pub segs_in: u64,
+    /// TCP segments the local side sent, retransmissions and pure ACKs included.
+    pub segs_out: u64,
+    /// Segments the local side retransmitted.
     pub retransmits: u64,
     /// The local workload, as an index into the batch's dictionary.
     pub local_workload: u32,
+    /// The local side's smoothed round-trip time at the end of the flow (or at the
+    /// snapshot), microseconds; 0 when the exporter had no RTT sample.
+    pub rtt_us: u32,
     /// The exporter's side.
     pub local_ip: IpAddr,
     /// The peer's side, the one to attribute.

@@ -22,10 +22,18 @@ pub struct FlowRecord {
     pub start_ms: u64,
     /// Unix ms by the exporter's clock; at least `start_ms`.
     pub end_ms: u64,
+    /// Payload bytes the local side sent and the peer acknowledged.
     pub bytes_sent: u64,
+    /// Payload bytes the local side received in order.
     pub bytes_received: u64,
-    pub packets: u64,
+    /// Segments received by the local side.
+    pub segs_in: u64,
+    /// Segments sent by the local side.
+    pub segs_out: u64,
+    /// Segments the local side retransmitted.
     pub retransmits: u64,
+    /// Smoothed RTT at the end (or snapshot), µs; 0 = no sample.
+    pub rtt_us: u32,
     pub direction: Direction,
     /// A snapshot of a flow still open (a later one with the same id may follow).
     pub ongoing: bool,
@@ -59,8 +67,10 @@ impl FlowRecord {
             end_ms: flow.end_ms.max(flow.start_ms),
             bytes_sent: flow.bytes_sent,
             bytes_received: flow.bytes_received,
-            packets: flow.packets,
+            segs_in: flow.segs_in,
+            segs_out: flow.segs_out,
             retransmits: flow.retransmits,
+            rtt_us: flow.rtt_us,
             direction: flow.direction,
             ongoing: flow.ongoing,
             exporter_id,
@@ -78,9 +88,11 @@ impl FlowRecord {
             end_ms: self.end_ms,
             bytes_sent: self.bytes_sent,
             bytes_received: self.bytes_received,
-            packets: self.packets,
+            segs_in: self.segs_in,
+            segs_out: self.segs_out,
             retransmits: self.retransmits,
             local_workload: workload_index,
+            rtt_us: self.rtt_us,
             local_ip: self.local_ip,
             remote_ip: self.remote_ip,
             local_port: self.local_port,

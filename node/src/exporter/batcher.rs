@@ -13,6 +13,10 @@ use std::net::IpAddr;
 
 use tenure_gossip::wire::{self, Direction, FlowBatch};
 
+/// The smallest change of the clock frame taken for a step of the wall clock, in ms;
+/// smaller ones are the jitter of reading two clocks one after the other.
+pub const CLOCK_STEP_MIN_MS: u64 = 10;
+
 /// A flow as the exporter knows it, the local workload by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalFlow {
@@ -26,8 +30,11 @@ pub struct LocalFlow {
     pub end_ms: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    pub packets: u64,
+    pub segs_in: u64,
+    pub segs_out: u64,
     pub retransmits: u64,
+    /// Smoothed RTT, µs; 0 = no sample.
+    pub rtt_us: u32,
     pub direction: Direction,
     pub ongoing: bool,
 }
@@ -61,7 +68,7 @@ pub struct Batcher {
     buffer_batches_max: usize,
     /// Unacknowledged batches, each with the clock frame it was built in.
     buffer: VecDeque<(FlowBatch, i64)>,
-    /// The clock frame new batches are built in: wall minus monotonic clock, ms.
+    /// The clock frame of the batches being built: wall minus monotonic clock, ms.
     frame_ms: i64,
     stats: BatcherStats,
 }
@@ -96,16 +103,12 @@ impl Batcher {
         self.buffer.len()
     }
 
-    /// The clock frame the next batches are built in: the host's wall clock minus its
-    /// monotonic clock, in ms, measured when their times were read.
-    pub fn set_clock_frame(&mut self, frame_ms: i64) {
-        self.frame_ms = frame_ms;
-    }
-
     /// Turns one heartbeat interval's flows and claims into batches (more than one when
     /// there are more flows than a batch holds; the claims ride in the first). Always makes
-    /// at least one batch: heartbeats go out even with no traffic.
-    pub fn push(&mut self, flows: Vec<LocalFlow>, claims: Vec<LocalClaim>) {
+    /// at least one batch: heartbeats go out even with no traffic. `frame_ms` is the clock
+    /// frame their times were read in: the host's wall clock minus its monotonic clock, ms.
+    pub fn push(&mut self, flows: Vec<LocalFlow>, claims: Vec<LocalClaim>, frame_ms: i64) {
+        self.frame_ms = frame_ms;
         let mut claim_chunks = split_claims(claims).into_iter();
         let mut flow_chunks = flows
             .chunks(self.batch_flows_max)
@@ -158,8 +161,10 @@ impl Batcher {
                 end_ms: f.end_ms.max(f.start_ms),
                 bytes_sent: f.bytes_sent,
                 bytes_received: f.bytes_received,
-                packets: f.packets,
+                segs_in: f.segs_in,
+                segs_out: f.segs_out,
                 retransmits: f.retransmits,
+                rtt_us: f.rtt_us,
                 local_workload: index(&f.local_workload),
                 local_ip: f.local_ip,
                 remote_ip: f.remote_ip,
@@ -210,7 +215,7 @@ impl Batcher {
         let mut copy = batch.clone();
         copy.sent_ms = now_ms;
         let step = frame_ms.saturating_sub(*built_in);
-        if step != 0 {
+        if step.unsigned_abs() >= CLOCK_STEP_MIN_MS {
             for f in &mut copy.flows {
                 f.start_ms = f.start_ms.saturating_add_signed(step);
                 f.end_ms = f.end_ms.saturating_add_signed(step);
@@ -269,10 +274,10 @@ mod tests {
     #[test]
     fn heartbeats_go_out_without_flows_and_the_buffer_drops_the_oldest_counted() {
         let mut b = Batcher::new(1, "r", 100, 10, 2);
-        b.push(Vec::new(), vec![claim(1)]);
+        b.push(Vec::new(), vec![claim(1)], 0);
         assert_eq!(b.front().unwrap().claims.len(), 1);
-        b.push(Vec::new(), vec![claim(2)]);
-        b.push(Vec::new(), vec![claim(3)]);
+        b.push(Vec::new(), vec![claim(2)], 0);
+        b.push(Vec::new(), vec![claim(3)], 0);
         assert_eq!(b.buffered(), 2);
         assert_eq!(b.stats().batches_dropped, 1);
         let first = b.front().unwrap().batch_id;
@@ -284,14 +289,13 @@ mod tests {
     #[test]
     fn a_batch_sent_after_the_clock_stepped_carries_its_times_by_the_new_clock() {
         let mut b = Batcher::new(1, "r", 100, 10, 4);
-        b.set_clock_frame(1_000);
         let claim = LocalClaim {
             ip: IpAddr::from([10, 0, 0, 1]),
             workload: "w".into(),
             since_ms: 50_000,
             until_ms: 60_000,
         };
-        b.push(Vec::new(), vec![claim]);
+        b.push(Vec::new(), vec![claim], 1_000);
         let same = b.outgoing(60_100, 1_000).unwrap();
         assert_eq!(same.sent_ms, 60_100);
         assert_eq!(

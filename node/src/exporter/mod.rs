@@ -221,8 +221,7 @@ pub async fn run(
             _ = interval.tick() => {
                 let frame = clock_frame_ms();
                 let (flows, claims) = collect(&mut source, clock::now().0);
-                batcher.set_clock_frame(frame);
-                batcher.push(flows, claims);
+                batcher.push(flows, claims, frame);
                 sender.drain(&crypto, &mut batcher).await;
                 let stats = batcher.stats();
                 metrics::counter!(m::EXPORTER_BATCHES_DROPPED, "exporter" => label.clone()).absolute(stats.batches_dropped);
@@ -236,8 +235,7 @@ pub async fn run(
     // deliver what is buffered.
     let frame = clock_frame_ms();
     let (flows, claims) = collect(&mut source, clock::now().0);
-    batcher.set_clock_frame(frame);
-    batcher.push(flows, claims);
+    batcher.push(flows, claims, frame);
     let _ = tokio::time::timeout(
         Duration::from_millis(config.ack_timeout_ms * 2),
         sender.drain(&crypto, &mut batcher),
@@ -385,8 +383,10 @@ pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
         end_ms: f.end_ms,
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
-        packets: 0,
+        segs_in: 0,
+        segs_out: 0,
         retransmits: 0,
+        rtt_us: 0,
         direction: Direction::Outbound,
         ongoing: false,
     }
@@ -419,8 +419,10 @@ pub(crate) fn captured_flow(
         end_ms: f.end_unix_ms.max(f.start_unix_ms),
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
-        packets: u64::from(f.segs_in) + u64::from(f.segs_out),
+        segs_in: u64::from(f.segs_in),
+        segs_out: u64::from(f.segs_out),
         retransmits: u64::from(f.retransmits),
+        rtt_us: f.srtt_us,
         direction: match f.direction {
             tenure_node_ebpf::Direction::Inbound => Direction::Inbound,
             tenure_node_ebpf::Direction::Outbound | tenure_node_ebpf::Direction::Unknown => {
@@ -506,7 +508,10 @@ async fn print_flows(
                         "duration_ms": f.end_ms - f.start_ms,
                         "bytes_sent": f.bytes_sent,
                         "bytes_received": f.bytes_received,
+                        "segs_in": f.segs_in,
+                        "segs_out": f.segs_out,
                         "retransmits": f.retransmits,
+                        "rtt_us": f.rtt_us,
                         "ongoing": f.ongoing,
                     });
                     out.extend_from_slice(line.to_string().as_bytes());
@@ -522,6 +527,6 @@ async fn print_flows(
 
 /// The host's clock frame: its wall clock minus its monotonic clock, in ms. It moves only
 /// when the wall clock is stepped.
-fn clock_frame_ms() -> i64 {
+pub(crate) fn clock_frame_ms() -> i64 {
     i64::try_from(tenure_node_ebpf::ClockOffset::measure().to_unix_ms(0)).unwrap_or(i64::MAX)
 }

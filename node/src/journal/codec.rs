@@ -8,8 +8,12 @@
 //! release  = kind 2 · count u32 · id u64*
 //! flow     = flow_id u128 · local ip · local_port u16 · remote ip · remote_port u16
 //!            · local_workload str · start_ms u64 · end_ms u64 · bytes_sent u64
-//!            · bytes_received u64 · packets u64 · retransmits u64 · direction u8
-//!            · ongoing u8 · exporter_id u64 · exporter_region str · hops u8
+//!            · bytes_received u64 · segs_in u64 · segs_out u64 · retransmits u64
+//!            · rtt_us u32 · direction u8 · ongoing u8 · exporter_id u64
+//!            · exporter_region str · hops u8
+//! flow v1  = as above up to bytes_received · packets u64 · retransmits u64 · direction u8
+//!            · … (version 1 segments, still read: their flows replay with zero segment
+//!            counts and no RTT, since a packet total cannot be split)
 //! ip       = 4 · 4 bytes | 6 · 16 bytes;   str = len u16 LE · UTF-8
 //! ```
 //!
@@ -26,8 +30,10 @@ use crate::core::FlowRecord;
 
 /// The first bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TNRJ";
-/// The format version after the magic.
-pub const SEGMENT_VERSION: u32 = 1;
+/// The format version after the magic, the one written.
+pub const SEGMENT_VERSION: u32 = 2;
+/// The oldest version still read.
+pub const SEGMENT_VERSION_MIN: u32 = 1;
 /// Magic plus version.
 pub const SEGMENT_HEADER_BYTES: usize = 8;
 /// Length, checksum and kind.
@@ -98,9 +104,9 @@ pub fn encode_append<'a>(
 /// About the bytes [`encode_append`] writes for `count` flows like `first`, to size its
 /// buffer once.
 pub fn append_bytes_hint(count: usize, first: Option<&FlowRecord>) -> usize {
-    // A flow takes 83 bytes besides its IPs (5 bytes each for v4) and its two names;
+    // A flow takes 95 bytes besides its IPs (5 bytes each for v4) and its two names;
     // the first flow's names stand for the others', with some room for longer ones.
-    const FIXED: usize = 83 + 2 * 5 + 16;
+    const FIXED: usize = 95 + 2 * 5 + 16;
     let names = first.map_or(0, |f| f.local_workload.len() + f.exporter_region.len());
     RECORD_HEADER_BYTES + 12 + count * (FIXED + names)
 }
@@ -124,6 +130,12 @@ fn seal_record(start: usize, out: &mut [u8]) {
 
 /// Decodes the record at the start of `bytes`: the record and the bytes it took.
 pub fn decode(bytes: &[u8]) -> Result<(Record, usize), DecodeError> {
+    decode_version(bytes, SEGMENT_VERSION)
+}
+
+/// [`decode`] for a record of a segment of `version` (from [`SEGMENT_VERSION_MIN`] to
+/// [`SEGMENT_VERSION`]).
+pub fn decode_version(bytes: &[u8], version: u32) -> Result<(Record, usize), DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(DecodeError::Torn {
             needed: RECORD_HEADER_BYTES,
@@ -161,7 +173,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Record, usize), DecodeError> {
             }
             let mut flows = Vec::with_capacity(count);
             for _ in 0..count {
-                flows.push(decode_flow(&mut r)?);
+                flows.push(decode_flow(&mut r, version)?);
             }
             Record::Append { id, flows }
         }
@@ -221,11 +233,13 @@ fn encode_flow(f: &FlowRecord, out: &mut Vec<u8>) {
         f.end_ms,
         f.bytes_sent,
         f.bytes_received,
-        f.packets,
+        f.segs_in,
+        f.segs_out,
         f.retransmits,
     ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    out.extend_from_slice(&f.rtt_us.to_le_bytes());
     out.push(match f.direction {
         Direction::Outbound => 0,
         Direction::Inbound => 1,
@@ -293,7 +307,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode_flow(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError> {
+fn decode_flow(r: &mut Reader<'_>, version: u32) -> Result<FlowRecord, DecodeError> {
     let flow_id = r.u128()?;
     let local_ip = r.ip()?;
     let local_port = r.u16()?;
@@ -304,8 +318,12 @@ fn decode_flow(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError> {
     let end_ms = r.u64()?;
     let bytes_sent = r.u64()?;
     let bytes_received = r.u64()?;
-    let packets = r.u64()?;
-    let retransmits = r.u64()?;
+    let (segs_in, segs_out, retransmits, rtt_us) = if version == 1 {
+        let _packets = r.u64()?;
+        (0, 0, r.u64()?, 0)
+    } else {
+        (r.u64()?, r.u64()?, r.u64()?, r.u32()?)
+    };
     let direction = match r.u8()? {
         0 => Direction::Outbound,
         1 => Direction::Inbound,
@@ -330,8 +348,10 @@ fn decode_flow(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError> {
         end_ms,
         bytes_sent,
         bytes_received,
-        packets,
+        segs_in,
+        segs_out,
         retransmits,
+        rtt_us,
         direction,
         ongoing,
         exporter_id,

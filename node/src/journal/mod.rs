@@ -25,7 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use codec::{Record, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION};
+use codec::{Record, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_VERSION_MIN};
 
 use crate::core::FlowRecord;
 
@@ -399,20 +399,22 @@ fn read_segment(
     live: &mut BTreeMap<u64, (u64, Vec<FlowRecord>)>,
     replay: &mut Replay,
 ) {
-    if bytes.len() < SEGMENT_HEADER_BYTES
-        || bytes[..4] != SEGMENT_MAGIC
-        || bytes[4..8] != SEGMENT_VERSION.to_le_bytes()
-    {
+    let version = bytes
+        .get(4..8)
+        .map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+    let Some(version) = version.filter(|v| {
+        bytes[..4] == SEGMENT_MAGIC && (SEGMENT_VERSION_MIN..=SEGMENT_VERSION).contains(v)
+    }) else {
         // A segment created but cut before its header was written holds nothing.
         if !bytes.is_empty() {
             replay.corrupt_records += 1;
             tracing::warn!(seq, "journal segment with a bad header skipped");
         }
         return;
-    }
+    };
     let mut at = SEGMENT_HEADER_BYTES;
     while at < bytes.len() {
-        match codec::decode(&bytes[at..]) {
+        match codec::decode_version(&bytes[at..], version) {
             Ok((record, used)) => {
                 at += used;
                 match record {

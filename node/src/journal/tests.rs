@@ -27,8 +27,10 @@ fn flow(id: u128, v6: bool) -> FlowRecord {
         end_ms: 1_700_000_000_100 + id as u64,
         bytes_sent: 10,
         bytes_received: 20,
-        packets: 3,
+        segs_in: 1,
+        segs_out: 2,
         retransmits: 1,
+        rtt_us: 0,
         direction: if v6 {
             Direction::Inbound
         } else {
@@ -212,4 +214,44 @@ fn a_corrupted_segment_is_detected_not_fatal() {
         Some(1),
         "records before it survive"
     );
+}
+
+/// A record of a version-1 segment (a packet total where segment counts and RTT are now)
+/// still decodes: its flows come back with their retransmits, zero segments and no RTT.
+#[test]
+fn version_1_records_still_decode() {
+    let mut current = flow(3, false);
+    current.rtt_us = 777;
+    let mut v2 = Vec::new();
+    codec::encode(
+        &Record::Append {
+            id: 4,
+            flows: vec![current.clone()],
+        },
+        &mut v2,
+    );
+    // Payload: id u64, count u32, then the flow; its counters start after flow_id (16),
+    // two IPv4 ends with ports (2 × 7), the workload name (2 + 7) and four u64 (32).
+    let counters = 9 + 12 + 16 + 14 + 9 + 32;
+    let mut v1 = v2[..counters].to_vec();
+    v1.extend_from_slice(&3u64.to_le_bytes()); // packets
+    v1.extend_from_slice(&current.retransmits.to_le_bytes());
+    v1.extend_from_slice(&v2[counters + 28..]);
+    let len = u32::try_from(v1.len() - 9).unwrap();
+    v1[..4].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32fast::hash(&v1[8..]);
+    v1[4..8].copy_from_slice(&crc.to_le_bytes());
+
+    let (record, used) = codec::decode_version(&v1, 1).expect("a version-1 record");
+    assert_eq!(used, v1.len());
+    let mut expected = current;
+    (expected.segs_in, expected.segs_out, expected.rtt_us) = (0, 0, 0);
+    assert_eq!(
+        record,
+        Record::Append {
+            id: 4,
+            flows: vec![expected]
+        }
+    );
+    assert!(codec::decode(&v1).is_err(), "not a version-2 record");
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tenure_attribution::Reason;
 
 use super::collector::{lock, Shared};
-use crate::deps::{reason_index, EdgeTotals, End};
+use crate::deps::{reason_index, EdgeTotals, End, RttStats};
 use crate::httpc;
 
 /// How long the fan-out waits for the slowest member, in ms. Members that have not
@@ -84,6 +84,22 @@ pub struct EdgeJson {
     /// Unattributed flows by reason (`no_owner`, `ambiguous`, ...); absent reasons are 0.
     #[serde(default)]
     pub unattributed_reasons: BTreeMap<String, u64>,
+    /// Segments retransmitted by the reporting ends of the edge's flows.
+    #[serde(default)]
+    pub retransmits: u64,
+    /// Flows with an RTT sample (the reporting end's smoothed RTT at close or snapshot).
+    #[serde(default)]
+    pub rtt_samples: u64,
+    /// Sum of those RTTs, µs: with `rtt_samples`, what merges exactly across nodes.
+    #[serde(default)]
+    pub rtt_us_sum: u64,
+    /// Smallest, mean (rounded down) and largest of those RTTs, µs; null without samples.
+    #[serde(default)]
+    pub rtt_us_min: Option<u32>,
+    #[serde(default)]
+    pub rtt_us_mean: Option<u64>,
+    #[serde(default)]
+    pub rtt_us_max: Option<u32>,
 }
 
 impl EdgeJson {
@@ -98,6 +114,12 @@ impl EdgeJson {
             unattributed_flows: t.unattributed_flows(),
             unattributed_share: share(t.unattributed_flows(), t.flows),
             unattributed_reasons: reasons_json(t),
+            retransmits: t.retransmits,
+            rtt_samples: t.rtt.samples,
+            rtt_us_sum: t.rtt.sum_us,
+            rtt_us_min: (t.rtt.samples > 0).then_some(t.rtt.min_us),
+            rtt_us_mean: t.rtt.mean_us(),
+            rtt_us_max: (t.rtt.samples > 0).then_some(t.rtt.max_us),
         }
     }
 
@@ -106,10 +128,22 @@ impl EdgeJson {
     fn parts(&self) -> Option<(End, End, EdgeTotals)> {
         let from = End::from_parts(&self.from, &self.from_kind)?;
         let to = End::from_parts(&self.to, &self.to_kind)?;
+        let rtt = match (self.rtt_samples, self.rtt_us_min, self.rtt_us_max) {
+            (0, _, _) => RttStats::default(),
+            (samples, Some(min_us), Some(max_us)) => RttStats {
+                samples,
+                sum_us: self.rtt_us_sum,
+                min_us,
+                max_us,
+            },
+            _ => return None,
+        };
         let mut totals = EdgeTotals {
             flows: self.flows,
             bytes: self.bytes,
             unattributed: [0; Reason::ALL.len()],
+            retransmits: self.retransmits,
+            rtt,
         };
         for (name, n) in &self.unattributed_reasons {
             let reason = Reason::ALL.iter().find(|r| r.as_str() == name)?;
@@ -127,6 +161,8 @@ pub struct TotalsJson {
     pub unattributed_flows: u64,
     pub unattributed_share: f64,
     pub unattributed_reasons: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub retransmits: u64,
 }
 
 /// The answer of one node (`scope=local`).
@@ -224,6 +260,7 @@ fn to_json(mut edges: Vec<(End, End, EdgeTotals)>) -> (Vec<EdgeJson>, TotalsJson
         unattributed_flows: sum.unattributed_flows(),
         unattributed_share: share(sum.unattributed_flows(), sum.flows),
         unattributed_reasons: reasons_json(&sum),
+        retransmits: sum.retransmits,
     };
     let edges = edges
         .iter()
@@ -428,11 +465,22 @@ mod tests {
             flows: 10,
             bytes: 1_000,
             unattributed: [0; Reason::ALL.len()],
+            retransmits: 4,
+            rtt: RttStats {
+                samples: 2,
+                sum_us: 301,
+                min_us: 100,
+                max_us: 201,
+            },
         };
         t.unattributed[reason_index(Reason::Ambiguous)] = 3;
         let json = EdgeJson::new(&End::Workload(Arc::from("gw")), &End::Unattributed, &t);
         assert_eq!(json.unattributed_flows, 3);
         assert!((json.unattributed_share - 0.3).abs() < 1e-9);
+        assert_eq!(
+            (json.rtt_us_min, json.rtt_us_mean, json.rtt_us_max),
+            (Some(100), Some(150), Some(201))
+        );
         let back: EdgeJson = serde_json::from_str(&serde_json::to_string(&json).unwrap()).unwrap();
         let (from, to, totals) = back.parts().expect("known kinds and reasons");
         assert_eq!(from, End::Workload(Arc::from("gw")));

@@ -148,8 +148,18 @@ pub struct FlowLine<'a> {
     pub end_ms: u64,
     pub emitted_ms: u64,
     pub waited_ms: u64,
+    /// Payload bytes the local side sent and the peer acknowledged.
     pub bytes_sent: u64,
+    /// Payload bytes the local side received in order.
     pub bytes_received: u64,
+    /// Segments the local side received (ACKs and retransmissions included).
+    pub segs_in: u64,
+    /// Segments the local side sent (ACKs and retransmissions included).
+    pub segs_out: u64,
+    /// Segments the local side retransmitted.
+    pub retransmits: u64,
+    /// The local side's smoothed RTT at the end (or snapshot), µs; 0 = no sample.
+    pub rtt_us: u32,
     pub direction: &'static str,
     pub ongoing: bool,
     pub exporter_id: u64,
@@ -180,6 +190,10 @@ impl<'a> FlowLine<'a> {
             waited_ms: flow.waited_ms,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
+            segs_in: r.segs_in,
+            segs_out: r.segs_out,
+            retransmits: r.retransmits,
+            rtt_us: r.rtt_us,
             direction: match r.direction {
                 tenure_gossip::wire::Direction::Outbound => "outbound",
                 tenure_gossip::wire::Direction::Inbound => "inbound",
@@ -237,6 +251,10 @@ pub fn write_line(flow: &EmittedFlow, out: &mut Vec<u8>) {
         (b",\"waited_ms\":", flow.waited_ms),
         (b",\"bytes_sent\":", r.bytes_sent),
         (b",\"bytes_received\":", r.bytes_received),
+        (b",\"segs_in\":", r.segs_in),
+        (b",\"segs_out\":", r.segs_out),
+        (b",\"retransmits\":", r.retransmits),
+        (b",\"rtt_us\":", u64::from(r.rtt_us)),
     ] {
         out.extend_from_slice(name);
         push_u64(out, value);
@@ -702,8 +720,10 @@ mod tests {
                 end_ms: 1_700_000_000_250,
                 bytes_sent: 12,
                 bytes_received: u64::MAX,
-                packets: 3,
+                segs_in: 1,
+                segs_out: 2,
                 retransmits: 0,
+                rtt_us: 0,
                 direction: tenure_gossip::wire::Direction::Inbound,
                 ongoing: true,
                 exporter_id: 77,

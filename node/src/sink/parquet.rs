@@ -31,8 +31,12 @@
 //! | `end_time` | Timestamp(ms, UTC) | no | when it ended, or the snapshot time if `ongoing` |
 //! | `emitted_time` | Timestamp(ms, UTC) | no | when the collector decided |
 //! | `waited_ms` | UInt64 | no | how long the flow waited for coverage |
-//! | `bytes_sent` | UInt64 | no | from the local side |
-//! | `bytes_received` | UInt64 | no | by the local side |
+//! | `bytes_sent` | UInt64 | no | payload bytes the local side sent and the peer acknowledged (no SYN or FIN) |
+//! | `bytes_received` | UInt64 | no | payload bytes the local side received in order (no FIN) |
+//! | `segs_in` | UInt64 | no | TCP segments the local side received, ACKs and retransmissions included |
+//! | `segs_out` | UInt64 | no | TCP segments the local side sent, ACKs and retransmissions included |
+//! | `retransmits` | UInt64 | no | segments the local side retransmitted |
+//! | `rtt_us` | UInt32 | no | the local side's smoothed RTT at the end (or snapshot), µs; 0 = no sample |
 //! | `direction` | Utf8 | no | `outbound` (local side opened it) or `inbound` |
 //! | `ongoing` | Boolean | no | a snapshot of a long-lived flow |
 //! | `exporter_id` | UInt64 | no | |
@@ -46,7 +50,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::builder::{
-    BooleanBuilder, StringBuilder, TimestampMillisecondBuilder, UInt16Builder, UInt64Builder,
+    BooleanBuilder, StringBuilder, TimestampMillisecondBuilder, UInt16Builder, UInt32Builder,
+    UInt64Builder,
 };
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -86,6 +91,10 @@ pub fn schema() -> SchemaRef {
                 Field::new("waited_ms", DataType::UInt64, false),
                 Field::new("bytes_sent", DataType::UInt64, false),
                 Field::new("bytes_received", DataType::UInt64, false),
+                Field::new("segs_in", DataType::UInt64, false),
+                Field::new("segs_out", DataType::UInt64, false),
+                Field::new("retransmits", DataType::UInt64, false),
+                Field::new("rtt_us", DataType::UInt32, false),
                 Field::new("direction", DataType::Utf8, false),
                 Field::new("ongoing", DataType::Boolean, false),
                 Field::new("exporter_id", DataType::UInt64, false),
@@ -111,6 +120,8 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
     let (mut start, mut end, mut emitted) = (time(), time(), time());
     let u64s = || UInt64Builder::with_capacity(n);
     let (mut waited, mut sent, mut received, mut exporter_id) = (u64s(), u64s(), u64s(), u64s());
+    let (mut segs_in, mut segs_out, mut retransmits) = (u64s(), u64s(), u64s());
+    let mut rtt_us = UInt32Builder::with_capacity(n);
     let mut ongoing = BooleanBuilder::with_capacity(n);
     for flow in flows {
         let line = FlowLine::new(flow);
@@ -130,6 +141,10 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
         waited.append_value(line.waited_ms);
         sent.append_value(line.bytes_sent);
         received.append_value(line.bytes_received);
+        segs_in.append_value(line.segs_in);
+        segs_out.append_value(line.segs_out);
+        retransmits.append_value(line.retransmits);
+        rtt_us.append_value(line.rtt_us);
         direction.append_value(line.direction);
         ongoing.append_value(line.ongoing);
         exporter_id.append_value(line.exporter_id);
@@ -152,6 +167,10 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
         Arc::new(waited.finish()),
         Arc::new(sent.finish()),
         Arc::new(received.finish()),
+        Arc::new(segs_in.finish()),
+        Arc::new(segs_out.finish()),
+        Arc::new(retransmits.finish()),
+        Arc::new(rtt_us.finish()),
         Arc::new(direction.finish()),
         Arc::new(ongoing.finish()),
         Arc::new(exporter_id.finish()),
@@ -365,8 +384,10 @@ mod tests {
                 end_ms: 2,
                 bytes_sent: 0,
                 bytes_received: 0,
-                packets: 0,
+                segs_in: 0,
+                segs_out: 0,
                 retransmits: 0,
+                rtt_us: 0,
                 direction: Direction::Outbound,
                 ongoing: false,
                 exporter_id: 1,
