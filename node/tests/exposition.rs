@@ -160,7 +160,10 @@ fn dashboard_metrics() -> anyhow::Result<BTreeSet<String>> {
                 }
             }
             serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
-            _ => {}
+            serde_json::Value::Null
+            | serde_json::Value::Bool(_)
+            | serde_json::Value::Number(_)
+            | serde_json::Value::String(_) => {}
         }
     }
     walk(&dashboard, &mut queries);
