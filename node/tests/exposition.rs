@@ -261,6 +261,14 @@ fn scrapes_pass_promtool_and_serve_the_dashboard() -> anyhow::Result<()> {
             m::FLOWS_FORWARDED,
             &[("node", "solo"), ("region", "elsewhere")][..],
         ),
+        (
+            m::PEER_BYTES_SENT,
+            &[("node", "solo"), ("message", "ranges")][..],
+        ),
+        (
+            m::MEMBERS,
+            &[("node", "solo"), ("region", "local"), ("state", "down")][..],
+        ),
     ] {
         ensure!(
             sample(&first, name, labels) == Some(0.0),

@@ -311,6 +311,7 @@ impl Shared {
         }
         if let Dest::Peer { .. } = &to {
             let kind = message_kind(message);
+            debug_assert!(m::PEER_MESSAGE_KINDS.contains(&kind), "{kind}");
             metrics::counter!(m::PEER_BYTES_SENT, "node" => self.node.clone(), "message" => kind)
                 .increment(bytes.len() as u64);
             metrics::counter!(m::PEER_FRAMES_SENT, "node" => self.node.clone(), "message" => kind)

@@ -71,6 +71,18 @@ pub const FRAME_REJECT_REASONS: [&str; 9] = [
     "gossip",
 ];
 
+/// `PEER_BYTES_SENT`'s and `PEER_FRAMES_SENT`'s `message`s: the kinds of message a
+/// collector sends to another.
+pub const PEER_MESSAGE_KINDS: [&str; 7] = [
+    "flows",
+    "claims",
+    "events",
+    "range_requests",
+    "ranges",
+    "acks",
+    "directory",
+];
+
 /// Every metric of tenure's own, with its kind, unit and HELP text, described once to the
 /// recorder: what `/metrics` shows as `# HELP` and `# TYPE`. The collector's and the
 /// exporter's metrics share one list, as they share one recorder in the demo.
@@ -192,6 +204,11 @@ pub fn init_collector<'a>(
         for state in ["alive", "down"] {
             metrics::gauge!(MEMBERS, "node" => n(), "region" => r.to_owned(), "state" => state)
                 .increment(0.0);
+        }
+    }
+    for kind in PEER_MESSAGE_KINDS {
+        for name in [PEER_BYTES_SENT, PEER_FRAMES_SENT] {
+            metrics::counter!(name, "node" => n(), "message" => kind).increment(0);
         }
     }
     // Registered without a sample: the histogram's series appear at the first verdict.
