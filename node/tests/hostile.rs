@@ -685,6 +685,17 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
         let n = counter(http, "tenure_frames_rejected_total", reason).await?;
         assert!(n > 0, "no frame refused as {reason}");
     }
+    // The silent connections were closed as idle, apart from the refused frames.
+    let (_, text) = get(http, "/metrics").await?;
+    let idle: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tenure_connections_idle_closed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        idle >= CONNECTIONS_CUT_OFF as f64,
+        "{idle} idle connections closed, expected {CONNECTIONS_CUT_OFF} or more"
+    );
 
     let rss_after = rss_kib(collector.child.id())?;
     println!();

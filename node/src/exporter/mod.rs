@@ -193,7 +193,8 @@ pub async fn run(
         config.batch_flows_max,
         config.buffer_batches_max,
     );
-    let _ = m::handle();
+    let label = config.exporter_id.to_string();
+    m::init_exporter(&label);
     if let Some(addr) = config.http_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -211,7 +212,6 @@ pub async fn run(
             std::future::pending(),
         ));
     }
-    let label = config.exporter_id.to_string();
     let mut interval = tokio::time::interval(Duration::from_millis(config.heartbeat_interval_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sender = Sender::new(&config);

@@ -282,6 +282,8 @@ impl Shared {
         let roster = lock(&self.roster);
         let mut counts: BTreeMap<(String, bool), u64> = BTreeMap::new();
         for (region, up) in roster.values() {
+            // Both states of every region seen, so that a count that fell to 0 reads 0.
+            counts.entry((region.clone(), !*up)).or_default();
             *counts.entry((region.clone(), *up)).or_default() += 1;
         }
         for ((region, up), n) in counts {
@@ -309,6 +311,7 @@ impl Shared {
         }
         if let Dest::Peer { .. } = &to {
             let kind = message_kind(message);
+            debug_assert!(m::PEER_MESSAGE_KINDS.contains(&kind), "{kind}");
             metrics::counter!(m::PEER_BYTES_SENT, "node" => self.node.clone(), "message" => kind)
                 .increment(bytes.len() as u64);
             metrics::counter!(m::PEER_FRAMES_SENT, "node" => self.node.clone(), "message" => kind)
@@ -385,6 +388,15 @@ impl Shared {
                 async move { shared.on_message(id, origin, message).await }
             },
             |e| {
+                if let TransportError::Timeout {
+                    partial_frame: false,
+                } = e
+                {
+                    metrics::counter!(m::CONNECTIONS_IDLE_CLOSED, "node" => self.node.clone())
+                        .increment(1);
+                    tracing::debug!(node = %self.node, error = %Chain(e), "idle connection closed");
+                    return;
+                }
                 metrics::counter!(m::FRAMES_REJECTED, "node" => self.node.clone(), "reason" => e.reason()).increment(1);
                 tracing::warn!(node = %self.node, error = %Chain(e), "frame rejected; closing the connection");
             },
@@ -584,6 +596,15 @@ pub async fn run_reloadable(
     };
     let mut core = NodeCore::new(core_config, start)?;
     core.set_admission(config.admission());
+    m::init_collector(
+        &config.node_id,
+        &config.region,
+        config
+            .regions
+            .keys()
+            .filter(|r| **r != config.region)
+            .map(String::as_str),
+    );
     let journal_dir = config.data_dir.join(&config.node_id).join("journal");
     let (journal, replay) = Journal::open(&journal_dir)
         .with_context(|| format!("opening the journal in {}", journal_dir.display()))?;

@@ -515,7 +515,7 @@ async fn admin_set_clock(
         return bad_request(e.to_string());
     }
     metrics::gauge!(super::metrics::CLOCK_OFFSET, "node" => shared.node.clone())
-        .set(body.offset_ms as f64);
+        .set(body.offset_ms as f64 / 1_000.0);
     tracing::warn!(node = %shared.node, before_ms = before, offset_ms = body.offset_ms, "clock offset set through /admin/clock");
     Json(clock_state(&shared)).into_response()
 }

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use metrics::Unit;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const FLOWS_IN: &str = "tenure_flows_in_total";
@@ -46,8 +47,182 @@ pub const FLOWS_ALREADY_HELD: &str = "tenure_flows_already_held_total";
 /// Exporter batches whose `sent_ms` was more than δ off the other exporters': claims
 /// refused, flows unattributed (`exporter_clock`).
 pub const EXPORTER_CLOCK_OFF_BATCHES: &str = "tenure_exporter_clock_off_batches_total";
-/// The admin-set clock offset of a collector, in ms (0 unless fault injection set one).
-pub const CLOCK_OFFSET: &str = "tenure_clock_offset_ms";
+/// The admin-set clock offset of a collector, in seconds (0 unless fault injection set
+/// one).
+pub const CLOCK_OFFSET: &str = "tenure_clock_offset_seconds";
+/// Data-plane connections closed after `conn_idle_timeout_ms` without a frame: normal
+/// (an exporter or a peer with nothing to send), so apart from `FRAMES_REJECTED`.
+pub const CONNECTIONS_IDLE_CLOSED: &str = "tenure_connections_idle_closed_total";
+pub const JOURNAL_ERRORS: &str = "tenure_journal_errors_total";
+pub const JOURNAL_CORRUPT_RECORDS: &str = "tenure_journal_corrupt_records_total";
+pub const JOURNAL_RECOVERED_FLOWS: &str = "tenure_journal_recovered_flows_total";
+
+/// `FRAMES_REJECTED`'s `reason`s: every [`super::transport::TransportError::reason`] a
+/// rejected frame can have, and `gossip` (a datagram the membership layer refused).
+pub const FRAME_REJECT_REASONS: [&str; 9] = [
+    "frame",
+    "replay",
+    "auth",
+    "seal",
+    "invalid",
+    "io",
+    "mixed_keys",
+    "timeout",
+    "gossip",
+];
+
+/// `PEER_BYTES_SENT`'s and `PEER_FRAMES_SENT`'s `message`s: the kinds of message a
+/// collector sends to another.
+pub const PEER_MESSAGE_KINDS: [&str; 7] = [
+    "flows",
+    "claims",
+    "events",
+    "range_requests",
+    "ranges",
+    "acks",
+    "directory",
+];
+
+/// Every metric of tenure's own, with its kind, unit and HELP text, described once to the
+/// recorder: what `/metrics` shows as `# HELP` and `# TYPE`. The collector's and the
+/// exporter's metrics share one list, as they share one recorder in the demo.
+const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
+    (Kind::Counter, FLOWS_IN, Unit::Count, "Flows received in exporter and forwarded batches."),
+    (Kind::Counter, FLOWS_OUT, Unit::Count, "Flows emitted to the sink, by result (attributed, unattributed) and detail (the source when attributed, the reason when not)."),
+    (Kind::Gauge, FLOWS_PENDING, Unit::Count, "Flows waiting: settling, pending coverage, or held for handoff."),
+    (Kind::Gauge, FLOWS_SETTLING, Unit::Count, "Flows not looked up yet (settling until settle_ms after their end)."),
+    (Kind::Counter, FLOWS_FORWARDED, Unit::Count, "Flows sent to a collector of another region, by that region."),
+    (Kind::Gauge, RANGES, Unit::Count, "Ownership ranges held."),
+    (Kind::Gauge, IPS_TRACKED, Unit::Count, "IPs with ownership history held."),
+    (Kind::Gauge, ENGINE_TABLE_BYTES, Unit::Bytes, "Bytes of the engine's ownership tables (map and segment storage)."),
+    (Kind::Counter, PEER_BYTES_SENT, Unit::Bytes, "Sealed bytes sent to other collectors, by message kind."),
+    (Kind::Counter, PEER_FRAMES_SENT, Unit::Count, "Frames sent to other collectors, by message kind."),
+    (Kind::Counter, CLAIMS_APPLIED, Unit::Count, "Ownership claims applied."),
+    (Kind::Counter, CLAIMS_REJECTED, Unit::Count, "Ownership claims refused, by reason."),
+    (Kind::Counter, EXPORTER_MESSAGES_REJECTED, Unit::Count, "Whole exporter messages refused, by reason."),
+    (Kind::Gauge, EXPORTERS_TRACKED, Unit::Count, "Exporters whose rate budgets are tracked."),
+    (Kind::Counter, CONNECTIONS_REFUSED, Unit::Count, "Inbound data-plane connections closed at once, by the limit hit (total, per_ip)."),
+    (Kind::Counter, CONNECTIONS_IDLE_CLOSED, Unit::Count, "Data-plane connections closed after conn_idle_timeout_ms without a frame (normal)."),
+    (Kind::Counter, KEY_RELOADS, Unit::Count, "Key reloads on SIGHUP, by result (ok, error)."),
+    (Kind::Counter, CONFLICTS, Unit::Count, "Conflicting ownership claims for one IP."),
+    (Kind::Gauge, MEMBERS, Unit::Count, "Cluster members seen, by region and state (alive, down)."),
+    (Kind::Counter, FRAMES_REJECTED, Unit::Count, "Frames and datagrams failing checks, by reason; the connection is closed."),
+    (Kind::Counter, FRAMES_DROPPED, Unit::Count, "Frames not sent: their connection was gone or its queue full."),
+    (Kind::Counter, BATCHES, Unit::Count, "Exporter batches answered with a status other than ok (busy)."),
+    (Kind::Histogram, ATTRIBUTION_DELAY, Unit::Seconds, "Time from a flow's arrival to its verdict."),
+    (Kind::Counter, EXPORTER_BATCHES_DROPPED, Unit::Count, "Exporter batches dropped past buffer_batches_max."),
+    (Kind::Counter, EXPORTER_BATCHES_SENT, Unit::Count, "Exporter batches acknowledged by a collector."),
+    (Kind::Gauge, EXPORTER_BUFFERED, Unit::Count, "Exporter batches waiting for an acknowledgement."),
+    (Kind::Counter, FLOWS_ALREADY_HELD, Unit::Count, "Flows a peer re-sent that this node had journaled already (not taken twice)."),
+    (Kind::Counter, EXPORTER_CLOCK_OFF_BATCHES, Unit::Count, "Exporter batches whose clock was more than the skew margin off the other exporters' (claims refused, flows unattributed)."),
+    (Kind::Gauge, CLOCK_OFFSET, Unit::Seconds, "Clock offset set through /admin/clock (0 unless fault injection set one)."),
+    (Kind::Counter, JOURNAL_ERRORS, Unit::Count, "Journal appends or syncs that failed."),
+    (Kind::Counter, JOURNAL_CORRUPT_RECORDS, Unit::Count, "Corrupt journal records skipped at start."),
+    (Kind::Counter, JOURNAL_RECOVERED_FLOWS, Unit::Count, "Flows replayed from the journal at start."),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Installs the recorder ([`handle`]) and describes every metric ([`DESCRIPTIONS`]), once
+/// per process.
+pub fn describe() {
+    static DESCRIBED: OnceLock<()> = OnceLock::new();
+    let _ = handle();
+    DESCRIBED.get_or_init(|| {
+        for &(kind, name, unit, help) in DESCRIPTIONS {
+            match kind {
+                Kind::Counter => metrics::describe_counter!(name, unit, help),
+                Kind::Gauge => metrics::describe_gauge!(name, unit, help),
+                Kind::Histogram => metrics::describe_histogram!(name, unit, help),
+            }
+        }
+    });
+}
+
+/// Registers a collector's series whose label sets are known at start, at 0, so that a
+/// rate or an alert over them reads 0 rather than nothing before the first event.
+/// `region` is its own, `other_regions` the others its config names.
+pub fn init_collector<'a>(
+    node: &str,
+    region: &str,
+    other_regions: impl IntoIterator<Item = &'a str>,
+) {
+    describe();
+    let n = || node.to_owned();
+    for name in [
+        FLOWS_IN,
+        CONFLICTS,
+        FRAMES_DROPPED,
+        CONNECTIONS_IDLE_CLOSED,
+        FLOWS_ALREADY_HELD,
+        EXPORTER_CLOCK_OFF_BATCHES,
+        CLAIMS_APPLIED,
+        JOURNAL_ERRORS,
+    ] {
+        metrics::counter!(name, "node" => n()).increment(0);
+    }
+    for name in [
+        FLOWS_PENDING,
+        FLOWS_SETTLING,
+        RANGES,
+        IPS_TRACKED,
+        ENGINE_TABLE_BYTES,
+        CLOCK_OFFSET,
+    ] {
+        metrics::gauge!(name, "node" => n()).increment(0.0);
+    }
+    metrics::counter!(BATCHES, "node" => n(), "status" => "busy").increment(0);
+    for reason in FRAME_REJECT_REASONS {
+        metrics::counter!(FRAMES_REJECTED, "node" => n(), "reason" => reason).increment(0);
+    }
+    for reason in ["total", "per_ip"] {
+        metrics::counter!(CONNECTIONS_REFUSED, "node" => n(), "reason" => reason).increment(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(KEY_RELOADS, "node" => n(), "result" => result).increment(0);
+    }
+    for source in tenure_attribution::Source::ALL {
+        metrics::counter!(FLOWS_OUT, "node" => n(), "result" => "attributed", "detail" => source.as_str())
+            .increment(0);
+    }
+    for reason in tenure_attribution::Reason::ALL {
+        metrics::counter!(FLOWS_OUT, "node" => n(), "result" => "unattributed", "detail" => reason.as_str())
+            .increment(0);
+    }
+    let others: Vec<&str> = other_regions.into_iter().collect();
+    for other in &others {
+        metrics::counter!(FLOWS_FORWARDED, "node" => n(), "region" => other.to_string())
+            .increment(0);
+    }
+    // The other members of every region known; in a region of one, none of its own yet.
+    for r in others.iter().copied().chain([region]) {
+        for state in ["alive", "down"] {
+            metrics::gauge!(MEMBERS, "node" => n(), "region" => r.to_owned(), "state" => state)
+                .increment(0.0);
+        }
+    }
+    for kind in PEER_MESSAGE_KINDS {
+        for name in [PEER_BYTES_SENT, PEER_FRAMES_SENT] {
+            metrics::counter!(name, "node" => n(), "message" => kind).increment(0);
+        }
+    }
+    // Registered without a sample: the histogram's series appear at the first verdict.
+    let _ = metrics::histogram!(ATTRIBUTION_DELAY, "node" => n());
+}
+
+/// Registers an exporter's series at 0 (see [`init_collector`]); `exporter` is its id.
+pub fn init_exporter(exporter: &str) {
+    describe();
+    for name in [EXPORTER_BATCHES_DROPPED, EXPORTER_BATCHES_SENT] {
+        metrics::counter!(name, "exporter" => exporter.to_owned()).increment(0);
+    }
+    metrics::gauge!(EXPORTER_BUFFERED, "exporter" => exporter.to_owned()).increment(0.0);
+}
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn handle() -> &'static PrometheusHandle {

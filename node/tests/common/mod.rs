@@ -53,6 +53,7 @@ pub(crate) fn spawn_collector(config: &Path, log: &str) -> anyhow::Result<Collec
     clippy::disallowed_methods,
     reason = "the tests stamp flows and claims with the wall clock, as an exporter does"
 )]
+#[allow(dead_code, reason = "not every process test stamps flows")]
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
