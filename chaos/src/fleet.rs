@@ -289,7 +289,7 @@ impl Fleet {
                     bytes_received: 4_000,
                     packets: 12,
                     retransmits: 0,
-                    local_workload: 0,
+                    local: wire::LocalEnd::Workload(0),
                     local_ip: me.ip,
                     remote_ip: truth.remote_ip,
                     local_port: 40_000,

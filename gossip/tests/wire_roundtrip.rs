@@ -16,9 +16,9 @@ use tenure_gossip::frame::{encode_frame_with, FrameDecoder, FrameError, FrameLim
 use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, SealError, Sealer, SecretKey};
 use tenure_gossip::wire::{
     self, Ack, AckStatus, AlignedVec, Claim, ClaimBatch, Direction, Flow, FlowBatch, HashSpan,
-    IpEvent, IpEventBatch, IpEventKind, Message, Prefix, RangeRequest, RangeSnapshot,
-    RegionDirectory, RegionPrefixes, RejectReason, SnapshotIp, SnapshotOwner, SnapshotSegment,
-    WireError, WireLimits,
+    IpEvent, IpEventBatch, IpEventKind, LocalEnd, LocalReason, Message, Prefix, RangeRequest,
+    RangeSnapshot, RegionDirectory, RegionPrefixes, RejectReason, SnapshotIp, SnapshotOwner,
+    SnapshotSegment, WireError, WireLimits,
 };
 
 fn config() -> ProptestConfig {
@@ -69,12 +69,21 @@ fn claim(entries: u32) -> impl Strategy<Value = Claim> {
 
 fn flow(entries: u32) -> impl Strategy<Value = Flow> {
     (
-        (any::<u128>(), window(), any::<[u64; 4]>(), 0..entries),
+        (
+            any::<u128>(),
+            window(),
+            any::<[u64; 4]>(),
+            prop_oneof![
+                (0..entries).prop_map(LocalEnd::Workload),
+                proptest::sample::select(LocalReason::ALL.to_vec())
+                    .prop_map(LocalEnd::Unattributed),
+            ],
+        ),
         (ip(), ip(), any::<[u16; 2]>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
-                (flow_id, (start_ms, end_ms), counts, local_workload),
+                (flow_id, (start_ms, end_ms), counts, local),
                 (local_ip, remote_ip, ports, inbound, ongoing),
             )| {
                 Flow {
@@ -85,7 +94,7 @@ fn flow(entries: u32) -> impl Strategy<Value = Flow> {
                     bytes_received: counts[1],
                     packets: counts[2],
                     retransmits: counts[3],
-                    local_workload,
+                    local,
                     local_ip,
                     remote_ip,
                     local_port: ports[0],
@@ -505,7 +514,7 @@ fn flow_batch_with(flows: usize, dictionary: usize) -> FlowBatch {
                 bytes_received: 4,
                 packets: 5,
                 retransmits: 0,
-                local_workload: 0,
+                local: LocalEnd::Workload(0),
                 local_ip: IpAddr::from([10, 0, 0, 1]),
                 remote_ip: IpAddr::from([10, 0, 0, 2]),
                 local_port: 1234,
@@ -606,7 +615,7 @@ fn each_named_limit_is_enforced() {
 #[test]
 fn bad_indices_windows_segments_and_prefixes_are_refused() {
     let mut bad_index = flow_batch_with(1, 1);
-    bad_index.flows[0].local_workload = 1;
+    bad_index.flows[0].local = LocalEnd::Workload(1);
     assert!(matches!(
         wire::encode(&Message::FlowBatch(bad_index)),
         Err(WireError::BadIndex {

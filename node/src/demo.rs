@@ -345,6 +345,8 @@ pub async fn run(
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             http_addr: None,
+            local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
+            local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
         };
         exporters.push((
             Sender::new(&config),
@@ -428,6 +430,8 @@ pub async fn run(
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             http_addr: None,
+            local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
+            local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
         };
         host_task = Some(tokio::spawn(async move {
             if let Err(e) = crate::exporter::run(config, false, async move {

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context};
 use serde_json::Value;
 use tenure_attribution::{Attribution, Reason, Verdict};
 use tenure_gossip::wire::Direction;
-use tenure_node::core::{EmittedFlow, FlowRecord};
+use tenure_node::core::{EmittedFlow, FlowRecord, Local};
 use tenure_node::sink::ParquetFiles;
 
 /// Writes straight to stderr: libtest captures `eprintln!`, and a skip must be seen.
@@ -29,7 +29,7 @@ fn flow(id: u128, remote: &str, verdict: Verdict, start_ms: u64) -> EmittedFlow 
             local_port: 40_000 + (id as u16),
             remote_ip: remote.parse::<IpAddr>().expect("ip"),
             remote_port: 8080,
-            local_workload: Arc::from("gateway"),
+            local: Local::Workload(Arc::from("gateway")),
             start_ms,
             end_ms: start_ms + 250,
             bytes_sent: 1_000 * id as u64,

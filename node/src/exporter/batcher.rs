@@ -5,15 +5,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 
-use tenure_gossip::wire::{self, Direction, FlowBatch};
+use tenure_gossip::wire::{self, Direction, FlowBatch, LocalEnd, LocalReason};
 
-/// A flow as the exporter knows it, the local workload by name.
+/// A socket's life as capture saw it, before the local end is stamped.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalFlow {
+pub struct Socket {
     pub flow_id: u128,
     pub local_ip: IpAddr,
     pub local_port: u16,
-    pub local_workload: String,
     pub remote_ip: IpAddr,
     pub remote_port: u16,
     pub start_ms: u64,
@@ -24,6 +23,22 @@ pub struct LocalFlow {
     pub retransmits: u64,
     pub direction: Direction,
     pub ongoing: bool,
+}
+
+/// Who a flow's local end was, as the exporter vouches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalOwner {
+    /// One tenure of this workload covered the whole flow.
+    Workload(String),
+    /// No workload is vouched for, for this reason.
+    Unattributed(LocalReason),
+}
+
+/// A flow as the exporter reports it: the socket and its stamped local end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalFlow {
+    pub socket: Socket,
+    pub local: LocalOwner,
 }
 
 /// One ownership heartbeat: `workload` has held `ip` since `since_ms`, as of `until_ms`.
@@ -136,7 +151,7 @@ impl Batcher {
             .collect();
         let wire_flows: Vec<wire::Flow> = flows
             .iter()
-            .map(|f| wire::Flow {
+            .map(|LocalFlow { socket: f, local }| wire::Flow {
                 flow_id: f.flow_id,
                 start_ms: f.start_ms,
                 end_ms: f.end_ms.max(f.start_ms),
@@ -144,7 +159,10 @@ impl Batcher {
                 bytes_received: f.bytes_received,
                 packets: f.packets,
                 retransmits: f.retransmits,
-                local_workload: index(&f.local_workload),
+                local: match local {
+                    LocalOwner::Workload(w) => LocalEnd::Workload(index(w)),
+                    LocalOwner::Unattributed(reason) => LocalEnd::Unattributed(*reason),
+                },
                 local_ip: f.local_ip,
                 remote_ip: f.remote_ip,
                 local_port: f.local_port,

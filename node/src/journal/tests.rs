@@ -8,7 +8,7 @@ use tenure_gossip::wire::Direction;
 
 use super::codec::{self, DecodeError, Record};
 use super::{Journal, JournalError, Step};
-use crate::core::FlowRecord;
+use crate::core::{FlowRecord, Local};
 use crate::report::Chain;
 
 fn flow(id: u128, v6: bool) -> FlowRecord {
@@ -22,7 +22,7 @@ fn flow(id: u128, v6: bool) -> FlowRecord {
             "10.1.0.7".parse().unwrap()
         },
         remote_port: 443,
-        local_workload: Arc::from("gateway"),
+        local: Local::Workload(Arc::from("gateway")),
         start_ms: 1_700_000_000_000 + id as u64,
         end_ms: 1_700_000_000_100 + id as u64,
         bytes_sent: 10,

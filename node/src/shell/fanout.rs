@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tenure_attribution::Reason;
+use tenure_gossip::wire::LocalReason;
 
 use super::collector::{lock, Shared};
-use crate::deps::{reason_index, EdgeTotals, End};
+use crate::deps::{local_reason_index, reason_index, EdgeTotals, End};
 use crate::httpc;
 
 /// How long the fan-out waits for the slowest member, in ms. Members that have not
@@ -84,6 +85,11 @@ pub struct EdgeJson {
     /// Unattributed flows by reason (`no_owner`, `ambiguous`, ...); absent reasons are 0.
     #[serde(default)]
     pub unattributed_reasons: BTreeMap<String, u64>,
+    /// Of `flows`, those whose local end the exporter vouched for no workload on, by
+    /// reason (`local_changed`, `local_unknown`, `local_expired`); absent reasons are 0.
+    /// Such flows are edges of `unattributed`, never of the local IP's owner.
+    #[serde(default)]
+    pub local_unattributed_reasons: BTreeMap<String, u64>,
 }
 
 impl EdgeJson {
@@ -98,6 +104,7 @@ impl EdgeJson {
             unattributed_flows: t.unattributed_flows(),
             unattributed_share: share(t.unattributed_flows(), t.flows),
             unattributed_reasons: reasons_json(t),
+            local_unattributed_reasons: local_reasons_json(t),
         }
     }
 
@@ -110,10 +117,15 @@ impl EdgeJson {
             flows: self.flows,
             bytes: self.bytes,
             unattributed: [0; Reason::ALL.len()],
+            local_unattributed: [0; LocalReason::ALL.len()],
         };
         for (name, n) in &self.unattributed_reasons {
             let reason = Reason::ALL.iter().find(|r| r.as_str() == name)?;
             totals.unattributed[reason_index(*reason)] = *n;
+        }
+        for (name, n) in &self.local_unattributed_reasons {
+            let reason = LocalReason::ALL.iter().find(|r| r.as_str() == name)?;
+            totals.local_unattributed[local_reason_index(*reason)] = *n;
         }
         Some((from, to, totals))
     }
@@ -127,6 +139,9 @@ pub struct TotalsJson {
     pub unattributed_flows: u64,
     pub unattributed_share: f64,
     pub unattributed_reasons: BTreeMap<String, u64>,
+    /// Flows whose local end is unattributed, by reason.
+    #[serde(default)]
+    pub local_unattributed_reasons: BTreeMap<String, u64>,
 }
 
 /// The answer of one node (`scope=local`).
@@ -200,6 +215,19 @@ fn reasons_json(t: &EdgeTotals) -> BTreeMap<String, u64> {
         .collect()
 }
 
+fn local_reasons_json(t: &EdgeTotals) -> BTreeMap<String, u64> {
+    LocalReason::ALL
+        .iter()
+        .filter(|r| t.local_unattributed[local_reason_index(**r)] > 0)
+        .map(|r| {
+            (
+                r.as_str().to_owned(),
+                t.local_unattributed[local_reason_index(*r)],
+            )
+        })
+        .collect()
+}
+
 /// Keeps the [`EDGES_PER_ANSWER_MAX`] largest edges (by flows), sorted by caller then
 /// callee; returns them and how many were left out.
 fn to_json(mut edges: Vec<(End, End, EdgeTotals)>) -> (Vec<EdgeJson>, TotalsJson, u64) {
@@ -224,6 +252,7 @@ fn to_json(mut edges: Vec<(End, End, EdgeTotals)>) -> (Vec<EdgeJson>, TotalsJson
         unattributed_flows: sum.unattributed_flows(),
         unattributed_share: share(sum.unattributed_flows(), sum.flows),
         unattributed_reasons: reasons_json(&sum),
+        local_unattributed_reasons: local_reasons_json(&sum),
     };
     let edges = edges
         .iter()
@@ -428,8 +457,10 @@ mod tests {
             flows: 10,
             bytes: 1_000,
             unattributed: [0; Reason::ALL.len()],
+            local_unattributed: [0; LocalReason::ALL.len()],
         };
         t.unattributed[reason_index(Reason::Ambiguous)] = 3;
+        t.local_unattributed[local_reason_index(LocalReason::Changed)] = 2;
         let json = EdgeJson::new(&End::Workload(Arc::from("gw")), &End::Unattributed, &t);
         assert_eq!(json.unattributed_flows, 3);
         assert!((json.unattributed_share - 0.3).abs() < 1e-9);
