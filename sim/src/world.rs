@@ -412,6 +412,7 @@ impl<'s> World<'s> {
                 core: ExporterCore::new(ExporterCoreConfig {
                     history: HistoryConfig {
                         margin_ms: scenario.host.local_margin_ms,
+                        source_lag_ms: scenario.host.release_learn_delay_ms,
                         ..HistoryConfig::default()
                     },
                     ..ExporterCoreConfig::default()
@@ -1255,12 +1256,22 @@ impl<'s> World<'s> {
         e.releasing.append(&mut host.ended);
         let fleet = &self.fleet;
         let mut changed = e.changed_ms;
+        let mut released = BTreeMap::new();
         e.releasing.retain(|&inst| {
             let instance = &fleet.instances[inst as usize];
             let still_listed = instance.end_ms.saturating_add(delay) > now;
             if !still_listed {
-                let learned = instance.end_stamped_ms.unwrap_or(host_now) + delay;
-                changed = Some(changed.map_or(learned, |c| c.max(learned)).min(host_now));
+                // The source states when the instance stopped, as a container runtime's
+                // event does.
+                // Ends are in order: an IP released twice since the last heartbeat (a short
+                // tenure in between) keeps the first, which ends the tenure the history
+                // knows.
+                let end = instance.end_stamped_ms.unwrap_or(host_now);
+                released
+                    .entry(fleet.ips[instance.ip as usize].addr)
+                    .or_insert(end);
+                let learned = (end + delay).min(host_now);
+                changed = Some(changed.map_or(learned, |c| c.max(learned)));
             }
             still_listed
         });
@@ -1283,6 +1294,7 @@ impl<'s> World<'s> {
         let observation = Observation {
             held,
             changed_ms: changed,
+            released,
         };
         e.core.observe(host_now, &observation);
         let (flows, core_claims) = e.core.heartbeat();

@@ -246,6 +246,7 @@ mod tests {
             .into_iter()
             .collect(),
             changed_ms: None,
+            released: Default::default(),
         }
     }
 

@@ -16,8 +16,11 @@
 //!   observation. Otherwise the end is unattributed with a [`LocalReason`]: `Changed` when
 //!   some tenure touches the widened window, `Expired` when the window reaches before the
 //!   retained history, `Unknown` when nobody held the IP then.
-//! - Heartbeats: one claim per open tenure, `[since, last observation]`; a tenure that
-//!   closed gets one last claim `[since, until]` and is never claimed again.
+//! - Heartbeats: one claim per open tenure, `[since, last observation − source lag]`; a
+//!   tenure that closed gets one last claim `[since, until]` and is never claimed again.
+//!   The lag is how late the source may learn of a release: a host must not claim time
+//!   its workload may already have given the IP up in (the next owner, elsewhere, would
+//!   be attributed its flows).
 //!
 //! The flow window is the attribution crate's [`Window`], widened as the collectors widen
 //! theirs by δ; a host keeps a handful of tenures per IP, so each IP's history is a short
@@ -46,6 +49,11 @@ pub struct HistoryConfig {
     /// The most the source's times and the sockets' may disagree, in ms: a tenure vouches
     /// for a flow only when it covers the flow widened by this on both sides.
     pub margin_ms: u64,
+    /// How late the source may learn that an IP was released, in ms: an open tenure
+    /// vouches (in claims and for flows) only up to the last observation minus this, and a
+    /// release the source gives no time for is taken to have happened this long before
+    /// the source's stated change.
+    pub source_lag_ms: u64,
 }
 
 /// Default [`HistoryConfig::retention_ms`]: 15 minutes.
@@ -64,6 +72,7 @@ impl Default for HistoryConfig {
             tenures_per_ip_max: TENURES_PER_IP_MAX_DEFAULT,
             ips_max: IPS_MAX_DEFAULT,
             margin_ms: MARGIN_MS_DEFAULT,
+            source_lag_ms: 0,
         }
     }
 }
@@ -84,6 +93,9 @@ pub struct Observation {
     /// When the source says its last change happened (a file's modification time), if it
     /// says: a mapping that is gone or changed ended no later than this.
     pub changed_ms: Option<u64>,
+    /// IPs the source says were released, with when (a container's stop, a pod's
+    /// deletion): the tenure ends there.
+    pub released: BTreeMap<IpAddr, u64>,
 }
 
 /// One tenure: `workload` held the IP over `[since_ms, until_ms]` (both included), or
@@ -189,8 +201,12 @@ impl LocalHistory {
     /// Takes in what the source knows as of `now_ms`.
     pub fn observe(&mut self, now_ms: u64, observation: &Observation) {
         // A source's stated time may not be later than now (a clock ahead) nor earlier
-        // than a tenure's start.
-        let changed_ms = observation.changed_ms.map_or(now_ms, |c| c.min(now_ms));
+        // than a tenure's start; a release it gives no time for may have happened up to
+        // the source's lag before it.
+        let changed_ms = observation
+            .changed_ms
+            .map_or(now_ms, |c| c.min(now_ms))
+            .saturating_sub(self.config.source_lag_ms);
         let held: BTreeMap<IpAddr, &Held> = observation
             .held
             .iter()
@@ -211,7 +227,12 @@ impl LocalHistory {
                     h.since_ms
                         .map_or(changed_ms, |since| since.saturating_sub(1).min(changed_ms)),
                 ),
-                None => Some(changed_ms),
+                None => Some(
+                    observation
+                        .released
+                        .get(ip)
+                        .map_or(changed_ms, |r| (*r).min(now_ms)),
+                ),
             };
             if let Some(end) = end {
                 open.until_ms = Some(end.max(open.since_ms));
@@ -295,12 +316,18 @@ impl LocalHistory {
         });
     }
 
+    /// How far open tenures vouch: the last observation minus the source's lag.
+    fn vouched_ms(&self) -> Option<u64> {
+        self.observed_ms
+            .map(|o| o.saturating_sub(self.config.source_lag_ms))
+    }
+
     /// Who held `ip` for the whole of `[start_ms, end_ms]`.
     pub fn stamp(&self, ip: IpAddr, start_ms: u64, end_ms: u64) -> Stamp {
         let Some(history) = self.ips.get(&ip.to_canonical()) else {
             return Stamp::NotLocal;
         };
-        let observed = self.observed_ms.unwrap_or(0);
+        let observed = self.vouched_ms().unwrap_or(0);
         if end_ms > observed {
             return Stamp::NotYet;
         }
@@ -336,7 +363,7 @@ impl LocalHistory {
     /// This heartbeat's claims: one per open tenure, as of the last observation, and the
     /// last one of each tenure that closed since the previous heartbeat.
     pub fn claims(&mut self) -> Vec<LocalClaim> {
-        let Some(observed) = self.observed_ms else {
+        let Some(observed) = self.vouched_ms() else {
             return Vec::new();
         };
         let mut claims = Vec::new();
@@ -386,6 +413,7 @@ mod tests {
                 })
                 .collect(),
             changed_ms,
+            released: BTreeMap::new(),
         }
     }
 
@@ -484,6 +512,7 @@ mod tests {
             tenures_per_ip_max: 2,
             ips_max: 2,
             margin_ms: 0,
+            source_lag_ms: 0,
         });
         for (k, w) in ["a", "b", "c"].iter().enumerate() {
             let at = 1_000 * (k as u64 + 1);

@@ -116,7 +116,11 @@ impl IdentitySource {
                 let changed_ms = modified
                     .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                self.current = Observation { held, changed_ms };
+                self.current = Observation {
+                    held,
+                    changed_ms,
+                    released: BTreeMap::new(),
+                };
                 self.modified = modified;
                 self.fresh = true;
                 Some(&self.current)
