@@ -861,6 +861,13 @@ pub struct ExporterConfig {
     /// `local_expired`. Default 900,000 (15 minutes).
     #[serde(default = "default_local_retention_ms")]
     pub local_retention_ms: u64,
+    /// How late the identity source may learn that a local IP was released, in ms (0 to
+    /// 60,000): heartbeats and stamped flows vouch for an IP only up to this long before
+    /// the last read of the source, so that the host never claims time its workload may
+    /// already have given the IP up in. Default 0 (an orchestrator that rewrites the map
+    /// file as it releases an IP).
+    #[serde(default)]
+    pub local_source_lag_ms: u64,
 }
 
 fn default_local_margin_ms() -> u64 {
@@ -870,7 +877,7 @@ fn default_local_retention_ms() -> u64 {
     crate::exporter::history::RETENTION_MS_DEFAULT
 }
 
-/// The largest [`ExporterConfig::local_margin_ms`].
+/// The largest [`ExporterConfig::local_margin_ms`] and `local_source_lag_ms`.
 pub const LOCAL_MARGIN_MS_MAX: u64 = 60_000;
 
 fn default_buffer_batches_max() -> usize {
@@ -893,6 +900,7 @@ impl ExporterConfig {
             history: crate::exporter::history::HistoryConfig {
                 retention_ms: self.local_retention_ms,
                 margin_ms: self.local_margin_ms,
+                source_lag_ms: self.local_source_lag_ms,
                 ..crate::exporter::history::HistoryConfig::default()
             },
             ..crate::exporter::core::ExporterCoreConfig::default()
@@ -919,6 +927,12 @@ impl ExporterConfig {
         if self.local_margin_ms > LOCAL_MARGIN_MS_MAX {
             return Err(invalid(
                 "local_margin_ms",
+                format!("must be at most {LOCAL_MARGIN_MS_MAX}"),
+            ));
+        }
+        if self.local_source_lag_ms > LOCAL_MARGIN_MS_MAX {
+            return Err(invalid(
+                "local_source_lag_ms",
                 format!("must be at most {LOCAL_MARGIN_MS_MAX}"),
             ));
         }

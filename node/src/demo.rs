@@ -347,6 +347,7 @@ pub async fn run(
             http_addr: None,
             local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
             local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
+            local_source_lag_ms: 0,
         };
         exporters.push((
             Sender::new(&config),
@@ -432,6 +433,7 @@ pub async fn run(
             http_addr: None,
             local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
             local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
+            local_source_lag_ms: 0,
         };
         host_task = Some(tokio::spawn(async move {
             if let Err(e) = crate::exporter::run(config, false, async move {

@@ -210,7 +210,7 @@ impl Truths {
                 Local::Workload(w) => {
                     self.local_stamped += 1;
                     let owner = fleet.owner_throughout(truth.local, truth.start_ms, truth.end_ms);
-                    if !owner.is_some_and(|o| *fleet.names[o as usize] == **w) {
+                    if owner.is_none_or(|o| *fleet.names[o as usize] != **w) {
                         self.local_misattributed += 1;
                         let v = Violation::LocalMisattributed {
                             count: 0,
