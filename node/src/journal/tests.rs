@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tenure_gossip::wire::Direction;
+use tenure_gossip::wire::{Direction, LocalReason};
 
 use super::codec::{self, DecodeError, Record};
 use super::{Journal, JournalError, Step};
@@ -22,7 +22,11 @@ fn flow(id: u128, v6: bool) -> FlowRecord {
             "10.1.0.7".parse().unwrap()
         },
         remote_port: 443,
-        local: Local::Workload(Arc::from("gateway")),
+        local: if id % 3 == 1 {
+            Local::Unattributed(LocalReason::ALL[(id as usize / 3) % LocalReason::ALL.len()])
+        } else {
+            Local::Workload(Arc::from("gateway"))
+        },
         start_ms: 1_700_000_000_000 + id as u64,
         end_ms: 1_700_000_000_100 + id as u64,
         bytes_sent: 10,
