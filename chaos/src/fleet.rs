@@ -291,7 +291,7 @@ impl Fleet {
                     segs_out: 6,
                     retransmits: 0,
                     rtt_us: 0,
-                    local_workload: 0,
+                    local: wire::LocalEnd::Workload(0),
                     local_ip: me.ip,
                     remote_ip: truth.remote_ip,
                     local_port: 40_000,

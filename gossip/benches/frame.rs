@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tenure_gossip::frame::{encode_frame_with, FrameDecoder, FrameError, FrameLimits};
 use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, SealError, Sealer, SecretKey};
 use tenure_gossip::wire::{
-    self, AlignedVec, ArchivedMessage, Claim, Direction, Flow, FlowBatch, Message, WireLimits,
+    self, AlignedVec, ArchivedLocalEnd, ArchivedMessage, Claim, Direction, Flow, FlowBatch,
+    LocalEnd, Message, WireLimits,
 };
 
 const FLOWS: usize = 1_000;
@@ -79,7 +80,7 @@ fn batch() -> FlowBatch {
                 segs_out: r.next() % 50_000,
                 retransmits: r.next() % 10,
                 rtt_us: (r.next() % 200_000) as u32,
-                local_workload: (r.next() % DICTIONARY_ENTRIES as u64) as u32,
+                local: LocalEnd::Workload((r.next() % DICTIONARY_ENTRIES as u64) as u32),
                 local_ip: ip(&mut r),
                 remote_ip: ip(&mut r),
                 local_port: (r.next() % 65_536) as u16,
@@ -178,7 +179,10 @@ impl From<&FlowBatch> for SerdeFlowBatch {
                     segs_in: f.segs_in,
                     segs_out: f.segs_out,
                     retransmits: f.retransmits,
-                    local_workload: f.local_workload,
+                    local_workload: match f.local {
+                        LocalEnd::Workload(i) => i,
+                        LocalEnd::Unattributed(_) => u32::MAX,
+                    },
                     rtt_us: f.rtt_us,
                     local_ip: f.local_ip,
                     remote_ip: f.remote_ip,
@@ -237,7 +241,10 @@ fn rkyv_decode_and_read(bytes: &[u8], limits: &WireLimits) -> u64 {
             )
             .wrapping_add(
                 batch
-                    .workload(f.local_workload.to_native())
+                    .workload(match f.local {
+                        ArchivedLocalEnd::Workload(i) => i.to_native(),
+                        ArchivedLocalEnd::Unattributed(_) => u32::MAX,
+                    })
                     .map_or(0, str::len) as u64,
             );
     }

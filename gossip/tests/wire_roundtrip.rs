@@ -16,9 +16,9 @@ use tenure_gossip::frame::{encode_frame_with, FrameDecoder, FrameError, FrameLim
 use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, SealError, Sealer, SecretKey};
 use tenure_gossip::wire::{
     self, Ack, AckStatus, AlignedVec, Claim, ClaimBatch, Direction, Flow, FlowBatch, HashSpan,
-    IpEvent, IpEventBatch, IpEventKind, Message, Prefix, RangeRequest, RangeSnapshot,
-    RegionDirectory, RegionPrefixes, RejectReason, SnapshotIp, SnapshotOwner, SnapshotSegment,
-    WireError, WireLimits,
+    IpEvent, IpEventBatch, IpEventKind, LocalEnd, LocalReason, Message, Prefix, RangeRequest,
+    RangeSnapshot, RegionDirectory, RegionPrefixes, RejectReason, SnapshotIp, SnapshotOwner,
+    SnapshotSegment, WireError, WireLimits,
 };
 
 fn config() -> ProptestConfig {
@@ -73,14 +73,18 @@ fn flow(entries: u32) -> impl Strategy<Value = Flow> {
             any::<u128>(),
             window(),
             any::<[u64; 5]>(),
-            0..entries,
+            prop_oneof![
+                (0..entries).prop_map(LocalEnd::Workload),
+                proptest::sample::select(LocalReason::ALL.to_vec())
+                    .prop_map(LocalEnd::Unattributed),
+            ],
             any::<u32>(),
         ),
         (ip(), ip(), any::<[u16; 2]>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
-                (flow_id, (start_ms, end_ms), counts, local_workload, rtt_us),
+                (flow_id, (start_ms, end_ms), counts, local, rtt_us),
                 (local_ip, remote_ip, ports, inbound, ongoing),
             )| {
                 Flow {
@@ -92,7 +96,7 @@ fn flow(entries: u32) -> impl Strategy<Value = Flow> {
                     segs_in: counts[2],
                     segs_out: counts[3],
                     retransmits: counts[4],
-                    local_workload,
+                    local,
                     rtt_us,
                     local_ip,
                     remote_ip,
@@ -516,7 +520,7 @@ fn flow_batch_with(flows: usize, dictionary: usize) -> FlowBatch {
                 segs_in: 2,
                 segs_out: 3,
                 retransmits: 0,
-                local_workload: 0,
+                local: LocalEnd::Workload(0),
                 rtt_us: 0,
                 local_ip: IpAddr::from([10, 0, 0, 1]),
                 remote_ip: IpAddr::from([10, 0, 0, 2]),
@@ -618,7 +622,7 @@ fn each_named_limit_is_enforced() {
 #[test]
 fn bad_indices_windows_segments_and_prefixes_are_refused() {
     let mut bad_index = flow_batch_with(1, 1);
-    bad_index.flows[0].local_workload = 1;
+    bad_index.flows[0].local = LocalEnd::Workload(1);
     assert!(matches!(
         wire::encode(&Message::FlowBatch(bad_index)),
         Err(WireError::BadIndex {

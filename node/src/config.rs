@@ -856,7 +856,35 @@ pub struct ExporterConfig {
     /// with its clock behind its previous start is refused until the clock passes it.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The most the identity source's times and the sockets' may disagree, in ms (0 to
+    /// 60,000): a flow's local end is stamped with a workload only when one of its tenures
+    /// covers the flow widened by this on both sides; otherwise it goes out
+    /// `local_changed`. Default 100.
+    #[serde(default = "default_local_margin_ms")]
+    pub local_margin_ms: u64,
+    /// How long the history of a local IP's owners is kept after a tenure ended, in ms (at
+    /// least two heartbeat intervals); a flow reported later than that goes out
+    /// `local_expired`. Default 900,000 (15 minutes).
+    #[serde(default = "default_local_retention_ms")]
+    pub local_retention_ms: u64,
+    /// How late the identity source may learn that a local IP was released, in ms (0 to
+    /// 60,000): heartbeats and stamped flows vouch for an IP only up to this long before
+    /// the last read of the source, so that the host never claims time its workload may
+    /// already have given the IP up in. Default 0 (an orchestrator that rewrites the map
+    /// file as it releases an IP).
+    #[serde(default)]
+    pub local_source_lag_ms: u64,
 }
+
+fn default_local_margin_ms() -> u64 {
+    crate::exporter::history::MARGIN_MS_DEFAULT
+}
+fn default_local_retention_ms() -> u64 {
+    crate::exporter::history::RETENTION_MS_DEFAULT
+}
+
+/// The largest [`ExporterConfig::local_margin_ms`] and `local_source_lag_ms`.
+pub const LOCAL_MARGIN_MS_MAX: u64 = 60_000;
 
 fn default_buffer_batches_max() -> usize {
     360
@@ -872,6 +900,19 @@ fn default_backoff_max_ms() -> u64 {
 }
 
 impl ExporterConfig {
+    /// The exporter core's limits.
+    pub fn core_config(&self) -> crate::exporter::core::ExporterCoreConfig {
+        crate::exporter::core::ExporterCoreConfig {
+            history: crate::exporter::history::HistoryConfig {
+                retention_ms: self.local_retention_ms,
+                margin_ms: self.local_margin_ms,
+                source_lag_ms: self.local_source_lag_ms,
+                ..crate::exporter::history::HistoryConfig::default()
+            },
+            ..crate::exporter::core::ExporterCoreConfig::default()
+        }
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self, to_stdout: bool) -> Result<(), ConfigError> {
         plain_name("region", &self.region)?;
@@ -888,6 +929,24 @@ impl ExporterConfig {
             || self.batch_flows_max > tenure_gossip::wire::FLOWS_PER_BATCH_MAX_DEFAULT
         {
             return Err(invalid("batch_flows_max", "must be 1 to 16384"));
+        }
+        if self.local_margin_ms > LOCAL_MARGIN_MS_MAX {
+            return Err(invalid(
+                "local_margin_ms",
+                format!("must be at most {LOCAL_MARGIN_MS_MAX}"),
+            ));
+        }
+        if self.local_source_lag_ms > LOCAL_MARGIN_MS_MAX {
+            return Err(invalid(
+                "local_source_lag_ms",
+                format!("must be at most {LOCAL_MARGIN_MS_MAX}"),
+            ));
+        }
+        if self.local_retention_ms < self.heartbeat_interval_ms.saturating_mul(2) {
+            return Err(invalid(
+                "local_retention_ms",
+                "must be at least two heartbeat intervals",
+            ));
         }
         if let SourceConfig::Ebpf { births_max } = self.source {
             let (min, max) = (tenure_node_ebpf::BIRTHS_MIN, tenure_node_ebpf::BIRTHS_MAX);

@@ -346,6 +346,9 @@ pub async fn run(
             backoff_max_ms: 2_000,
             http_addr: None,
             state_dir: None,
+            local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
+            local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
+            local_source_lag_ms: 0,
         };
         exporters.push((
             Sender::new(&config),
@@ -430,6 +433,9 @@ pub async fn run(
             backoff_max_ms: 2_000,
             http_addr: None,
             state_dir: None,
+            local_margin_ms: crate::exporter::history::MARGIN_MS_DEFAULT,
+            local_retention_ms: crate::exporter::history::RETENTION_MS_DEFAULT,
+            local_source_lag_ms: 0,
         };
         host_task = Some(tokio::spawn(async move {
             if let Err(e) = crate::exporter::run(config, false, async move {

@@ -1,9 +1,10 @@
 //! The dependency graph: caller → callee edges with flow and byte counts, from the flows
 //! this node emitted, in per-minute buckets so that a time range can be asked.
 //!
-//! Unattributed flows make edges too, to or from the pseudo-end [`End::Unattributed`]
-//! (the exporter's side is always known), so that users see how much of a workload's
-//! traffic is unknown instead of a graph that silently leaves it out.
+//! Unattributed flows make edges too, to or from the pseudo-end [`End::Unattributed`], so
+//! that users see how much of a workload's traffic is unknown instead of a graph that
+//! silently leaves it out. That holds for either end: a flow whose local end the exporter
+//! vouched for no workload on is an edge of `unattributed`, never of the IP's current owner.
 //!
 //! A connection counts once even when both of its ends run exporters and report it: the
 //! client's record counts, and an inbound record (the server's) counts only when its remote
@@ -24,9 +25,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tenure_attribution::{Attribution, Reason, Verdict};
-use tenure_gossip::wire::Direction;
+use tenure_gossip::wire::{Direction, LocalReason};
 
-use crate::core::EmittedFlow;
+use crate::core::{EmittedFlow, Local};
 
 /// Bucket width, in ms.
 pub const BUCKET_MS: u64 = 60_000;
@@ -42,7 +43,8 @@ pub enum End {
     Workload(Arc<str>),
     /// An address outside every region's prefixes.
     External,
-    /// The remote side of a flow that went out unattributed.
+    /// A side of a flow that went out unattributed (the remote end by the collectors'
+    /// ranges, or the local end by the exporter's history).
     Unattributed,
 }
 
@@ -191,6 +193,9 @@ pub struct EdgeTotals {
     pub retransmits: u64,
     /// Smoothed RTTs reported by the ends.
     pub rtt: RttStats,
+    /// Of `flows`, those whose local end the exporter vouched for no workload on, by
+    /// reason (indexed as [`LocalReason::ALL`]).
+    pub local_unattributed: LocalReasonCounts,
 }
 
 impl EdgeTotals {
@@ -203,11 +208,30 @@ impl EdgeTotals {
         }
         self.retransmits += other.retransmits;
         self.rtt.add(&other.rtt);
+        for (a, b) in self
+            .local_unattributed
+            .iter_mut()
+            .zip(other.local_unattributed)
+        {
+            *a += b;
+        }
     }
 
     /// Unattributed flows of every reason.
     pub fn unattributed_flows(&self) -> u64 {
         self.unattributed.iter().sum()
+    }
+}
+
+/// Flows whose local end is unattributed, by reason, indexed as [`LocalReason::ALL`].
+pub type LocalReasonCounts = [u64; LocalReason::ALL.len()];
+
+/// The position of `reason` in [`LocalReasonCounts`].
+pub fn local_reason_index(reason: LocalReason) -> usize {
+    match reason {
+        LocalReason::Changed => 0,
+        LocalReason::Unknown => 1,
+        LocalReason::Expired => 2,
     }
 }
 
@@ -266,6 +290,7 @@ impl Dependencies {
             unattributed: [0; Reason::ALL.len()],
             retransmits: flow.record.retransmits,
             rtt: RttStats::of(flow.record.rtt_us),
+            local_unattributed: [0; LocalReason::ALL.len()],
         };
         let remote = match (flow.remote_workload(), flow.reason()) {
             (Some(w), _) => EndRef::Workload(w),
@@ -278,7 +303,14 @@ impl Dependencies {
             // should one appear, it is counted as unknown rather than dropped.
             (None, None) => EndRef::Unattributed,
         };
-        let local = EndRef::Workload(&flow.record.local_workload);
+        // A local end the exporter vouched for no workload on is no edge from a workload.
+        let local = match &flow.record.local {
+            Local::Workload(w) => EndRef::Workload(w),
+            Local::Unattributed(reason) => {
+                totals.local_unattributed[local_reason_index(*reason)] = 1;
+                EndRef::Unattributed
+            }
+        };
         let key = match flow.record.direction {
             Direction::Outbound => EdgeRef {
                 from: local,
@@ -363,7 +395,7 @@ mod tests {
                 local_port: 40_000,
                 remote_ip: "10.1.9.9".parse().unwrap(),
                 remote_port: 443,
-                local_workload: Arc::from(local),
+                local: crate::core::Local::Workload(Arc::from(local)),
                 start_ms: 1_700_000_000_000,
                 end_ms: 1_700_000_000_250,
                 bytes_sent: 10,
@@ -480,6 +512,47 @@ mod tests {
         assert_eq!(
             (a.samples, a.min_us, a.max_us, a.mean_us()),
             (3, 10, 70, Some(40))
+        );
+    }
+
+    /// A flow whose local end the exporter vouched for no workload on is an edge of
+    /// `unattributed`, never of a workload, in either direction.
+    #[test]
+    fn an_unattributed_local_end_is_no_edge_from_a_workload() {
+        let mut deps = Dependencies::new(7);
+        let mut outbound = flow("web", Direction::Outbound, calls("db"));
+        outbound.record.local = Local::Unattributed(LocalReason::Changed);
+        // An inbound record from an external client: the only record of its connection.
+        let mut inbound = flow(
+            "web",
+            Direction::Inbound,
+            Verdict::Attributed(Attribution::External),
+        );
+        inbound.record.local = Local::Unattributed(LocalReason::Unknown);
+        deps.record(&outbound);
+        deps.record(&inbound);
+        let edges = deps.edges(0, u64::MAX / 2, None);
+        let db = End::Workload(Arc::from("db"));
+        assert_eq!(edges.len(), 2, "{edges:?}");
+        assert!(edges
+            .iter()
+            .all(|(a, b, _)| !matches!(a, End::Workload(w) if &**w == "web")
+                && !matches!(b, End::Workload(w) if &**w == "web")));
+        let out = edges
+            .iter()
+            .find(|(a, b, _)| *a == End::Unattributed && *b == db)
+            .expect("unattributed → db");
+        assert_eq!(
+            out.2.local_unattributed[local_reason_index(LocalReason::Changed)],
+            1
+        );
+        let back = edges
+            .iter()
+            .find(|(a, b, _)| *a == End::External && *b == End::Unattributed)
+            .expect("external → unattributed");
+        assert_eq!(
+            back.2.local_unattributed[local_reason_index(LocalReason::Unknown)],
+            1
         );
     }
 }

@@ -147,7 +147,7 @@ fn flow(id: u128, local: &str, remote: &str, start_ms: u64) -> wire::Flow {
         segs_out: 5,
         retransmits: 0,
         rtt_us: 0,
-        local_workload: 0,
+        local: wire::LocalEnd::Workload(0),
         local_ip: local.parse().expect("ip"),
         remote_ip: remote.parse().expect("ip"),
         local_port: 40_000,

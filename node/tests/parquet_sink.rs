@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{ensure, Context};
 use serde_json::Value;
 use tenure_attribution::{Attribution, Reason, Verdict};
-use tenure_gossip::wire::Direction;
-use tenure_node::core::{EmittedFlow, FlowRecord};
+use tenure_gossip::wire::{Direction, LocalReason};
+use tenure_node::core::{EmittedFlow, FlowRecord, Local};
 use tenure_node::sink::ParquetFiles;
 
 /// Writes straight to stderr: libtest captures `eprintln!`, and a skip must be seen.
@@ -29,7 +29,12 @@ fn flow(id: u128, remote: &str, verdict: Verdict, start_ms: u64) -> EmittedFlow 
             local_port: 40_000 + (id as u16),
             remote_ip: remote.parse::<IpAddr>().expect("ip"),
             remote_port: 8080,
-            local_workload: Arc::from("gateway"),
+            // One local end the exporter vouched for no workload on.
+            local: if id == 3 {
+                Local::Unattributed(LocalReason::Changed)
+            } else {
+                Local::Workload(Arc::from("gateway"))
+            },
             start_ms,
             end_ms: start_ms + 250,
             bytes_sent: 1_000 * id as u64,
@@ -218,6 +223,8 @@ fn parquet_files_roll_and_read_back_with_pyarrow() -> anyhow::Result<()> {
         "{schema}"
     );
     ensure!(schema["remote_workload"][1] == true, "{schema}");
+    ensure!(schema["local_workload"][1] == true, "{schema}");
+    ensure!(schema["local_reason"][1] == true, "{schema}");
     ensure!(schema["flow_id"][1] == false, "{schema}");
 
     let expect = [
@@ -229,7 +236,13 @@ fn parquet_files_roll_and_read_back_with_pyarrow() -> anyhow::Result<()> {
     for (i, (row, (workload, result, source, reason))) in rows.iter().zip(expect).enumerate() {
         let id = i as u64 + 1;
         ensure!(row["flow_id"] == format!("{id:032x}"), "row {i}: {row}");
-        ensure!(row["local_workload"] == "gateway", "row {i}: {row}");
+        let (local, local_reason) = if id == 3 {
+            (Value::Null, Value::from("local_changed"))
+        } else {
+            (Value::from("gateway"), Value::Null)
+        };
+        ensure!(row["local_workload"] == local, "row {i}: {row}");
+        ensure!(row["local_reason"] == local_reason, "row {i}: {row}");
         ensure!(row["local_ip"] == "10.1.0.10", "row {i}: {row}");
         ensure!(row["local_port"] == 40_000 + id, "row {i}: {row}");
         ensure!(row["remote_port"] == 8080, "row {i}: {row}");

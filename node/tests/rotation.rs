@@ -110,7 +110,7 @@ fn one_flow_batch(batch_id: u64) -> Message {
             segs_out: 1,
             retransmits: 0,
             rtt_us: 0,
-            local_workload: 0,
+            local: wire::LocalEnd::Workload(0),
             local_ip: "10.1.0.5".parse().expect("ip"),
             // External: attributed at once, so every flow reaches the sink quickly.
             remote_ip: "198.51.100.9".parse().expect("ip"),

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tenure_attribution::{Attribution, Reason, Verdict};
-use tenure_node::core::EmittedFlow;
+use tenure_gossip::wire::LocalReason;
+use tenure_node::core::{EmittedFlow, Local};
 
 use crate::fleet::Fleet;
 
@@ -38,6 +39,8 @@ pub enum Class {
 pub struct FlowTruth {
     pub start_ms: u64,
     pub end_ms: u64,
+    /// The caller's IP: the flow's local end.
+    pub local: IpAddr,
     pub remote: IpAddr,
     pub owner: Owner,
     pub caller: u32,
@@ -66,6 +69,15 @@ pub enum Violation {
         said: String,
         truth: String,
         at_ms: u64,
+    },
+    /// A local end stamped with a workload that did not hold the IP for the whole flow
+    /// (`count` of them; the first described).
+    LocalMisattributed {
+        count: u64,
+        flow_id: u128,
+        local: IpAddr,
+        said: String,
+        truth: String,
     },
     UnknownFlow {
         flow_id: u128,
@@ -106,6 +118,16 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "misattribution: flow {flow_id:#x} to {remote} emitted at {at_ms} as {said}, truth {truth}"
+            ),
+            Violation::LocalMisattributed {
+                count,
+                flow_id,
+                local,
+                said,
+                truth,
+            } => write!(
+                f,
+                "local misattribution ({count} flows): flow {flow_id:#x} from {local} stamped {said}, truth {truth}"
             ),
             Violation::UnknownFlow { flow_id } => {
                 write!(f, "a flow the fleet never generated was emitted: {flow_id:#x}")
@@ -163,6 +185,14 @@ pub struct Truths {
     pub id_prefix: u64,
     pub duplicates: u64,
     pub by_reason: [u64; Reason::ALL.len()],
+    /// Local ends stamped with a workload, first emissions.
+    pub local_stamped: u64,
+    /// Local ends unattributed, by reason ([`LocalReason::ALL`]), first emissions.
+    pub local_by_reason: [u64; LocalReason::ALL.len()],
+    /// Local ends stamped with a workload that did not hold the IP throughout.
+    pub local_misattributed: u64,
+    /// The first of them.
+    pub first_local_misattributed: Option<Violation>,
 }
 
 fn reason_index(r: Reason) -> usize {
@@ -197,6 +227,36 @@ impl Truths {
         }
         if truth.emitted > 1 {
             self.duplicates += 1;
+        }
+        // The local end, against the same oracle: who held the caller's IP throughout?
+        if truth.emitted == 1 {
+            match &flow.record.local {
+                Local::Workload(w) => {
+                    self.local_stamped += 1;
+                    let owner = fleet.owner_throughout(truth.local, truth.start_ms, truth.end_ms);
+                    if owner.is_none_or(|o| *fleet.names[o as usize] != **w) {
+                        self.local_misattributed += 1;
+                        let v = Violation::LocalMisattributed {
+                            count: 0,
+                            flow_id,
+                            local: truth.local,
+                            said: w.to_string(),
+                            truth: owner.map_or_else(
+                                || "no single owner".to_owned(),
+                                |o| fleet.names[o as usize].to_string(),
+                            ),
+                        };
+                        self.first_local_misattributed.get_or_insert(v);
+                    }
+                }
+                Local::Unattributed(reason) => {
+                    let k = LocalReason::ALL
+                        .iter()
+                        .position(|r| r == reason)
+                        .unwrap_or(0);
+                    self.local_by_reason[k] += 1;
+                }
+            }
         }
         let class = match &flow.verdict {
             Verdict::Attributed(Attribution::Heartbeat(w) | Attribution::Event(w)) => {
@@ -283,6 +343,27 @@ impl Truths {
             late_by_ms,
             bound_ms,
         })
+    }
+
+    /// The local misattributions, if any, as one violation with their count.
+    pub fn local_misattributed(&self) -> Option<Violation> {
+        match self.first_local_misattributed.clone() {
+            Some(Violation::LocalMisattributed {
+                flow_id,
+                local,
+                said,
+                truth,
+                ..
+            }) => Some(Violation::LocalMisattributed {
+                count: self.local_misattributed,
+                flow_id,
+                local,
+                said,
+                truth,
+            }),
+            Some(other) => Some(other),
+            None => None,
+        }
     }
 
     /// Accepted flows never emitted.

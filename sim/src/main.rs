@@ -158,6 +158,12 @@ fn run() -> anyhow::Result<bool> {
         "wall={wall_s:.2}s simulated={simulated_s:.0}s ratio={:.1}x threads={threads}",
         simulated_s / wall_s.max(1e-9)
     );
+    println!(
+        "local ends: stamped={} unattributed_share={:.4} {}",
+        summary.local_stamped,
+        summary.local_unattributed_share(),
+        summary.local_reasons()
+    );
     println!("{}", summary.result_line());
     Ok(summary.failures.is_empty())
 }

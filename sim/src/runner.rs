@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use siphasher::sip::SipHasher13;
+use tenure_gossip::wire::LocalReason;
 
 use crate::check::Violation;
 use crate::scenario::Scenario;
@@ -82,6 +83,10 @@ pub struct Summary {
     pub restarts: u64,
     pub recovered: u64,
     pub unsynced_lost: u64,
+    /// Local ends: stamped, stamped wrongly, unattributed by reason.
+    pub local_stamped: u64,
+    pub local_misattributed: u64,
+    pub local_unattributed: [u64; LocalReason::ALL.len()],
     pub failures: Vec<(u64, Violation)>,
 }
 
@@ -101,6 +106,15 @@ impl Summary {
             s.restarts += o.stats.restarts;
             s.recovered += o.stats.recovered;
             s.unsynced_lost += o.stats.unsynced_lost;
+            s.local_stamped += o.stats.local_stamped;
+            s.local_misattributed += o.stats.local_misattributed;
+            for (acc, n) in s
+                .local_unattributed
+                .iter_mut()
+                .zip(o.stats.local_unattributed)
+            {
+                *acc += n;
+            }
             if s.legacy.is_empty() {
                 s.legacy = o.stats.legacy.iter().map(|l| (l.0, 0, 0)).collect();
                 s.dependencies = vec![(0, 0); o.stats.dependencies.len()];
@@ -156,15 +170,33 @@ impl Summary {
         ratio(self.bounded_unattributed, self.bounded_flows)
     }
 
+    /// Emitted flows whose local end went out unattributed, of all emitted flows.
+    pub fn local_unattributed_share(&self) -> f64 {
+        let unattributed: u64 = self.local_unattributed.iter().sum();
+        ratio(unattributed, unattributed + self.local_stamped)
+    }
+
+    /// The local ends' unattributed reasons: `local_changed=12 local_unknown=0 ...`.
+    pub fn local_reasons(&self) -> String {
+        LocalReason::ALL
+            .iter()
+            .zip(self.local_unattributed)
+            .map(|(r, n)| format!("{}={n}", r.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The line every run ends with.
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT seeds={} flows={} misattributed={} lost={} unattributed_share={:.4} legacy_misattributed_share={:.4} legacy_dependency_error_share={:.4} trace_hash={:016x}",
+            "RESULT seeds={} flows={} misattributed={} local_misattributed={} lost={} unattributed_share={:.4} local_unattributed_share={:.4} legacy_misattributed_share={:.4} legacy_dependency_error_share={:.4} trace_hash={:016x}",
             self.seeds,
             self.flows,
             self.misattributed,
+            self.local_misattributed,
             self.lost,
             self.unattributed_share(),
+            self.local_unattributed_share(),
             self.legacy_share(),
             self.legacy_dependency_share(),
             self.trace_hash

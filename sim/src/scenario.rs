@@ -53,6 +53,9 @@ pub struct Scenario {
     /// How exporters heartbeat and send.
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
+    /// What each host's exporter core learns of its local IPs, and how it stamps them.
+    #[serde(default)]
+    pub host: HostConfig,
     /// The IP-assignment event feed that the legacy baseline consumes.
     #[serde(default)]
     pub event_feed: EventFeedConfig,
@@ -187,8 +190,8 @@ pub struct ClockConfig {
     /// ms. Default 5,000.
     pub collector_slew_ms_max: u64,
     /// Largest step of a host's clock in a `host-clock-step` episode, either way, in ms
-    /// (steps are at least three times δ: far enough off the fleet to be told apart).
-    /// Default 120,000.
+    /// (steps are at least three times δ: far enough off the fleet to be told apart); 0
+    /// leaves such episodes out. Default 0.
     pub host_step_ms_max: u64,
 }
 
@@ -199,7 +202,30 @@ impl Default for ClockConfig {
             collector_skew_ms_max: 2_000,
             collector_step_ms_max: 120_000,
             collector_slew_ms_max: 5_000,
-            host_step_ms_max: 120_000,
+            host_step_ms_max: 0,
+        }
+    }
+}
+
+/// The host side: each host's exporter core is fed by an identity source that lists the
+/// host's instances as an orchestrator's IP map file would (each with its `since`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// How long after an instance ended its host's source still lists it, in ms: the
+    /// delay before the host learns that an IP was released (it may be reused meanwhile,
+    /// on another host or on this one). Default 500.
+    pub release_learn_delay_ms: u64,
+    /// The exporter core's `local_margin_ms`. Default 900: a host's clock may jump by up
+    /// to twice `clocks.host_skew_ms_max` between a tenure's start and a flow.
+    pub local_margin_ms: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            release_learn_delay_ms: 500,
+            local_margin_ms: 900,
         }
     }
 }

@@ -25,11 +25,15 @@ use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::membership::{self, Timer};
 use tenure_gossip::ring::RingConfig;
 use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, Sealer, SecretKey};
-use tenure_gossip::wire::{self, AckStatus, AlignedVec, Direction, Message, WireLimits};
+use tenure_gossip::wire::{
+    self, AckStatus, AlignedVec, Direction, LocalReason, Message, WireLimits,
+};
 use tenure_node::core::{
     ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
 };
-use tenure_node::exporter::batcher::{Batcher, LocalClaim, LocalFlow};
+use tenure_node::exporter::batcher::{Batcher, LocalClaim, Socket};
+use tenure_node::exporter::core::{ExporterCore, ExporterCoreConfig};
+use tenure_node::exporter::history::{Held, HistoryConfig, Observation};
 use tenure_node::report::Chain;
 
 use crate::check::{Class, Edges, FlowTruth, Minute, Owner, Truths, Violation};
@@ -187,8 +191,15 @@ struct Exporter {
     current: usize,
     inflight: Option<u64>,
     down: u32,
-    /// Flows generated here, by true end time, not yet reported.
-    closed: Vec<(u64, LocalFlow)>,
+    /// The real exporter core: local history, stamping, claims.
+    core: ExporterCore,
+    /// Instances of this host that ended and that its identity source still lists (the
+    /// host has not learned of the release yet).
+    releasing: Vec<u32>,
+    /// When the source says its last change happened, by the host's clock.
+    changed_ms: Option<u64>,
+    /// Sockets generated here, by true end time, not yet captured.
+    closed: Vec<(u64, Socket)>,
     delayed_claims: Vec<LocalClaim>,
 }
 
@@ -205,6 +216,11 @@ pub struct RunStats {
     pub by_reason: Vec<(Reason, u64)>,
     pub bounded_flows: u64,
     pub bounded_unattributed: u64,
+    /// Local ends of emitted flows: stamped with a workload, stamped wrongly (the
+    /// contract says never), and unattributed by reason ([`LocalReason::ALL`]).
+    pub local_stamped: u64,
+    pub local_misattributed: u64,
+    pub local_unattributed: [u64; LocalReason::ALL.len()],
     /// Generated but never acknowledged by a collector (exporter buffers).
     pub undelivered: u64,
     /// Per legacy hold-back: (hold-back ms, flows scored, wrong, unattributed).
@@ -402,6 +418,16 @@ impl<'s> World<'s> {
                 collectors: mine,
                 inflight: None,
                 down: 0,
+                core: ExporterCore::new(ExporterCoreConfig {
+                    history: HistoryConfig {
+                        margin_ms: scenario.host.local_margin_ms,
+                        source_lag_ms: scenario.host.release_learn_delay_ms,
+                        ..HistoryConfig::default()
+                    },
+                    ..ExporterCoreConfig::default()
+                }),
+                releasing: Vec::new(),
+                changed_ms: None,
                 closed: Vec::new(),
                 delayed_claims: Vec::new(),
             });
@@ -1246,56 +1272,94 @@ impl<'s> World<'s> {
         }
         let host_now = self.host_now(h);
         let now = self.now;
-        // Flows that ended by now.
+        // Sockets that closed by now reach the exporter core.
         let e = &mut self.exporters[h as usize];
-        let mut flows = Vec::new();
+        let mut sockets = Vec::new();
         let mut i = 0;
         while i < e.closed.len() {
             if e.closed[i].0 <= now {
-                flows.push(e.closed.swap_remove(i).1);
+                sockets.push(e.closed.swap_remove(i).1);
             } else {
                 i += 1;
             }
         }
-        flows.sort_by_key(|f| f.flow_id);
+        sockets.sort_by_key(|f| f.flow_id);
+        // Capture reads a socket's times by the host's clock at the read (as the eBPF
+        // loader converts the kernel's monotonic stamps).
+        let offset_now = e.offset_ms + e.steps.iter().map(|(_, s)| s).sum::<i64>();
+        for socket in &mut sockets {
+            socket.start_ms = socket.start_ms.saturating_add_signed(offset_now);
+            socket.end_ms = socket.end_ms.saturating_add_signed(offset_now);
+        }
+        e.core.capture(sockets);
+        // The host's identity source, as an IP map file: the instances it runs, each with
+        // its `since`, and those that ended less than the learn delay ago.
+        let delay = self.scenario.host.release_learn_delay_ms;
+        let host = &mut self.fleet.hosts[h as usize];
+        e.releasing.append(&mut host.ended);
+        let fleet = &self.fleet;
+        let mut changed = e.changed_ms;
+        let mut released = BTreeMap::new();
+        e.releasing.retain(|&inst| {
+            let instance = &fleet.instances[inst as usize];
+            let still_listed = instance.end_ms.saturating_add(delay) > now;
+            if !still_listed {
+                // The source states when the instance stopped, as a container runtime's
+                // event does.
+                // Ends are in order: an IP released twice since the last heartbeat (a short
+                // tenure in between) keeps the first, which ends the tenure the history
+                // knows.
+                let end = instance.end_stamped_ms.unwrap_or(host_now);
+                released
+                    .entry(fleet.ips[instance.ip as usize].addr)
+                    .or_insert(end);
+                let learned = (end + delay).min(host_now);
+                changed = Some(changed.map_or(learned, |c| c.max(learned)));
+            }
+            still_listed
+        });
+        let mut held = BTreeMap::new();
+        // A live instance replaces a listed ended one on the same IP.
+        for &inst in e.releasing.iter().chain(&fleet.hosts[h as usize].instances) {
+            let instance = &fleet.instances[inst as usize];
+            changed = Some(changed.map_or(instance.since_stamped_ms, |c| {
+                c.max(instance.since_stamped_ms)
+            }));
+            held.insert(
+                fleet.ips[instance.ip as usize].addr,
+                Held {
+                    workload: fleet.names[instance.workload as usize].clone(),
+                    since_ms: Some(instance.since_stamped_ms),
+                },
+            );
+        }
+        e.changed_ms = changed;
+        let observation = Observation {
+            held,
+            changed_ms: changed,
+            released,
+        };
+        e.core.observe(host_now, &observation);
+        let (flows, core_claims) = e.core.heartbeat();
         for f in &flows {
-            let index = (f.flow_id & u128::from(u64::MAX)) as u32;
+            let index = (f.socket.flow_id & u128::from(u64::MAX)) as u32;
             for (variant, l) in self.legacy.iter_mut().enumerate() {
                 // The variant rides in the payload's high bits (see `drain_legacy`).
                 let payload = (variant as u32) << 28 | index;
-                l.submit(f.remote_ip, payload, UnixMillis(now), &mut self.legacy_out);
+                l.submit(
+                    f.socket.remote_ip,
+                    payload,
+                    UnixMillis(now),
+                    &mut self.legacy_out,
+                );
             }
         }
         self.drain_legacy();
-        // Claims: one per IP held here, and a final one per instance that ended.
+        // Claims, with the scenario's heartbeat faults.
         let hb = &self.scenario.heartbeat;
-        let offset_now = self.host_offset(h);
-        let host = &mut self.fleet.hosts[h as usize];
         let mut claims = std::mem::take(&mut self.exporters[h as usize].delayed_claims);
         let mut delayed = Vec::new();
-        let ended: Vec<u32> = host.ended.drain(..).collect();
-        let live = host.instances.clone();
-        for (inst, final_claim) in live
-            .iter()
-            .map(|&i| (i, false))
-            .chain(ended.iter().map(|&i| (i, true)))
-        {
-            let instance = &self.fleet.instances[inst as usize];
-            let rebased = |t: u64| t.saturating_add_signed(offset_now);
-            let until = if final_claim {
-                instance
-                    .end_stamped_ms
-                    .map(|_| rebased(instance.end_ms))
-                    .unwrap_or(host_now)
-            } else {
-                host_now
-            };
-            let claim = LocalClaim {
-                ip: self.fleet.ips[instance.ip as usize].addr,
-                workload: self.fleet.names[instance.workload as usize].to_string(),
-                since_ms: rebased(instance.start_ms),
-                until_ms: until,
-            };
+        for claim in core_claims {
             if hb.loss > 0.0 && self.rng.random_bool(hb.loss) {
                 continue;
             }
@@ -1310,10 +1374,6 @@ impl<'s> World<'s> {
         }
         let e = &mut self.exporters[h as usize];
         e.delayed_claims = delayed;
-        for f in &mut flows {
-            f.start_ms = f.start_ms.saturating_add_signed(offset_now);
-            f.end_ms = f.end_ms.saturating_add_signed(offset_now);
-        }
         let dropped_before = e.batcher.stats().flows_dropped;
         // The simulated monotonic clock is true time: the frame is the host's offset.
         e.batcher.push(flows, claims, offset_now);
@@ -1456,11 +1516,12 @@ impl<'s> World<'s> {
         let caller = live[self.rng.random_range(0..live.len())];
         let duration = self.rng.random_range(1..=call.flow_ms_max);
         let start = self.now + self.rng.random_range(0..FLOW_STEP_MS);
-        let end = start + duration;
         let ci = &self.fleet.instances[caller as usize];
-        if ci.end_ms <= end {
+        if ci.end_ms <= start {
             return;
         }
+        // A connection closes when its workload stops: its local IP's tenure ends with it.
+        let end = (start + duration).min(ci.end_ms);
         let (host, local_ip, region) = (
             ci.host,
             self.fleet.ips[ci.ip as usize].addr,
@@ -1510,6 +1571,7 @@ impl<'s> World<'s> {
         self.truths.flows.push(FlowTruth {
             start_ms: start,
             end_ms: end,
+            local: local_ip,
             remote,
             owner,
             caller: caller_w,
@@ -1528,14 +1590,13 @@ impl<'s> World<'s> {
             self.edges.truth.insert((caller_w, o));
         }
         let local_port = 30_000 + (index % 30_000) as u16;
-        let flow = LocalFlow {
+        let flow = Socket {
             flow_id,
             local_ip,
             local_port,
-            local_workload: self.fleet.names[caller_w as usize].to_string(),
             remote_ip: remote,
             remote_port: 8080,
-            // True times: the host's clock is applied when the batch is built.
+            // True times: the host's clock is applied when capture reads them.
             start_ms: start,
             end_ms: end,
             bytes_sent: 100 + (index as u64 % 5_000),
@@ -1829,9 +1890,15 @@ impl<'s> World<'s> {
                 self.violation = Some(v);
             }
         }
+        if self.violation.is_none() {
+            self.violation = self.truths.local_misattributed();
+        }
         let s = &mut self.stats;
         s.simulated_ms = self.now - self.start;
         s.duplicates = self.truths.duplicates;
+        s.local_stamped = self.truths.local_stamped;
+        s.local_misattributed = self.truths.local_misattributed;
+        s.local_unattributed = self.truths.local_by_reason;
         s.by_reason = Reason::ALL
             .iter()
             .zip(self.truths.by_reason)

@@ -36,6 +36,12 @@ fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_lose_nothing_and_r
     let summary = Summary::of(&outcomes);
     println!("{}", summary.result_line());
     println!(
+        "local ends: stamped={} unattributed_share={:.4} {}",
+        summary.local_stamped,
+        summary.local_unattributed_share(),
+        summary.local_reasons()
+    );
+    println!(
         "restarts={} recovered_flows={} duplicates={}",
         summary.restarts, summary.recovered, summary.duplicates
     );
@@ -55,6 +61,14 @@ fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_lose_nothing_and_r
         summary.flows
     );
     assert_eq!(summary.misattributed, 0, "no flow may be misattributed");
+    assert_eq!(
+        summary.local_misattributed, 0,
+        "no local end may be stamped with a workload that did not hold the IP throughout"
+    );
+    assert!(
+        summary.local_stamped > 0 && summary.local_unattributed.iter().sum::<u64>() > 0,
+        "local ends were stamped, and some near owner changes went out unattributed"
+    );
     assert_eq!(
         summary.lost, 0,
         "no accepted flow may be lost, crashes included"

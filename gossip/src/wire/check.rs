@@ -49,6 +49,26 @@ fn dictionary<'s>(
     Ok(entries)
 }
 
+/// Checks flows given as (local workload index if any, start_ms, end_ms).
+fn flows(
+    flows: impl ExactSizeIterator<Item = (Option<u32>, u64, u64)>,
+    entries: usize,
+    limits: &WireLimits,
+) -> Result<(), WireError> {
+    at_most(
+        Limit::FlowsPerBatch,
+        flows.len(),
+        limits.flows_per_batch_max,
+    )?;
+    for (workload, start_ms, end_ms) in flows {
+        if let Some(workload) = workload {
+            index(workload, entries)?;
+        }
+        window(start_ms, end_ms)?;
+    }
+    Ok(())
+}
+
 /// Checks claims given as (workload index, since_ms, until_ms).
 fn claims(
     claims: impl ExactSizeIterator<Item = (u32, u64, u64)>,
@@ -68,23 +88,6 @@ fn claims(
 }
 
 /// Checks flows given as (local workload index, start_ms, end_ms).
-fn flows(
-    flows: impl ExactSizeIterator<Item = (u32, u64, u64)>,
-    entries: usize,
-    limits: &WireLimits,
-) -> Result<(), WireError> {
-    at_most(
-        Limit::FlowsPerBatch,
-        flows.len(),
-        limits.flows_per_batch_max,
-    )?;
-    for (workload, start_ms, end_ms) in flows {
-        index(workload, entries)?;
-        window(start_ms, end_ms)?;
-    }
-    Ok(())
-}
-
 fn region(name: &str, limits: &WireLimits) -> Result<(), WireError> {
     at_most(
         Limit::RegionNameBytes,
@@ -157,7 +160,10 @@ pub(super) fn archived(message: &ArchivedMessage, limits: &WireLimits) -> Result
             flows(
                 batch.flows.iter().map(|f| {
                     (
-                        f.local_workload.to_native(),
+                        match f.local {
+                            ArchivedLocalEnd::Workload(i) => Some(i.to_native()),
+                            ArchivedLocalEnd::Unattributed(_) => None,
+                        },
                         f.start_ms.to_native(),
                         f.end_ms.to_native(),
                     )

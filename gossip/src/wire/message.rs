@@ -75,6 +75,48 @@ pub enum Direction {
     Inbound,
 }
 
+/// Why an exporter vouches for no workload on a flow's local end.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum LocalReason {
+    /// The local IP changed owner during the flow, or too close to it to tell (within the
+    /// exporter's margin): no one tenure covers the whole flow.
+    Changed,
+    /// No workload held the local IP during the flow, as far as the exporter knows.
+    Unknown,
+    /// The flow is older than the exporter's retained history of the local IP.
+    Expired,
+}
+
+impl LocalReason {
+    /// Every reason, in a fixed order (for counters and reports).
+    pub const ALL: [LocalReason; 3] = [
+        LocalReason::Changed,
+        LocalReason::Unknown,
+        LocalReason::Expired,
+    ];
+
+    /// The name in sinks and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::Changed => "local_changed",
+            LocalReason::Unknown => "local_unknown",
+            LocalReason::Expired => "local_expired",
+        }
+    }
+}
+
+/// Who the exporter says held a flow's local end.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum LocalEnd {
+    /// One tenure of this workload (an index into the batch's dictionary) covered the
+    /// whole flow.
+    Workload(u32),
+    /// No workload is vouched for, for this reason.
+    Unattributed(LocalReason),
+}
+
 /// One TCP flow as an exporter saw it.
 #[derive(Archive, Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
 #[rkyv(derive(Debug))]
@@ -97,11 +139,11 @@ pub struct Flow {
     pub segs_out: u64,
     /// Segments the local side retransmitted.
     pub retransmits: u64,
-    /// The local workload, as an index into the batch's dictionary.
-    pub local_workload: u32,
     /// The local side's smoothed round-trip time at the end of the flow (or at the
     /// snapshot), microseconds; 0 when the exporter had no RTT sample.
     pub rtt_us: u32,
+    /// The local end's workload, or why there is none.
+    pub local: LocalEnd,
     /// The exporter's side.
     pub local_ip: IpAddr,
     /// The peer's side, the one to attribute.

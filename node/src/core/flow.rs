@@ -4,7 +4,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use tenure_attribution::{Attribution, Reason, Verdict};
-use tenure_gossip::wire::{self, Direction};
+use tenure_gossip::wire::{self, Direction, LocalEnd, LocalReason};
+
+/// Who the exporter says held a flow's local end.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Local {
+    /// One tenure of this workload covered the whole flow.
+    Workload(Arc<str>),
+    /// The exporter vouches for no workload, for this reason.
+    Unattributed(LocalReason),
+}
 
 /// One flow inside a node: the wire's [`wire::Flow`] with its local workload resolved from
 /// the batch dictionary, so that it can travel alone (pending queue, forwarding, sinks).
@@ -17,7 +26,7 @@ pub struct FlowRecord {
     pub remote_ip: IpAddr,
     pub remote_port: u16,
     /// Who the exporter says the local side is.
-    pub local_workload: Arc<str>,
+    pub local: Local,
     /// Unix ms by the exporter's clock.
     pub start_ms: u64,
     /// Unix ms by the exporter's clock; at least `start_ms`.
@@ -55,14 +64,17 @@ impl FlowRecord {
         exporter_region: &Arc<str>,
         hops: u8,
     ) -> Option<FlowRecord> {
-        let local_workload = dictionary.get(flow.local_workload as usize)?.clone();
+        let local = match flow.local {
+            LocalEnd::Workload(i) => Local::Workload(dictionary.get(i as usize)?.clone()),
+            LocalEnd::Unattributed(reason) => Local::Unattributed(reason),
+        };
         Some(FlowRecord {
             flow_id: flow.flow_id,
             local_ip: flow.local_ip,
             local_port: flow.local_port,
             remote_ip: flow.remote_ip,
             remote_port: flow.remote_port,
-            local_workload,
+            local,
             start_ms: flow.start_ms,
             end_ms: flow.end_ms.max(flow.start_ms),
             bytes_sent: flow.bytes_sent,
@@ -79,9 +91,25 @@ impl FlowRecord {
         })
     }
 
-    /// The wire form, with the local workload as `workload_index` into a dictionary the
-    /// caller builds.
-    pub fn to_wire(&self, workload_index: u32) -> wire::Flow {
+    /// The local workload, when the exporter vouched for one.
+    pub fn local_workload(&self) -> Option<&Arc<str>> {
+        match &self.local {
+            Local::Workload(w) => Some(w),
+            Local::Unattributed(_) => None,
+        }
+    }
+
+    /// Why the local end has no workload, when it has none.
+    pub fn local_reason(&self) -> Option<LocalReason> {
+        match &self.local {
+            Local::Workload(_) => None,
+            Local::Unattributed(reason) => Some(*reason),
+        }
+    }
+
+    /// The wire form, with the local end as `local` (its workload an index into a
+    /// dictionary the caller builds).
+    pub fn to_wire(&self, local: LocalEnd) -> wire::Flow {
         wire::Flow {
             flow_id: self.flow_id,
             start_ms: self.start_ms,
@@ -91,8 +119,8 @@ impl FlowRecord {
             segs_in: self.segs_in,
             segs_out: self.segs_out,
             retransmits: self.retransmits,
-            local_workload: workload_index,
             rtt_us: self.rtt_us,
+            local,
             local_ip: self.local_ip,
             remote_ip: self.remote_ip,
             local_port: self.local_port,

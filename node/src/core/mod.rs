@@ -81,7 +81,7 @@ use admission::Admission;
 pub use admission::{AdmissionConfig, AdmissionStats, Rejection};
 use clocks::{ClockVerdict, ExporterClocks};
 use flow::{DictionaryBuilder, Names};
-pub use flow::{EmittedFlow, FlowRecord};
+pub use flow::{EmittedFlow, FlowRecord, Local};
 use ipnet::IpNet;
 use journal::Ledger;
 pub use journal::{JournalOp, JournaledFlow};
@@ -97,7 +97,7 @@ use tenure_gossip::identity::NodeIdentity;
 use tenure_gossip::membership::{self, Membership, MembershipConfig, Pool};
 use tenure_gossip::ring::{point_of, Ring, RingConfig, Span};
 use tenure_gossip::route::{route_claim, route_flow, Origin, Route, RouteContext};
-use tenure_gossip::wire::{self, AckStatus, Message, RejectReason};
+use tenure_gossip::wire::{self, AckStatus, LocalEnd, Message, RejectReason};
 
 use crate::report::Chain;
 
@@ -1076,8 +1076,11 @@ impl NodeCore {
                     let wire_flows = group
                         .iter()
                         .map(|f| {
-                            let i = dict.index_of(&f.record.local_workload);
-                            f.record.to_wire(i)
+                            let local = match &f.record.local {
+                                Local::Workload(w) => LocalEnd::Workload(dict.index_of(w)),
+                                Local::Unattributed(reason) => LocalEnd::Unattributed(*reason),
+                            };
+                            f.record.to_wire(local)
                         })
                         .collect();
                     out.push(Output::Frame {

@@ -71,7 +71,7 @@ fn flow(id: u128, remote: &str, start_ms: u64) -> wire::Flow {
         segs_out: 1,
         retransmits: 0,
         rtt_us: 0,
-        local_workload: 0,
+        local: wire::LocalEnd::Workload(0),
         local_ip: "10.1.0.10".parse().unwrap(),
         remote_ip: remote.parse().unwrap(),
         local_port: 1,

@@ -11,19 +11,18 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 
-use tenure_gossip::wire::{self, Direction, FlowBatch};
+use tenure_gossip::wire::{self, Direction, FlowBatch, LocalEnd, LocalReason};
 
 /// The smallest change of the clock frame taken for a step of the wall clock, in ms;
 /// smaller ones are the jitter of reading two clocks one after the other.
 pub const CLOCK_STEP_MIN_MS: u64 = 10;
 
-/// A flow as the exporter knows it, the local workload by name.
+/// A socket's life as capture saw it, before the local end is stamped.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalFlow {
+pub struct Socket {
     pub flow_id: u128,
     pub local_ip: IpAddr,
     pub local_port: u16,
-    pub local_workload: String,
     pub remote_ip: IpAddr,
     pub remote_port: u16,
     pub start_ms: u64,
@@ -37,6 +36,22 @@ pub struct LocalFlow {
     pub rtt_us: u32,
     pub direction: Direction,
     pub ongoing: bool,
+}
+
+/// Who a flow's local end was, as the exporter vouches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalOwner {
+    /// One tenure of this workload covered the whole flow.
+    Workload(String),
+    /// No workload is vouched for, for this reason.
+    Unattributed(LocalReason),
+}
+
+/// A flow as the exporter reports it: the socket and its stamped local end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalFlow {
+    pub socket: Socket,
+    pub local: LocalOwner,
 }
 
 /// One ownership heartbeat: `workload` has held `ip` since `since_ms`, as of `until_ms`.
@@ -155,7 +170,7 @@ impl Batcher {
             .collect();
         let wire_flows: Vec<wire::Flow> = flows
             .iter()
-            .map(|f| wire::Flow {
+            .map(|LocalFlow { socket: f, local }| wire::Flow {
                 flow_id: f.flow_id,
                 start_ms: f.start_ms,
                 end_ms: f.end_ms.max(f.start_ms),
@@ -165,7 +180,10 @@ impl Batcher {
                 segs_out: f.segs_out,
                 retransmits: f.retransmits,
                 rtt_us: f.rtt_us,
-                local_workload: index(&f.local_workload),
+                local: match local {
+                    LocalOwner::Workload(w) => LocalEnd::Workload(index(w)),
+                    LocalOwner::Unattributed(reason) => LocalEnd::Unattributed(*reason),
+                },
                 local_ip: f.local_ip,
                 remote_ip: f.remote_ip,
                 local_port: f.local_port,

@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use super::batcher::LocalClaim;
+use super::history::{Held, Observation};
 use crate::config::IdentityConfig;
 
 #[derive(Deserialize)]
@@ -34,126 +35,108 @@ struct MapEntry {
     since_ms: Option<u64>,
 }
 
-/// The current mapping of local IPs.
+/// An identity file, read into [`Observation`]s for the exporter core: the mapping, and
+/// the file's modification time as the time the source states for its last change.
 #[derive(Debug)]
 pub struct IdentitySource {
-    config: Option<IdentityConfig>,
-    /// ip → (workload, since_ms)
-    current: BTreeMap<IpAddr, (String, u64)>,
+    config: IdentityConfig,
+    current: Observation,
     modified: Option<SystemTime>,
+    /// Whether `current` is what the file says now (false until a first good read, and
+    /// after a failed one).
+    fresh: bool,
 }
 
 impl IdentitySource {
-    /// Reads the configured file now (errors are logged; the map stays empty until the file
-    /// is readable).
-    pub fn new(config: IdentityConfig, now_ms: u64) -> IdentitySource {
-        let mut source = IdentitySource {
-            config: Some(config),
-            current: BTreeMap::new(),
-            modified: None,
-        };
-        source.refresh(now_ms);
-        source
-    }
-
-    /// No identity source: every local IP is `unknown` (the local `--output stdout` view).
-    pub fn anonymous() -> IdentitySource {
+    pub fn new(config: IdentityConfig) -> IdentitySource {
         IdentitySource {
-            config: None,
-            current: BTreeMap::new(),
+            config,
+            current: Observation::default(),
             modified: None,
+            fresh: false,
         }
     }
 
-    fn path(&self) -> Option<&PathBuf> {
-        match self.config.as_ref()? {
-            IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => Some(path),
+    fn path(&self) -> &PathBuf {
+        match &self.config {
+            IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => path,
         }
     }
 
-    /// Re-reads the file when it changed.
-    pub fn refresh(&mut self, now_ms: u64) {
-        let Some(path) = self.path().cloned() else {
-            return;
-        };
+    /// What the file says now (re-read when it changed), or `None` when it cannot be read
+    /// or parsed (logged): then nothing is confirmed, and flows wait.
+    pub fn poll(&mut self) -> Option<&Observation> {
+        let path = self.path().clone();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified == self.modified {
-            return;
+        if self.fresh && modified.is_some() && modified == self.modified {
+            return Some(&self.current);
         }
+        self.fresh = false;
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "reading the identity file");
-                return;
+                return None;
             }
         };
-        let parsed: Result<BTreeMap<IpAddr, (String, Option<u64>)>, serde_json::Error> =
-            match &self.config {
-                Some(IdentityConfig::HostFile { .. }) => serde_json::from_str::<HostFile>(&text)
-                    .map(|h| {
-                        h.ips
-                            .into_iter()
-                            .map(|ip| (ip.to_canonical(), (h.workload.clone(), h.since_ms)))
-                            .collect()
-                    }),
-                Some(IdentityConfig::MapFile { .. }) => {
-                    serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
-                        m.into_iter()
-                            .map(|(ip, e)| (ip.to_canonical(), (e.workload, e.since_ms)))
-                            .collect()
+        let parsed: Result<BTreeMap<IpAddr, Held>, serde_json::Error> = match &self.config {
+            IdentityConfig::HostFile { .. } => serde_json::from_str::<HostFile>(&text).map(|h| {
+                let workload: Arc<str> = Arc::from(h.workload);
+                h.ips
+                    .into_iter()
+                    .map(|ip| {
+                        (
+                            ip.to_canonical(),
+                            Held {
+                                workload: workload.clone(),
+                                since_ms: h.since_ms,
+                            },
+                        )
                     })
-                }
-                None => return,
-            };
+                    .collect()
+            }),
+            IdentityConfig::MapFile { .. } => {
+                serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
+                    m.into_iter()
+                        .map(|(ip, e)| {
+                            (
+                                ip.to_canonical(),
+                                Held {
+                                    workload: Arc::from(e.workload),
+                                    since_ms: e.since_ms,
+                                },
+                            )
+                        })
+                        .collect()
+                })
+            }
+        };
         match parsed {
-            Ok(map) => {
-                let mut next = BTreeMap::new();
-                for (ip, (workload, since)) in map {
-                    // Keep the first-seen time of an unchanged mapping; a new or changed
-                    // one starts now unless the file says when.
-                    let kept = self
-                        .current
-                        .get(&ip)
-                        .filter(|(w, _)| *w == workload)
-                        .map(|(_, s)| *s);
-                    let since = since.or(kept).unwrap_or(now_ms);
-                    next.insert(ip, (workload, since));
-                }
-                self.current = next;
+            Ok(held) => {
+                let changed_ms = modified
+                    .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                self.current = Observation {
+                    held,
+                    changed_ms,
+                    released: BTreeMap::new(),
+                };
                 self.modified = modified;
+                self.fresh = true;
+                Some(&self.current)
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "parsing the identity file")
+                tracing::warn!(path = %path.display(), error = %e, "parsing the identity file");
+                None
             }
         }
-    }
-
-    /// The workload of a local IP.
-    pub fn workload_of(&self, ip: IpAddr) -> Option<String> {
-        match &self.config {
-            None => Some("unknown".to_owned()),
-            Some(_) => self.current.get(&ip.to_canonical()).map(|(w, _)| w.clone()),
-        }
-    }
-
-    /// One heartbeat per local IP, as of `now_ms`.
-    pub fn claims(&self, now_ms: u64) -> Vec<LocalClaim> {
-        self.current
-            .iter()
-            .filter(|(_, (_, since))| *since <= now_ms)
-            .map(|(ip, (workload, since))| LocalClaim {
-                ip: *ip,
-                workload: workload.clone(),
-                since_ms: *since,
-                until_ms: now_ms,
-            })
-            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exporter::history::{HistoryConfig, LocalHistory};
 
     #[test]
     fn map_file_is_reread_and_since_defaults_to_first_seen() {
@@ -164,8 +147,10 @@ mod tests {
             r#"{"10.0.0.1": {"workload": "web", "since_ms": 5}, "10.0.0.2": {"workload": "db"}}"#,
         )
         .unwrap();
-        let mut source = IdentitySource::new(IdentityConfig::MapFile { path: path.clone() }, 100);
-        let claims = source.claims(200);
+        let mut source = IdentitySource::new(IdentityConfig::MapFile { path: path.clone() });
+        let mut history = LocalHistory::new(HistoryConfig::default());
+        history.observe(100, source.poll().unwrap());
+        let claims = history.claims();
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[0].since_ms, 5);
         assert_eq!(claims[1].since_ms, 100, "no since: first seen");
@@ -175,14 +160,21 @@ mod tests {
         )
         .unwrap();
         source.modified = None;
-        source.refresh(300);
-        let claims = source.claims(400);
-        assert_eq!(claims.len(), 2);
-        assert_eq!(claims[0].since_ms, 100, "unchanged mapping keeps its since");
+        let observation = source.poll().unwrap().clone();
+        assert!(observation.changed_ms.is_some(), "the file's mtime");
+        history.observe(300, &observation);
+        let claims = history.claims();
+        let db = claims.iter().find(|c| c.workload == "db").unwrap();
+        assert_eq!(db.since_ms, 100, "unchanged mapping keeps its since");
+        let web = claims.iter().find(|c| c.workload == "web").unwrap();
         assert_eq!(
-            source.workload_of("10.0.0.3".parse().unwrap()).as_deref(),
-            Some("x")
+            web.until_ms,
+            300.min(observation.changed_ms.unwrap()),
+            "web's last claim"
         );
-        assert!(source.workload_of("10.0.0.1".parse().unwrap()).is_none());
+        assert_eq!(
+            history.tenures("10.0.0.3".parse().unwrap())[0].since_ms,
+            150
+        );
     }
 }

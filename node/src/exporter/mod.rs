@@ -1,8 +1,14 @@
 //! The exporter role: flows from a source (eBPF capture or a synthetic fleet), one
 //! heartbeat per local IP every interval, batches sent to a collector of the region and
 //! kept until acknowledged, retried with backoff against the next collector.
+//!
+//! The deciding logic is sans-io ([`core`], [`history`], [`batcher`]); this module is the
+//! tokio shell that reads the clock, the identity file and the capture channel, and
+//! talks to collectors.
 
 pub mod batcher;
+pub mod core;
+pub mod history;
 pub mod identity;
 
 use std::future::Future;
@@ -11,18 +17,19 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tenure_gossip::wire::{AckStatus, AlignedVec, Direction, FlowBatch, Message};
+use tenure_gossip::wire::{AckStatus, AlignedVec, Direction, FlowBatch, LocalReason, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use self::core::{ExporterCore, Retry};
 use crate::config::{ExporterConfig, SourceConfig};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::report::Chain;
 use crate::shell::clock;
 use crate::shell::metrics as m;
 use crate::shell::transport::{Crypto, TransportError, READ_CHUNK_BYTES};
-use batcher::{Batcher, LocalClaim, LocalFlow};
+use batcher::{Batcher, LocalClaim, LocalFlow, LocalOwner, Socket};
 use identity::IdentitySource;
 
 /// Captured flow batches waiting for the next heartbeat; past it capture batches are
@@ -132,7 +139,9 @@ enum Source {
     },
     Capture {
         rx: mpsc::Receiver<Vec<tenure_node_ebpf::CapturedFlow>>,
-        identity: IdentitySource,
+        /// `None`: no identity source (`--output stdout` only), every local end unknown.
+        identity: Option<IdentitySource>,
+        core: Box<ExporterCore>,
     },
 }
 
@@ -160,16 +169,23 @@ pub async fn run(
             }
         }
         SourceConfig::Ebpf { births_max } => {
-            let identity = match &config.identity {
-                Some(i) => IdentitySource::new(i.clone(), start.0),
-                None if to_stdout => IdentitySource::anonymous(),
+            let (identity, core) = match &config.identity {
+                Some(i) => (
+                    Some(IdentitySource::new(i.clone())),
+                    ExporterCore::new(config.core_config()),
+                ),
+                None if to_stdout => (None, ExporterCore::anonymous(config.core_config())),
                 None => anyhow::bail!(
                     "the eBPF source needs an [identity] section (host_file or map_file)"
                 ),
             };
             let rx = start_capture(config.heartbeat_interval_ms, *births_max)
                 .context("starting eBPF capture")?;
-            Source::Capture { rx, identity }
+            Source::Capture {
+                rx,
+                identity,
+                core: Box::new(core),
+            }
         }
     };
     if to_stdout {
@@ -254,24 +270,23 @@ pub async fn run(
 /// off on failure.
 pub(crate) struct Sender {
     collectors: Vec<SocketAddr>,
-    current: usize,
+    retry: Retry,
     client: Option<Client>,
     ack_timeout: Duration,
-    backoff_initial_ms: u64,
-    backoff_max_ms: u64,
-    backoff_ms: u64,
 }
 
 impl Sender {
     pub(crate) fn new(config: &ExporterConfig) -> Sender {
         Sender {
             collectors: config.collectors.clone(),
-            current: (config.exporter_id as usize) % config.collectors.len().max(1),
+            retry: Retry::new(
+                config.collectors.len(),
+                config.exporter_id as usize,
+                config.backoff_initial_ms,
+                config.backoff_max_ms,
+            ),
             client: None,
             ack_timeout: Duration::from_millis(config.ack_timeout_ms),
-            backoff_initial_ms: config.backoff_initial_ms,
-            backoff_max_ms: config.backoff_max_ms,
-            backoff_ms: config.backoff_initial_ms,
         }
     }
 
@@ -288,7 +303,7 @@ impl Sender {
             match self.send_one(crypto, batch).await {
                 Ok(AckStatus::Accepted) => {
                     batcher.acked(batcher.front().map(|b| b.batch_id).unwrap_or_default());
-                    self.backoff_ms = self.backoff_initial_ms;
+                    self.retry.succeeded();
                 }
                 Ok(AckStatus::Rejected(reason)) => {
                     tracing::error!(?reason, "collector rejected a batch; dropped");
@@ -296,19 +311,16 @@ impl Sender {
                 }
                 Ok(AckStatus::Busy { retry_after_ms }) => {
                     tracing::debug!(retry_after_ms, "collector busy");
-                    tokio::time::sleep(Duration::from_millis(
-                        retry_after_ms.min(self.backoff_max_ms),
-                    ))
-                    .await;
+                    tokio::time::sleep(Duration::from_millis(self.retry.busy(retry_after_ms)))
+                        .await;
                     failures += 1;
                 }
                 Err(e) => {
-                    let addr = self.collectors.get(self.current).copied();
-                    tracing::warn!(collector = ?addr, error = %Chain(&e), backoff_ms = self.backoff_ms, "sending a batch failed; trying the next collector");
+                    let addr = self.collectors.get(self.retry.current()).copied();
                     self.client = None;
-                    self.current = (self.current + 1) % self.collectors.len().max(1);
-                    tokio::time::sleep(Duration::from_millis(self.backoff_ms)).await;
-                    self.backoff_ms = (self.backoff_ms * 2).min(self.backoff_max_ms);
+                    let backoff_ms = self.retry.failed();
+                    tracing::warn!(collector = ?addr, error = %Chain(&e), backoff_ms, "sending a batch failed; trying the next collector");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
                     failures += 1;
                 }
             }
@@ -323,7 +335,7 @@ impl Sender {
         if self.client.is_none() {
             let addr = *self
                 .collectors
-                .get(self.current)
+                .get(self.retry.current())
                 .ok_or(TransportError::Closed)?;
             self.client = Some(Client::connect(addr, crypto, self.ack_timeout).await?);
         }
@@ -356,27 +368,34 @@ fn collect(source: &mut Source, now_ms: u64) -> (Vec<LocalFlow>, Vec<LocalClaim>
                 .collect();
             (flows, claims)
         }
-        Source::Capture { rx, identity } => {
-            identity.refresh(now_ms);
-            let mut flows = Vec::new();
+        Source::Capture { rx, identity, core } => {
+            // Capture first, then the identity file: a flow that closed by `now_ms` is
+            // judged by an observation made after its end.
             while let Ok(batch) = rx.try_recv() {
-                for f in batch {
-                    if let Some(flow) = captured_flow(&f, identity) {
-                        flows.push(flow);
-                    }
-                }
+                core.capture(batch.iter().map(captured_socket));
             }
-            (flows, identity.claims(now_ms))
+            if let Some(observation) = identity.as_mut().and_then(IdentitySource::poll) {
+                core.observe(now_ms, observation);
+            }
+            let (flows, claims) = core.heartbeat();
+            let stats = core.stats();
+            metrics::counter!(m::EXPORTER_LOCAL_STAMPED).absolute(stats.stamped);
+            for (reason, n) in LocalReason::ALL.iter().zip(stats.unattributed) {
+                metrics::counter!(m::EXPORTER_LOCAL_UNATTRIBUTED, "reason" => reason.as_str())
+                    .absolute(n);
+            }
+            metrics::counter!(m::EXPORTER_FLOWS_NOT_LOCAL).absolute(stats.not_local);
+            (flows, claims)
         }
     }
 }
 
+/// A flow of the synthetic fleet: its local end is the fleet's own truth.
 pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
-    LocalFlow {
+    let socket = Socket {
         flow_id: f.flow_id,
         local_ip: f.local_ip,
         local_port: f.local_port,
-        local_workload: f.local_workload,
         remote_ip: f.remote_ip,
         remote_port: f.remote_port,
         start_ms: f.start_ms,
@@ -389,17 +408,16 @@ pub(crate) fn synthetic_flow(f: crate::fleet::GenFlow) -> LocalFlow {
         rtt_us: 0,
         direction: Direction::Outbound,
         ongoing: false,
+    };
+    LocalFlow {
+        socket,
+        local: LocalOwner::Workload(f.local_workload),
     }
 }
 
-/// A captured flow with its local workload from the identity source; `None` when the local
-/// IP belongs to no known workload (nothing to say who it was).
-pub(crate) fn captured_flow(
-    f: &tenure_node_ebpf::CapturedFlow,
-    identity: &IdentitySource,
-) -> Option<LocalFlow> {
+/// A captured flow as the core takes it (its local end is stamped by the history).
+pub(crate) fn captured_socket(f: &tenure_node_ebpf::CapturedFlow) -> Socket {
     let local_ip = f.local.ip().to_canonical();
-    let workload = identity.workload_of(local_ip)?;
     // A stable id: the 4-tuple and the start time identify a socket's life.
     let mut h = crate::shell::collector::fnv64(
         format!("{}{}{}", f.local, f.remote, f.start_unix_ms).as_bytes(),
@@ -408,11 +426,10 @@ pub(crate) fn captured_flow(
         | u128::from(crate::shell::collector::fnv64(
             format!("{}{}", f.remote, f.local).as_bytes(),
         ));
-    Some(LocalFlow {
+    Socket {
         flow_id: h,
         local_ip,
         local_port: f.local.port(),
-        local_workload: workload,
         remote_ip: f.remote.ip().to_canonical(),
         remote_port: f.remote.port(),
         start_ms: f.start_unix_ms,
@@ -430,7 +447,7 @@ pub(crate) fn captured_flow(
             }
         },
         ongoing: f.ongoing,
-    })
+    }
 }
 
 /// Loads the eBPF capture and feeds closed flows, and a snapshot of live ones every
@@ -497,10 +514,14 @@ async fn print_flows(
             _ = interval.tick() => {
                 let (flows, _) = collect(source, clock::now().0);
                 let mut out = Vec::new();
-                for f in flows {
+                for LocalFlow { socket: f, local } in flows {
+                    let (workload, reason) = match &local {
+                        LocalOwner::Workload(w) => (Some(w.as_str()), None),
+                        LocalOwner::Unattributed(r) => (None, Some(r.as_str())),
+                    };
                     let line = serde_json::json!({
                         "flow_id": format!("{:032x}", f.flow_id),
-                        "local": { "ip": f.local_ip.to_string(), "port": f.local_port, "workload": f.local_workload },
+                        "local": { "ip": f.local_ip.to_string(), "port": f.local_port, "workload": workload, "reason": reason },
                         "remote": { "ip": f.remote_ip.to_string(), "port": f.remote_port },
                         "direction": match f.direction { Direction::Outbound => "outbound", Direction::Inbound => "inbound" },
                         "start_ms": f.start_ms,

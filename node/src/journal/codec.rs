@@ -7,11 +7,14 @@
 //! append   = kind 1 · id u64 · count u32 · flow*
 //! release  = kind 2 · count u32 · id u64*
 //! flow     = flow_id u128 · local ip · local_port u16 · remote ip · remote_port u16
-//!            · local_workload str · start_ms u64 · end_ms u64 · bytes_sent u64
+//!            · local · start_ms u64 · end_ms u64 · bytes_sent u64
 //!            · bytes_received u64 · segs_in u64 · segs_out u64 · retransmits u64
 //!            · rtt_us u32 · direction u8 · ongoing u8 · exporter_id u64
 //!            · exporter_region str · hops u8
-//! flow v1  = as above up to bytes_received · packets u64 · retransmits u64 · direction u8
+//! local    = 0 · workload str | 1 · reason u8 (0 changed, 1 unknown, 2 expired)
+//! flow v2  = as above with the local workload as a plain str (no tag: every local end
+//!            stamped)
+//! flow v1  = as v2 up to bytes_received · packets u64 · retransmits u64 · direction u8
 //!            · … (version 1 segments, still read: their flows replay with zero segment
 //!            counts and no RTT, since a packet total cannot be split)
 //! ip       = 4 · 4 bytes | 6 · 16 bytes;   str = len u16 LE · UTF-8
@@ -24,14 +27,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use tenure_gossip::wire::Direction;
+use tenure_gossip::wire::{Direction, LocalReason};
 
-use crate::core::FlowRecord;
+use crate::core::{FlowRecord, Local};
 
 /// The first bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TNRJ";
 /// The format version after the magic, the one written.
-pub const SEGMENT_VERSION: u32 = 2;
+pub const SEGMENT_VERSION: u32 = 3;
 /// The oldest version still read.
 pub const SEGMENT_VERSION_MIN: u32 = 1;
 /// Magic plus version.
@@ -104,10 +107,12 @@ pub fn encode_append<'a>(
 /// About the bytes [`encode_append`] writes for `count` flows like `first`, to size its
 /// buffer once.
 pub fn append_bytes_hint(count: usize, first: Option<&FlowRecord>) -> usize {
-    // A flow takes 95 bytes besides its IPs (5 bytes each for v4) and its two names;
+    // A flow takes 96 bytes besides its IPs (5 bytes each for v4) and its two names;
     // the first flow's names stand for the others', with some room for longer ones.
-    const FIXED: usize = 95 + 2 * 5 + 16;
-    let names = first.map_or(0, |f| f.local_workload.len() + f.exporter_region.len());
+    const FIXED: usize = 96 + 2 * 5 + 16;
+    let names = first.map_or(0, |f| {
+        f.local_workload().map_or(0, |w| w.len()) + f.exporter_region.len()
+    });
     RECORD_HEADER_BYTES + 12 + count * (FIXED + names)
 }
 
@@ -227,7 +232,20 @@ fn encode_flow(f: &FlowRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(&f.local_port.to_le_bytes());
     put_ip(out, f.remote_ip);
     out.extend_from_slice(&f.remote_port.to_le_bytes());
-    put_str(out, &f.local_workload);
+    match &f.local {
+        Local::Workload(w) => {
+            out.push(0);
+            put_str(out, w);
+        }
+        Local::Unattributed(reason) => {
+            out.push(1);
+            out.push(match reason {
+                LocalReason::Changed => 0,
+                LocalReason::Unknown => 1,
+                LocalReason::Expired => 2,
+            });
+        }
+    }
     for v in [
         f.start_ms,
         f.end_ms,
@@ -307,13 +325,30 @@ impl<'a> Reader<'a> {
     }
 }
 
+fn decode_local(r: &mut Reader<'_>) -> Result<Local, DecodeError> {
+    Ok(match r.u8()? {
+        0 => Local::Workload(r.str()?),
+        1 => Local::Unattributed(match r.u8()? {
+            0 => LocalReason::Changed,
+            1 => LocalReason::Unknown,
+            2 => LocalReason::Expired,
+            _ => return Err(DecodeError::Malformed("bad local reason")),
+        }),
+        _ => return Err(DecodeError::Malformed("bad local tag")),
+    })
+}
+
 fn decode_flow(r: &mut Reader<'_>, version: u32) -> Result<FlowRecord, DecodeError> {
     let flow_id = r.u128()?;
     let local_ip = r.ip()?;
     let local_port = r.u16()?;
     let remote_ip = r.ip()?;
     let remote_port = r.u16()?;
-    let local_workload = r.str()?;
+    let local = if version <= 2 {
+        Local::Workload(r.str()?)
+    } else {
+        decode_local(r)?
+    };
     let start_ms = r.u64()?;
     let end_ms = r.u64()?;
     let bytes_sent = r.u64()?;
@@ -343,7 +378,7 @@ fn decode_flow(r: &mut Reader<'_>, version: u32) -> Result<FlowRecord, DecodeErr
         local_port,
         remote_ip,
         remote_port,
-        local_workload,
+        local,
         start_ms,
         end_ms,
         bytes_sent,

@@ -4,11 +4,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tenure_gossip::wire::Direction;
+use tenure_gossip::wire::{Direction, LocalReason};
 
 use super::codec::{self, DecodeError, Record};
 use super::{Journal, JournalError, Step};
-use crate::core::FlowRecord;
+use crate::core::{FlowRecord, Local};
 use crate::report::Chain;
 
 fn flow(id: u128, v6: bool) -> FlowRecord {
@@ -22,7 +22,11 @@ fn flow(id: u128, v6: bool) -> FlowRecord {
             "10.1.0.7".parse().unwrap()
         },
         remote_port: 443,
-        local_workload: Arc::from("gateway"),
+        local: if id % 3 == 1 {
+            Local::Unattributed(LocalReason::ALL[(id as usize / 3) % LocalReason::ALL.len()])
+        } else {
+            Local::Workload(Arc::from("gateway"))
+        },
         start_ms: 1_700_000_000_000 + id as u64,
         end_ms: 1_700_000_000_100 + id as u64,
         bytes_sent: 10,
@@ -216,32 +220,52 @@ fn a_corrupted_segment_is_detected_not_fatal() {
     );
 }
 
-/// A record of a version-1 segment (a packet total where segment counts and RTT are now)
-/// still decodes: its flows come back with their retransmits, zero segments and no RTT.
+/// Records of older segments still decode: version 2 (the local workload a plain name,
+/// no tag) and version 1 (also a packet total where segment counts and RTT are now), whose
+/// flows come back with their retransmits, zero segments and no RTT.
 #[test]
-fn version_1_records_still_decode() {
+fn version_1_and_2_records_still_decode() {
     let mut current = flow(3, false);
     current.rtt_us = 777;
-    let mut v2 = Vec::new();
+    let mut v3 = Vec::new();
     codec::encode(
         &Record::Append {
             id: 4,
             flows: vec![current.clone()],
         },
-        &mut v2,
+        &mut v3,
     );
-    // Payload: id u64, count u32, then the flow; its counters start after flow_id (16),
-    // two IPv4 ends with ports (2 × 7), the workload name (2 + 7) and four u64 (32).
-    let counters = 9 + 12 + 16 + 14 + 9 + 32;
+    let reseal = |mut bytes: Vec<u8>| {
+        let len = u32::try_from(bytes.len() - 9).unwrap();
+        bytes[..4].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[8..]);
+        bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    };
+    // Payload: id u64, count u32, then the flow: flow_id (16), two IPv4 ends with ports
+    // (2 × 7), the local end's tag (1, absent before version 3), the workload name (2 + 7)
+    // and four u64 (32) before the counters.
+    let tag = 9 + 12 + 16 + 14;
+    assert_eq!(v3[tag], 0, "a stamped local end");
+    let mut v2 = v3[..tag].to_vec();
+    v2.extend_from_slice(&v3[tag + 1..]);
+    let v2 = reseal(v2);
+    let (record, used) = codec::decode_version(&v2, 2).expect("a version-2 record");
+    assert_eq!(used, v2.len());
+    assert_eq!(
+        record,
+        Record::Append {
+            id: 4,
+            flows: vec![current.clone()]
+        }
+    );
+
+    let counters = tag + 9 + 32;
     let mut v1 = v2[..counters].to_vec();
     v1.extend_from_slice(&3u64.to_le_bytes()); // packets
     v1.extend_from_slice(&current.retransmits.to_le_bytes());
     v1.extend_from_slice(&v2[counters + 28..]);
-    let len = u32::try_from(v1.len() - 9).unwrap();
-    v1[..4].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32fast::hash(&v1[8..]);
-    v1[4..8].copy_from_slice(&crc.to_le_bytes());
-
+    let v1 = reseal(v1);
     let (record, used) = codec::decode_version(&v1, 1).expect("a version-1 record");
     assert_eq!(used, v1.len());
     let mut expected = current;
@@ -253,5 +277,5 @@ fn version_1_records_still_decode() {
             flows: vec![expected]
         }
     );
-    assert!(codec::decode(&v1).is_err(), "not a version-2 record");
+    assert!(codec::decode(&v1).is_err(), "not a version-3 record");
 }

@@ -335,7 +335,7 @@ pub fn wire_flow(flow: &LoadFlow, exporter_id: u64, local_workload: u32) -> wire
         segs_out: 6,
         retransmits: 0,
         rtt_us: 0,
-        local_workload,
+        local: wire::LocalEnd::Workload(local_workload),
         local_ip: flow.local_ip,
         remote_ip: flow.remote_ip,
         local_port: 30_000 + (flow.seq % 30_000) as u16,

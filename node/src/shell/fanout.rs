@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tenure_attribution::Reason;
+use tenure_gossip::wire::LocalReason;
 
 use super::collector::{lock, Shared};
-use crate::deps::{reason_index, EdgeTotals, End, RttStats};
+use crate::deps::{local_reason_index, reason_index, EdgeTotals, End, RttStats};
 use crate::httpc;
 
 /// How long the fan-out waits for the slowest member, in ms. Members that have not
@@ -100,6 +101,11 @@ pub struct EdgeJson {
     pub rtt_us_mean: Option<u64>,
     #[serde(default)]
     pub rtt_us_max: Option<u32>,
+    /// Of `flows`, those whose local end the exporter vouched for no workload on, by
+    /// reason (`local_changed`, `local_unknown`, `local_expired`); absent reasons are 0.
+    /// Such flows are edges of `unattributed`, never of the local IP's owner.
+    #[serde(default)]
+    pub local_unattributed_reasons: BTreeMap<String, u64>,
 }
 
 impl EdgeJson {
@@ -120,6 +126,7 @@ impl EdgeJson {
             rtt_us_min: (t.rtt.samples > 0).then_some(t.rtt.min_us),
             rtt_us_mean: t.rtt.mean_us(),
             rtt_us_max: (t.rtt.samples > 0).then_some(t.rtt.max_us),
+            local_unattributed_reasons: local_reasons_json(t),
         }
     }
 
@@ -144,10 +151,15 @@ impl EdgeJson {
             unattributed: [0; Reason::ALL.len()],
             retransmits: self.retransmits,
             rtt,
+            local_unattributed: [0; LocalReason::ALL.len()],
         };
         for (name, n) in &self.unattributed_reasons {
             let reason = Reason::ALL.iter().find(|r| r.as_str() == name)?;
             totals.unattributed[reason_index(*reason)] = *n;
+        }
+        for (name, n) in &self.local_unattributed_reasons {
+            let reason = LocalReason::ALL.iter().find(|r| r.as_str() == name)?;
+            totals.local_unattributed[local_reason_index(*reason)] = *n;
         }
         Some((from, to, totals))
     }
@@ -163,6 +175,9 @@ pub struct TotalsJson {
     pub unattributed_reasons: BTreeMap<String, u64>,
     #[serde(default)]
     pub retransmits: u64,
+    /// Flows whose local end is unattributed, by reason.
+    #[serde(default)]
+    pub local_unattributed_reasons: BTreeMap<String, u64>,
 }
 
 /// The answer of one node (`scope=local`).
@@ -236,6 +251,19 @@ fn reasons_json(t: &EdgeTotals) -> BTreeMap<String, u64> {
         .collect()
 }
 
+fn local_reasons_json(t: &EdgeTotals) -> BTreeMap<String, u64> {
+    LocalReason::ALL
+        .iter()
+        .filter(|r| t.local_unattributed[local_reason_index(**r)] > 0)
+        .map(|r| {
+            (
+                r.as_str().to_owned(),
+                t.local_unattributed[local_reason_index(*r)],
+            )
+        })
+        .collect()
+}
+
 /// Keeps the [`EDGES_PER_ANSWER_MAX`] largest edges (by flows), sorted by caller then
 /// callee; returns them and how many were left out.
 fn to_json(mut edges: Vec<(End, End, EdgeTotals)>) -> (Vec<EdgeJson>, TotalsJson, u64) {
@@ -261,6 +289,7 @@ fn to_json(mut edges: Vec<(End, End, EdgeTotals)>) -> (Vec<EdgeJson>, TotalsJson
         unattributed_share: share(sum.unattributed_flows(), sum.flows),
         unattributed_reasons: reasons_json(&sum),
         retransmits: sum.retransmits,
+        local_unattributed_reasons: local_reasons_json(&sum),
     };
     let edges = edges
         .iter()
@@ -472,8 +501,10 @@ mod tests {
                 min_us: 100,
                 max_us: 201,
             },
+            local_unattributed: [0; LocalReason::ALL.len()],
         };
         t.unattributed[reason_index(Reason::Ambiguous)] = 3;
+        t.local_unattributed[local_reason_index(LocalReason::Changed)] = 2;
         let json = EdgeJson::new(&End::Workload(Arc::from("gw")), &End::Unattributed, &t);
         assert_eq!(json.unattributed_flows, 3);
         assert!((json.unattributed_share - 0.3).abs() < 1e-9);

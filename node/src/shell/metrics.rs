@@ -41,6 +41,12 @@ pub const ATTRIBUTION_DELAY: &str = "tenure_attribution_delay_seconds";
 pub const EXPORTER_BATCHES_DROPPED: &str = "tenure_exporter_batches_dropped_total";
 pub const EXPORTER_BATCHES_SENT: &str = "tenure_exporter_batches_acked_total";
 pub const EXPORTER_BUFFERED: &str = "tenure_exporter_batches_buffered";
+/// Flows whose local end the exporter stamped with a workload.
+pub const EXPORTER_LOCAL_STAMPED: &str = "tenure_exporter_local_stamped_total";
+/// Flows whose local end went out unattributed, by `reason`.
+pub const EXPORTER_LOCAL_UNATTRIBUTED: &str = "tenure_exporter_local_unattributed_total";
+/// Captured flows of IPs the identity source never mapped: not reported.
+pub const EXPORTER_FLOWS_NOT_LOCAL: &str = "tenure_exporter_flows_not_local_total";
 /// Flows in forwarded batches that this node had journaled already (a peer's re-sent
 /// copies), not taken twice.
 pub const FLOWS_ALREADY_HELD: &str = "tenure_flows_already_held_total";

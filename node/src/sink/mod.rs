@@ -13,7 +13,7 @@ use serde::Serialize;
 use tenure_attribution::Verdict;
 
 use crate::config::SinkConfig;
-use crate::core::EmittedFlow;
+use crate::core::{EmittedFlow, Local};
 
 pub use self::parquet::ParquetFiles;
 
@@ -123,7 +123,7 @@ impl Writer {
     }
 }
 
-/// One side of a flow, as written.
+/// The remote side of a flow, as written.
 #[derive(Serialize, Debug)]
 pub struct EndLine<'a> {
     pub ip: String,
@@ -131,12 +131,22 @@ pub struct EndLine<'a> {
     pub workload: Option<&'a str>,
 }
 
+/// The local side of a flow, as written: the workload the exporter vouched for, or `null`
+/// and why not (`local_changed`, `local_unknown`, `local_expired`).
+#[derive(Serialize, Debug)]
+pub struct LocalLine<'a> {
+    pub ip: String,
+    pub port: u16,
+    pub workload: Option<&'a str>,
+    pub reason: Option<&'static str>,
+}
+
 /// One line of a sink: a flow, both ends, and its verdict.
 #[derive(Serialize, Debug)]
 pub struct FlowLine<'a> {
     /// 32 hex digits; duplicates of at-least-once delivery share it.
     pub flow_id: String,
-    pub local: EndLine<'a>,
+    pub local: LocalLine<'a>,
     pub remote: EndLine<'a>,
     /// `attributed` or `unattributed`.
     pub result: &'static str,
@@ -171,10 +181,11 @@ impl<'a> FlowLine<'a> {
         let r = &flow.record;
         FlowLine {
             flow_id: format!("{:032x}", r.flow_id),
-            local: EndLine {
+            local: LocalLine {
                 ip: r.local_ip.to_string(),
                 port: r.local_port,
-                workload: Some(&r.local_workload),
+                workload: r.local_workload().map(|w| &**w),
+                reason: r.local_reason().map(|r| r.as_str()),
             },
             remote: EndLine {
                 ip: r.remote_ip.to_string(),
@@ -220,7 +231,17 @@ pub fn write_line(flow: &EmittedFlow, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\",\"port\":");
     push_u64(out, u64::from(r.local_port));
     out.extend_from_slice(b",\"workload\":");
-    json_str(out, &r.local_workload);
+    match &r.local {
+        Local::Workload(w) => {
+            json_str(out, w);
+            out.extend_from_slice(b",\"reason\":null");
+        }
+        Local::Unattributed(reason) => {
+            out.extend_from_slice(b"null,\"reason\":\"");
+            out.extend_from_slice(reason.as_str().as_bytes());
+            out.push(b'"');
+        }
+    }
     out.extend_from_slice(b"},\"remote\":{\"ip\":\"");
     push_ip(out, r.remote_ip);
     out.extend_from_slice(b"\",\"port\":");
@@ -715,7 +736,7 @@ mod tests {
                 local_port: 40_000,
                 remote_ip: "2001:db8::7".parse().unwrap(),
                 remote_port: 443,
-                local_workload: Arc::from(workload),
+                local: crate::core::Local::Workload(Arc::from(workload)),
                 start_ms: 1_700_000_000_000,
                 end_ms: 1_700_000_000_250,
                 bytes_sent: 12,
@@ -752,6 +773,9 @@ mod tests {
                 Verdict::Unattributed(Reason::Ambiguous),
             ] {
                 let mut f = flow(name, verdict);
+                if name.starts_with('q') {
+                    f.record.local = Local::Unattributed(tenure_gossip::wire::LocalReason::Changed);
+                }
                 if name.is_empty() {
                     f.record.local_ip = "0.0.0.0".parse().unwrap();
                     f.record.remote_ip = "::ffff:10.0.0.1".parse().unwrap();

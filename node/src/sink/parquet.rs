@@ -20,7 +20,8 @@
 //! | `flow_id` | Utf8 | no | 32 hex digits; duplicates of at-least-once delivery share it |
 //! | `local_ip` | Utf8 | no | the exporter's side |
 //! | `local_port` | UInt16 | no | |
-//! | `local_workload` | Utf8 | no | the exporter's workload |
+//! | `local_workload` | Utf8 | yes | the workload that held the local IP for the whole flow; null when the exporter vouches for none |
+//! | `local_reason` | Utf8 | yes | `local_changed`, `local_unknown` or `local_expired` when `local_workload` is null |
 //! | `remote_ip` | Utf8 | no | the other side |
 //! | `remote_port` | UInt16 | no | |
 //! | `remote_workload` | Utf8 | yes | the owner at the time of the flow; null when unattributed or external |
@@ -78,7 +79,8 @@ pub fn schema() -> SchemaRef {
                 Field::new("flow_id", DataType::Utf8, false),
                 Field::new("local_ip", DataType::Utf8, false),
                 Field::new("local_port", DataType::UInt16, false),
-                Field::new("local_workload", DataType::Utf8, false),
+                Field::new("local_workload", DataType::Utf8, true),
+                Field::new("local_reason", DataType::Utf8, true),
                 Field::new("remote_ip", DataType::Utf8, false),
                 Field::new("remote_port", DataType::UInt16, false),
                 Field::new("remote_workload", DataType::Utf8, true),
@@ -111,7 +113,7 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
     let (mut flow_id, mut local_ip, mut local_workload) = (strings(), strings(), strings());
     let (mut remote_ip, mut remote_workload, mut result) = (strings(), strings(), strings());
     let (mut source, mut reason, mut direction) = (strings(), strings(), strings());
-    let mut exporter_region = strings();
+    let (mut exporter_region, mut local_reason) = (strings(), strings());
     let (mut local_port, mut remote_port) = (
         UInt16Builder::with_capacity(n),
         UInt16Builder::with_capacity(n),
@@ -128,7 +130,8 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
         flow_id.append_value(&line.flow_id);
         local_ip.append_value(&line.local.ip);
         local_port.append_value(line.local.port);
-        local_workload.append_value(line.local.workload.unwrap_or_default());
+        local_workload.append_option(line.local.workload);
+        local_reason.append_option(line.local.reason);
         remote_ip.append_value(&line.remote.ip);
         remote_port.append_value(line.remote.port);
         remote_workload.append_option(line.remote.workload);
@@ -155,6 +158,7 @@ pub fn record_batch(flows: &[EmittedFlow]) -> Result<RecordBatch, arrow_schema::
         Arc::new(local_ip.finish()),
         Arc::new(local_port.finish()),
         Arc::new(local_workload.finish()),
+        Arc::new(local_reason.finish()),
         Arc::new(remote_ip.finish()),
         Arc::new(remote_port.finish()),
         Arc::new(remote_workload.finish()),
@@ -379,7 +383,7 @@ mod tests {
                 local_port: 1,
                 remote_ip: ip,
                 remote_port: 2,
-                local_workload: "w".into(),
+                local: crate::core::Local::Workload("w".into()),
                 start_ms: 1,
                 end_ms: 2,
                 bytes_sent: 0,

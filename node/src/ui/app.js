@@ -280,10 +280,14 @@
     const t = d.totals;
     const workloads = [...state.graph.nodes.values()].filter((n) => n.kind === 'workload').length;
     const reasons = Object.entries(t.unattributed_reasons || {}).map(([r, n]) => esc(r) + ' ' + fmtInt(n)).join(', ');
+    // Flows whose local end the exporter vouched for no workload on are edges of the
+    // unattributed node, never of the local IP's owner.
+    const local = Object.entries(t.local_unattributed_reasons || {}).map(([r, n]) => esc(r) + ' ' + fmtInt(n)).join(', ');
     $('summary').innerHTML = '<b>' + fmtInt(workloads) + '</b> workloads, <b>' + fmtInt(state.graph.edges.length) +
       '</b> edges, <b>' + fmtInt(t.flows) + '</b> flows, <b>' + fmtBytes(t.bytes) + '</b> from ' +
       esc(fmtTime(d.since_ms)) + ' to ' + esc(fmtTime(d.until_ms)) + '. <span class="unknown">' +
       fmtPct(t.unattributed_share) + ' unattributed</span>' + (reasons ? ' (' + reasons + ')' : '') +
+      (local ? '; local end unattributed: ' + local : '') +
       (d.edges_truncated ? '; ' + fmtInt(d.edges_truncated) + ' smallest edges left out' : '') +
       (d.edges_dropped ? '; ' + fmtInt(d.edges_dropped) + ' edges dropped at full tables' : '');
     if (d.partial) {
