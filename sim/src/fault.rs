@@ -214,42 +214,21 @@ pub fn plan(
                     hosts,
                 }
             }
-            FaultKind::ClockStep => {
-                let max = scenario.clocks.collector_step_ms_max.max(1_000);
-                let magnitude = rng.random_range(1_000..=max) as i64;
-                Fault::ClockStep {
-                    collector: node,
-                    step_ms: if rng.random_bool(0.5) {
-                        magnitude
-                    } else {
-                        -magnitude
-                    },
-                }
-            }
-            FaultKind::ClockSlew => {
-                let max = scenario.clocks.collector_slew_ms_max.max(1);
-                let magnitude = rng.random_range(1..=max) as i64;
-                Fault::ClockSlew {
-                    collector: node,
-                    peak_ms: if rng.random_bool(0.5) {
-                        magnitude
-                    } else {
-                        -magnitude
-                    },
-                }
-            }
+            FaultKind::ClockStep => Fault::ClockStep {
+                collector: node,
+                step_ms: either_way(rng, 1_000, scenario.clocks.collector_step_ms_max),
+            },
+            FaultKind::ClockSlew => Fault::ClockSlew {
+                collector: node,
+                peak_ms: either_way(rng, 1, scenario.clocks.collector_slew_ms_max),
+            },
             FaultKind::HostClockStep => {
                 let min = 3 * scenario.cluster.skew_margin_ms;
                 let max = scenario.clocks.host_step_ms_max.max(min);
                 let count = (fleet.hosts.len() / 10).max(1);
                 let hosts = (0..count)
                     .map(|_| {
-                        let magnitude = rng.random_range(min..=max) as i64;
-                        let step = if rng.random_bool(0.5) {
-                            magnitude
-                        } else {
-                            -magnitude
-                        };
+                        let step = either_way(rng, min, max);
                         (rng.random_range(0..fleet.hosts.len()) as u32, step)
                     })
                     .collect();
@@ -271,6 +250,16 @@ pub fn plan(
         });
     }
     out
+}
+
+/// A magnitude drawn in `min..=max` (at least `min`), then a sign.
+fn either_way(rng: &mut StdRng, min: u64, max: u64) -> i64 {
+    let magnitude = rng.random_range(min..=max.max(min)) as i64;
+    if rng.random_bool(0.5) {
+        magnitude
+    } else {
+        -magnitude
+    }
 }
 
 /// The kinds this seed drew, for the summary.
