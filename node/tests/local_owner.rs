@@ -273,13 +273,19 @@ source = {{ kind = "ebpf", births_max = 65536 }}
     )?;
     let (_exporter, _exporter_lines) = spawn(&["exporter"], &exporter_config)?;
 
-    // The capture is attached once a connection of ours reaches the sink.
+    // The capture is attached once a connection of ours reaches the sink. A flow reaches
+    // it a settle time (about two heartbeats) and a sink flush after it ends, later than
+    // the next round starts: any warm-up connection counts, not only the latest.
     let deadline = Instant::now() + DEADLINE;
+    let mut warm_up = Vec::new();
     loop {
-        let port = round(&mut map, Change::Far).await?;
-        let seen = sink_lines(&sink)
-            .iter()
-            .any(|l| l["local"]["ip"] == SERVER_IP && l["local"]["port"] == port);
+        warm_up.push(round(&mut map, Change::Far).await?);
+        let seen = sink_lines(&sink).iter().any(|l| {
+            l["local"]["ip"] == SERVER_IP
+                && l["local"]["port"]
+                    .as_u64()
+                    .is_some_and(|p| warm_up.iter().any(|w| u64::from(*w) == p))
+        });
         if seen {
             break;
         }
