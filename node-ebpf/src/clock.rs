@@ -36,6 +36,12 @@ impl ClockOffset {
         Self::from_ns(real - monotonic)
     }
 
+    /// The clock frame: Unix ms at monotonic 0 (the wall clock minus the monotonic clock,
+    /// in ms, rounded down). It changes only when the wall clock is stepped.
+    pub fn frame_ms(self) -> i64 {
+        i64::try_from(self.realtime_minus_monotonic_ns.div_euclid(NANOS_PER_MS)).unwrap_or(i64::MAX)
+    }
+
     /// The monotonic instant `monotonic_ns` as Unix milliseconds, clamped to 0 for
     /// instants before the epoch (only possible with a nonsensical offset).
     pub fn to_unix_ms(self, monotonic_ns: u64) -> u64 {
@@ -58,6 +64,8 @@ mod tests {
         let offset = ClockOffset::from_ns(1_700_000_000_000_000_000 - 5_000_000_000);
         assert_eq!(offset.to_unix_ms(5_000_000_000), 1_700_000_000_000);
         assert_eq!(offset.to_unix_ms(5_001_999_999), 1_700_000_000_001);
+        assert_eq!(offset.frame_ms(), 1_700_000_000_000 - 5_000);
+        assert_eq!(ClockOffset::from_ns(-1).frame_ms(), -1);
     }
 
     #[test]

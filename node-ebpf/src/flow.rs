@@ -59,4 +59,8 @@ pub struct CapturedFlow {
     /// False when capture saw the socket only after its birth (it predates the capture,
     /// or its per-socket state was evicted); see `start_unix_ms`.
     pub start_exact: bool,
+    /// The host's clock frame the times were converted in: Unix ms at monotonic 0 (see
+    /// [`crate::ClockOffset::frame_ms`]). `start_unix_ms − frame_ms` is the monotonic
+    /// start, which a step of the wall clock does not move.
+    pub frame_ms: i64,
 }

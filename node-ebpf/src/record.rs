@@ -217,6 +217,7 @@ impl RawRecord {
             workload_id: self.workload_id,
             ongoing: self.flags & FLAG_ONGOING != 0,
             start_exact: self.flags & FLAG_START_LATE == 0,
+            frame_ms: clock.frame_ms(),
         })
     }
 }

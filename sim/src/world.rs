@@ -1284,13 +1284,9 @@ impl<'s> World<'s> {
             }
         }
         sockets.sort_by_key(|f| f.flow_id);
-        // Capture reads a socket's times by the host's clock at the read (as the eBPF
-        // loader converts the kernel's monotonic stamps).
+        // The simulated monotonic clock is true time, and sockets are stamped on it, as
+        // the kernel stamps them; the host's wall clock is its frame ahead.
         let offset_now = e.offset_ms + e.steps.iter().map(|(_, s)| s).sum::<i64>();
-        for socket in &mut sockets {
-            socket.start_ms = socket.start_ms.saturating_add_signed(offset_now);
-            socket.end_ms = socket.end_ms.saturating_add_signed(offset_now);
-        }
         e.core.capture(sockets);
         // The host's identity source, as an IP map file: the instances it runs, each with
         // its `since`, and those that ended less than the learn delay ago.
@@ -1339,8 +1335,8 @@ impl<'s> World<'s> {
             changed_ms: changed,
             released,
         };
-        e.core.observe(host_now, &observation);
-        let (flows, core_claims) = e.core.heartbeat();
+        e.core.observe(now, offset_now, &observation);
+        let (flows, core_claims) = e.core.heartbeat(offset_now);
         for f in &flows {
             let index = (f.socket.flow_id & u128::from(u64::MAX)) as u32;
             for (variant, l) in self.legacy.iter_mut().enumerate() {
@@ -1375,7 +1371,6 @@ impl<'s> World<'s> {
         let e = &mut self.exporters[h as usize];
         e.delayed_claims = delayed;
         let dropped_before = e.batcher.stats().flows_dropped;
-        // The simulated monotonic clock is true time: the frame is the host's offset.
         e.batcher.push(flows, claims, offset_now);
         let dropped = e.batcher.stats().flows_dropped - dropped_before;
         self.stats.undelivered += dropped;

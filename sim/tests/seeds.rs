@@ -111,9 +111,10 @@ fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_lose_nothing_and_r
 }
 
 /// Seeds of the clock-fault scenario: collectors' clocks stepped by up to two minutes
-/// either way and set right, and slewed. Before waits were counted in steady time, 8 of
-/// the default scenario's first 200 seeds emitted flows accepted during a step late by up
-/// to the step's length, and 9 of this scenario's first 60, which steps clocks in most seeds.
+/// either way and set right, and slewed; hosts' wall clocks stepped. A collector that
+/// counts its waits on the wall clock emits flows accepted during a step late by up to the
+/// step's length (9 of these 60 seeds); an exporter that keeps its local history on the
+/// wall clock misattributes flows across a host's step (4 of them).
 const CLOCK_SEEDS: u64 = 60;
 
 #[test]
@@ -135,6 +136,18 @@ fn clocks_stepped_and_slewed_neither_lose_nor_delay_nor_misattribute_flows() {
     assert!(
         stepped as u64 > CLOCK_SEEDS / 2,
         "most seeds stepped a clock: {stepped} of {CLOCK_SEEDS}"
+    );
+    let hosts_stepped = outcomes
+        .iter()
+        .filter(|o| o.stats.faults.iter().any(|f| f == "host-clock-step"))
+        .count();
+    assert!(
+        hosts_stepped as u64 > CLOCK_SEEDS / 4,
+        "many seeds stepped a host's clock: {hosts_stepped} of {CLOCK_SEEDS}"
+    );
+    assert_eq!(
+        summary.local_misattributed, 0,
+        "no local end may be misattributed"
     );
     assert_eq!(summary.misattributed, 0, "no flow may be misattributed");
     assert_eq!(summary.lost, 0, "no accepted flow may be lost");

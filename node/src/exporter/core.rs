@@ -1,11 +1,16 @@
 //! The exporter's deciding logic, sans-io: what the identity source says goes into the
 //! local history, captured sockets wait until the history can judge them, and each
 //! heartbeat takes the flows stamped by the history and the claims it owes. Time comes in
-//! as arguments; nothing here reads a clock or does IO. The tokio shell (`exporter::run`)
+//! as arguments; nothing here reads a clock or does IO.
+//!
+//! Sockets and observations come in on the host's monotonic clock, in ms (the history's
+//! clock, see [`super::frames`]); a heartbeat states its flows and claims on the wall
+//! clock of the frame it is given, as the batcher takes them. The tokio shell (`exporter::run`)
 //! and the simulator drive the same code, and [`Retry`] decides where and when a batch is
 //! sent again.
 
 use super::batcher::{LocalClaim, LocalFlow, LocalOwner, Socket};
+use super::frames::to_wall;
 use super::history::{HistoryConfig, HistoryStats, LocalHistory, Observation, Stamp};
 use tenure_gossip::wire::LocalReason;
 
@@ -92,19 +97,21 @@ impl ExporterCore {
         self.waiting.len()
     }
 
-    /// What the identity source knows as of `now_ms`.
-    pub fn observe(&mut self, now_ms: u64, observation: &Observation) {
-        self.history.observe(now_ms, observation);
+    /// What the identity source knows as of monotonic `now_ms`, the host's wall clock
+    /// then `frame_ms` ahead of its monotonic clock.
+    pub fn observe(&mut self, now_ms: u64, frame_ms: i64, observation: &Observation) {
+        self.history.observe(now_ms, frame_ms, observation);
     }
 
-    /// Captured sockets (closed, or snapshots of open ones).
+    /// Captured sockets (closed, or snapshots of open ones), their times monotonic.
     pub fn capture(&mut self, sockets: impl IntoIterator<Item = Socket>) {
         self.waiting.extend(sockets);
     }
 
     /// One heartbeat: the flows the history can judge now, their local ends stamped, and
-    /// the claims owed. Flows that ended after the last observation wait for the next.
-    pub fn heartbeat(&mut self) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
+    /// the claims owed, on the wall clock of frame `frame_ms`. Flows that ended after the
+    /// last observation wait for the next.
+    pub fn heartbeat(&mut self, frame_ms: i64) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
         let overflow = self.waiting.len().saturating_sub(self.waiting_flows_max);
         let mut flows = Vec::new();
         let mut later = Vec::new();
@@ -141,14 +148,23 @@ impl ExporterCore {
                     self.stats.unattributed[k] += 1;
                 }
             }
+            let socket = Socket {
+                start_ms: to_wall(socket.start_ms, frame_ms),
+                end_ms: to_wall(socket.end_ms, frame_ms),
+                ..socket
+            };
             flows.push(LocalFlow { socket, local });
         }
         self.waiting = later;
-        let claims = if self.anonymous {
+        let mut claims = if self.anonymous {
             Vec::new()
         } else {
             self.history.claims()
         };
+        for claim in &mut claims {
+            claim.since_ms = to_wall(claim.since_ms, frame_ms);
+            claim.until_ms = to_wall(claim.until_ms, frame_ms);
+        }
         (flows, claims)
     }
 }
@@ -255,12 +271,12 @@ mod tests {
     #[test]
     fn a_flow_before_an_owner_change_keeps_its_owner_and_later_ones_wait() {
         let mut core = ExporterCore::new(ExporterCoreConfig::default());
-        core.observe(1_000, &held("web", 0));
+        core.observe(1_000, 0, &held("web", 0));
         core.capture([socket(1, 100, 500), socket(2, 800, 1_150)]);
         // Before the heartbeat the map changed: inventory since 1_300.
-        core.observe(1_500, &held("inventory", 1_300));
+        core.observe(1_500, 0, &held("inventory", 1_300));
         core.capture([socket(3, 1_100, 1_400), socket(4, 1_450, 1_600)]);
-        let (flows, claims) = core.heartbeat();
+        let (flows, claims) = core.heartbeat(0);
         let locals: Vec<_> = flows
             .iter()
             .map(|f| (f.socket.flow_id, f.local.clone()))
@@ -277,9 +293,54 @@ mod tests {
         assert_eq!(core.waiting(), 1, "flow 4 ended after the last observation");
         assert_eq!(claims.len(), 2, "web's last claim and inventory's");
         assert_eq!(claims[0].until_ms, 1_299);
-        core.observe(2_000, &held("inventory", 1_300));
-        let (flows, _) = core.heartbeat();
+        core.observe(2_000, 0, &held("inventory", 1_300));
+        let (flows, _) = core.heartbeat(0);
         assert_eq!(flows[0].local, LocalOwner::Workload("inventory".into()));
+    }
+
+    #[test]
+    fn a_step_of_the_wall_clock_moves_neither_tenures_nor_flows() {
+        const BOOT: i64 = 1_700_000_000_000;
+        let wall = |mono: u64, frame: i64| (i64::try_from(mono).unwrap_or(0) + frame) as u64;
+        let mut core = ExporterCore::new(ExporterCoreConfig::default());
+        core.observe(10_000, BOOT, &held("web", wall(1_000, BOOT)));
+        core.capture([socket(1, 2_000, 9_000)]);
+        let (flows, claims) = core.heartbeat(BOOT);
+        assert_eq!(flows[0].local, LocalOwner::Workload("web".into()));
+        assert_eq!(flows[0].socket.start_ms, wall(2_000, BOOT));
+        assert_eq!(claims[0].since_ms, wall(1_000, BOOT));
+        // The wall clock goes back 30 s at monotonic 10_500; at 12_000 inventory takes the
+        // IP, stated on the stepped clock.
+        let stepped = BOOT - 30_000;
+        core.observe(13_000, stepped, &held("inventory", wall(12_000, stepped)));
+        core.capture([
+            socket(2, 10_200, 11_500),
+            socket(3, 12_300, 12_800),
+            socket(4, 11_000, 12_500),
+        ]);
+        let (flows, claims) = core.heartbeat(stepped);
+        let locals: Vec<_> = flows
+            .iter()
+            .map(|f| (f.socket.flow_id, f.local.clone()))
+            .collect();
+        assert_eq!(
+            locals,
+            vec![
+                (2, LocalOwner::Workload("web".into())),
+                (3, LocalOwner::Workload("inventory".into())),
+                (4, LocalOwner::Unattributed(LocalReason::Changed)),
+            ],
+            "each flow by who held the IP on the monotonic clock"
+        );
+        // Stated on the stepped wall clock, as the batcher takes them.
+        assert_eq!(flows[0].socket.start_ms, wall(10_200, stepped));
+        let web = claims.iter().find(|c| c.workload == "web");
+        let inventory = claims.iter().find(|c| c.workload == "inventory");
+        assert_eq!(
+            web.map(|c| (c.since_ms, c.until_ms)),
+            Some((wall(1_000, stepped), wall(11_999, stepped)))
+        );
+        assert_eq!(inventory.map(|c| c.since_ms), Some(wall(12_000, stepped)));
     }
 
     #[test]

@@ -22,6 +22,12 @@
 //!   its workload may already have given the IP up in (the next owner, elsewhere, would
 //!   be attributed its flows).
 //!
+//! - Times: every time here is the host's monotonic clock, in ms, as sockets are stamped.
+//!   A source states its times on the wall clock; [`Frames`] reads each in the frame it
+//!   was written in (around a step of the wall clock, as late as it may be for a start and
+//!   as early as it may be for an end), so a step of the host's wall clock moves neither
+//!   a tenure nor a flow. The exporter core states them on the wall clock when it sends.
+//!
 //! The flow window is the attribution crate's [`Window`], widened as the collectors widen
 //! theirs by δ; a host keeps a handful of tenures per IP, so each IP's history is a short
 //! sorted vector rather than the collectors' arena of segments.
@@ -34,6 +40,7 @@ use tenure_attribution::{UnixMillis, Window};
 use tenure_gossip::wire::LocalReason;
 
 use super::batcher::LocalClaim;
+use super::frames::Frames;
 
 /// Limits and the margin of the history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +112,9 @@ pub struct Tenure {
     pub workload: Arc<str>,
     pub since_ms: u64,
     pub until_ms: Option<u64>,
+    /// The `since` the source stated, on its wall clock: a later one means the workload
+    /// took the IP again.
+    stated_ms: Option<u64>,
     /// A closed tenure whose last claim has not gone out yet.
     final_claim_owed: bool,
 }
@@ -174,6 +184,8 @@ pub struct LocalHistory {
     ips: BTreeMap<IpAddr, IpHistory>,
     /// The instant of the last observation: open tenures vouch up to here.
     observed_ms: Option<u64>,
+    /// The host's clock frames the observations were made in.
+    frames: Frames,
     stats: HistoryStats,
 }
 
@@ -183,6 +195,7 @@ impl LocalHistory {
             config,
             ips: BTreeMap::new(),
             observed_ms: None,
+            frames: Frames::default(),
             stats: HistoryStats::default(),
         }
     }
@@ -198,14 +211,19 @@ impl LocalHistory {
             .map_or(&[], |h| h.tenures.as_slice())
     }
 
-    /// Takes in what the source knows as of `now_ms`.
-    pub fn observe(&mut self, now_ms: u64, observation: &Observation) {
+    /// Takes in what the source knows as of monotonic `now_ms`, when the host's wall
+    /// clock was `frame_ms` ahead of its monotonic clock (the observation's times are on
+    /// the wall clock).
+    pub fn observe(&mut self, now_ms: u64, frame_ms: i64, observation: &Observation) {
+        self.frames
+            .observe(now_ms, frame_ms, self.config.retention_ms);
+        let frames = &self.frames;
         // A source's stated time may not be later than now (a clock ahead) nor earlier
         // than a tenure's start; a release it gives no time for may have happened up to
         // the source's lag before it.
         let changed_ms = observation
             .changed_ms
-            .map_or(now_ms, |c| c.min(now_ms))
+            .map_or(now_ms, |c| frames.end_of(c).min(now_ms))
             .saturating_sub(self.config.source_lag_ms);
         let held: BTreeMap<IpAddr, &Held> = observation
             .held
@@ -220,18 +238,23 @@ impl LocalHistory {
             let end = match held.get(ip) {
                 Some(h) if h.workload == open.workload => match h.since_ms {
                     // The same workload took the IP again later: the old tenure ended.
-                    Some(since) if since > open.since_ms => Some(since - 1),
+                    Some(since)
+                        if open
+                            .stated_ms
+                            .map_or(frames.start_of(since) > open.since_ms, |s| since > s) =>
+                    {
+                        Some(frames.end_of(since).saturating_sub(1).min(now_ms))
+                    }
                     Some(_) | None => None,
                 },
-                Some(h) => Some(
-                    h.since_ms
-                        .map_or(changed_ms, |since| since.saturating_sub(1).min(changed_ms)),
-                ),
+                Some(h) => Some(h.since_ms.map_or(changed_ms, |since| {
+                    frames.end_of(since).saturating_sub(1).min(changed_ms)
+                })),
                 None => Some(
                     observation
                         .released
                         .get(ip)
-                        .map_or(changed_ms, |r| (*r).min(now_ms)),
+                        .map_or(changed_ms, |r| frames.end_of(*r).min(now_ms)),
                 ),
             };
             if let Some(end) = end {
@@ -257,12 +280,16 @@ impl LocalHistory {
             }
             // Never before the previous tenure's end: tenures do not overlap.
             let after = history.ended_ms().map_or(0, |e| e + 1);
-            let since = h.since_ms.unwrap_or(now_ms).max(after);
+            let since = h
+                .since_ms
+                .map_or(now_ms, |s| self.frames.start_of(s))
+                .max(after);
             let history = self.ips.entry(ip).or_default();
             history.tenures.push(Tenure {
                 workload: h.workload.clone(),
                 since_ms: since,
                 until_ms: None,
+                stated_ms: h.since_ms,
                 final_claim_owed: false,
             });
             self.stats.tenures_opened += 1;
@@ -425,11 +452,49 @@ mod tests {
     }
 
     #[test]
+    fn a_step_of_the_wall_clock_neither_ends_nor_moves_a_tenure() {
+        const BOOT: i64 = 1_700_000_000_000;
+        let since = BOOT as u64 + 100;
+        let mut h = history(0);
+        h.observe(1_000, BOOT, &observation(&[(1, "web", Some(since))], None));
+        // The same statement read after steps back and forward.
+        h.observe(
+            9_000,
+            BOOT - 5_000,
+            &observation(&[(1, "web", Some(since))], None),
+        );
+        h.observe(
+            20_000,
+            BOOT + 60_000,
+            &observation(&[(1, "web", Some(since))], None),
+        );
+        let t = h.tenures(ip(1));
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!((t[0].since_ms, t[0].until_ms), (100, None));
+        assert_eq!(h.stamp(ip(1), 200, 19_000), Stamp::Workload("web".into()));
+        // The source restates since on the stepped clock: the workload took the IP again
+        // at monotonic 21_000.
+        let again = (BOOT + 60_000) as u64 + 21_000;
+        h.observe(
+            22_000,
+            BOOT + 60_000,
+            &observation(&[(1, "web", Some(again))], None),
+        );
+        let t = h.tenures(ip(1));
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert_eq!((t[0].until_ms, t[1].since_ms), (Some(20_999), 21_000));
+    }
+
+    #[test]
     fn a_flow_is_stamped_only_by_a_tenure_that_covers_it_with_the_margin() {
         let mut h = history(10);
-        h.observe(1_000, &observation(&[(1, "web", Some(100))], None));
+        h.observe(1_000, 0, &observation(&[(1, "web", Some(100))], None));
         // web until the source says db took over at 2_000.
-        h.observe(3_000, &observation(&[(1, "db", Some(2_000))], Some(2_500)));
+        h.observe(
+            3_000,
+            0,
+            &observation(&[(1, "db", Some(2_000))], Some(2_500)),
+        );
         let stamp = |s, e| h.stamp(ip(1), s, e);
         assert_eq!(stamp(200, 1_900), Stamp::Workload(Arc::from("web")));
         assert_eq!(
@@ -461,10 +526,12 @@ mod tests {
         let mut h = history(0);
         h.observe(
             1_000,
+            0,
             &observation(&[(1, "web", None), (2, "api", None)], None),
         );
         h.observe(
             5_000,
+            0,
             &observation(&[(1, "db", None)], Some(4_000)), // 2 is gone, 1 changed
         );
         let t1 = h.tenures(ip(1));
@@ -472,9 +539,9 @@ mod tests {
         assert_eq!(t1[0].until_ms, Some(4_000), "the source's stated change");
         assert_eq!(t1[1].since_ms, 5_000, "the new one from when it was seen");
         assert_eq!(h.tenures(ip(2))[0].until_ms, Some(4_000));
-        h.observe(6_000, &observation(&[(1, "db", None)], Some(9_999)));
+        h.observe(6_000, 0, &observation(&[(1, "db", None)], Some(9_999)));
         assert_eq!(h.tenures(ip(1)).len(), 2, "unchanged");
-        h.observe(7_000, &observation(&[], None));
+        h.observe(7_000, 0, &observation(&[], None));
         assert_eq!(
             h.tenures(ip(1))[1].until_ms,
             Some(7_000),
@@ -485,10 +552,10 @@ mod tests {
     #[test]
     fn claims_state_since_and_a_closed_tenure_is_claimed_once_with_its_end() {
         let mut h = history(0);
-        h.observe(1_000, &observation(&[(1, "web", Some(500))], None));
+        h.observe(1_000, 0, &observation(&[(1, "web", Some(500))], None));
         let c = h.claims();
         assert_eq!((c[0].since_ms, c[0].until_ms), (500, 1_000));
-        h.observe(2_000, &observation(&[(1, "db", Some(1_600))], None));
+        h.observe(2_000, 0, &observation(&[(1, "db", Some(1_600))], None));
         let c = h.claims();
         assert_eq!(c.len(), 2);
         assert_eq!(
@@ -499,7 +566,7 @@ mod tests {
             (&*c[1].workload, c[1].since_ms, c[1].until_ms),
             ("db", 1_600, 2_000)
         );
-        h.observe(3_000, &observation(&[(1, "db", Some(1_600))], None));
+        h.observe(3_000, 0, &observation(&[(1, "db", Some(1_600))], None));
         let c = h.claims();
         assert_eq!(c.len(), 1, "web is never claimed again");
         assert_eq!(&*c[0].workload, "db");
@@ -516,7 +583,7 @@ mod tests {
         });
         for (k, w) in ["a", "b", "c"].iter().enumerate() {
             let at = 1_000 * (k as u64 + 1);
-            h.observe(at, &observation(&[(1, w, Some(at))], None));
+            h.observe(at, 0, &observation(&[(1, w, Some(at))], None));
         }
         assert_eq!(h.tenures(ip(1)).len(), 2);
         assert_eq!(h.stats().tenures_dropped, 1);
@@ -526,22 +593,28 @@ mod tests {
         );
         h.observe(
             4_000,
+            0,
             &observation(&[(1, "c", Some(3_000)), (2, "x", None)], None),
         );
         // 1 is gone (closed): dropped to make room for 3.
-        h.observe(4_500, &observation(&[(2, "x", None), (3, "y", None)], None));
+        h.observe(
+            4_500,
+            0,
+            &observation(&[(2, "x", None), (3, "y", None)], None),
+        );
         assert_eq!(h.stats().ips_dropped, 1);
         assert_eq!(h.stamp(ip(1), 1_200, 1_300), Stamp::NotLocal);
         // Both held: 4 is not tracked.
         h.observe(
             5_000,
+            0,
             &observation(&[(2, "x", None), (3, "y", None), (4, "z", None)], None),
         );
         assert_eq!(h.stats().ips_dropped, 2);
         assert_eq!(h.stamp(ip(4), 4_900, 5_000), Stamp::NotLocal);
-        h.observe(6_000, &observation(&[(3, "y", None)], None));
+        h.observe(6_000, 0, &observation(&[(3, "y", None)], None));
         let _ = h.claims();
-        h.observe(17_000, &observation(&[(3, "y", None)], None));
+        h.observe(17_000, 0, &observation(&[(3, "y", None)], None));
         assert!(h.tenures(ip(2)).is_empty(), "past retention");
         assert_eq!(h.stamp(ip(2), 5_000, 5_500), Stamp::NotLocal);
     }

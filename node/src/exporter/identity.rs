@@ -149,7 +149,7 @@ mod tests {
         .unwrap();
         let mut source = IdentitySource::new(IdentityConfig::MapFile { path: path.clone() });
         let mut history = LocalHistory::new(HistoryConfig::default());
-        history.observe(100, source.poll().unwrap());
+        history.observe(100, 0, source.poll().unwrap());
         let claims = history.claims();
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[0].since_ms, 5);
@@ -162,7 +162,7 @@ mod tests {
         source.modified = None;
         let observation = source.poll().unwrap().clone();
         assert!(observation.changed_ms.is_some(), "the file's mtime");
-        history.observe(300, &observation);
+        history.observe(300, 0, &observation);
         let claims = history.claims();
         let db = claims.iter().find(|c| c.workload == "db").unwrap();
         assert_eq!(db.since_ms, 100, "unchanged mapping keeps its since");

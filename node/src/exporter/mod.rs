@@ -8,6 +8,7 @@
 
 pub mod batcher;
 pub mod core;
+pub mod frames;
 pub mod history;
 pub mod identity;
 
@@ -236,7 +237,7 @@ pub async fn run(
         tokio::select! {
             _ = interval.tick() => {
                 let frame = clock_frame_ms();
-                let (flows, claims) = collect(&mut source, clock::now().0);
+                let (flows, claims) = collect(&mut source, clock::now().0, frame);
                 batcher.push(flows, claims, frame);
                 sender.drain(&crypto, &mut batcher).await;
                 let stats = batcher.stats();
@@ -250,7 +251,7 @@ pub async fn run(
     // One last batch (the final heartbeats and closed flows), then a bounded attempt to
     // deliver what is buffered.
     let frame = clock_frame_ms();
-    let (flows, claims) = collect(&mut source, clock::now().0);
+    let (flows, claims) = collect(&mut source, clock::now().0, frame);
     batcher.push(flows, claims, frame);
     let _ = tokio::time::timeout(
         Duration::from_millis(config.ack_timeout_ms * 2),
@@ -345,7 +346,9 @@ impl Sender {
 }
 
 /// This interval's flows and heartbeats from the source.
-fn collect(source: &mut Source, now_ms: u64) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
+/// This heartbeat's flows and claims, on the wall clock of frame `frame_ms` (the one read
+/// with `now_ms`).
+fn collect(source: &mut Source, now_ms: u64, frame_ms: i64) -> (Vec<LocalFlow>, Vec<LocalClaim>) {
     match source {
         Source::Synthetic {
             fleet,
@@ -375,9 +378,13 @@ fn collect(source: &mut Source, now_ms: u64) -> (Vec<LocalFlow>, Vec<LocalClaim>
                 core.capture(batch.iter().map(captured_socket));
             }
             if let Some(observation) = identity.as_mut().and_then(IdentitySource::poll) {
-                core.observe(now_ms, observation);
+                core.observe(
+                    frames::to_monotonic(now_ms, frame_ms),
+                    frame_ms,
+                    observation,
+                );
             }
-            let (flows, claims) = core.heartbeat();
+            let (flows, claims) = core.heartbeat(frame_ms);
             let stats = core.stats();
             metrics::counter!(m::EXPORTER_LOCAL_STAMPED).absolute(stats.stamped);
             for (reason, n) in LocalReason::ALL.iter().zip(stats.unattributed) {
@@ -432,8 +439,9 @@ pub(crate) fn captured_socket(f: &tenure_node_ebpf::CapturedFlow) -> Socket {
         local_port: f.local.port(),
         remote_ip: f.remote.ip().to_canonical(),
         remote_port: f.remote.port(),
-        start_ms: f.start_unix_ms,
-        end_ms: f.end_unix_ms.max(f.start_unix_ms),
+        // On the monotonic clock, as the core keeps time.
+        start_ms: frames::to_monotonic(f.start_unix_ms, f.frame_ms),
+        end_ms: frames::to_monotonic(f.end_unix_ms.max(f.start_unix_ms), f.frame_ms),
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
         segs_in: u64::from(f.segs_in),
@@ -512,7 +520,7 @@ async fn print_flows(
     loop {
         tokio::select! {
             _ = interval.tick() => {
-                let (flows, _) = collect(source, clock::now().0);
+                let (flows, _) = collect(source, clock::now().0, clock_frame_ms());
                 let mut out = Vec::new();
                 for LocalFlow { socket: f, local } in flows {
                     let (workload, reason) = match &local {
@@ -549,5 +557,5 @@ async fn print_flows(
 /// The host's clock frame: its wall clock minus its monotonic clock, in ms. It moves only
 /// when the wall clock is stepped.
 pub(crate) fn clock_frame_ms() -> i64 {
-    i64::try_from(tenure_node_ebpf::ClockOffset::measure().to_unix_ms(0)).unwrap_or(i64::MAX)
+    tenure_node_ebpf::ClockOffset::measure().frame_ms()
 }
