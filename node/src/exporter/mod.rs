@@ -546,8 +546,12 @@ async fn print_flows(
                     out.extend_from_slice(line.to_string().as_bytes());
                     out.push(b'\n');
                 }
-                stdout.write_all(&out).await?;
-                stdout.flush().await?;
+                match stdout.write_all(&out).await.and(stdout.flush().await) {
+                    Ok(()) => {}
+                    // The reader went away (`| head`): done, as Unix tools are.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
             }
             _ = &mut shutdown => return Ok(()),
         }
