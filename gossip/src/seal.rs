@@ -1018,14 +1018,18 @@ mod tests {
         let mut opener = Opener::new(OpenerConfig::default());
         let mut plain = AlignedVec::new();
         let mut sealed = Vec::new();
-        forger.seal(&ring_a, &mut rng, b"forged", &mut sealed).expect("seal");
+        forger
+            .seal(&ring_a, &mut rng, b"forged", &mut sealed)
+            .expect("seal");
         let opened = opener
             .open(&bound, Channel::Data, &sealed, &mut plain)
             .expect("a's own key opens");
         assert_eq!(opened.sender_id, 1, "it speaks for A, the key's owner");
         // B's replay state is untouched: B's next envelope (epoch 5) still opens.
         sealed.clear();
-        honest_b.seal(&ring_b, &mut rng, b"b", &mut sealed).expect("seal");
+        honest_b
+            .seal(&ring_b, &mut rng, b"b", &mut sealed)
+            .expect("seal");
         let opened = opener
             .open(&bound, Channel::Data, &sealed, &mut plain)
             .expect("b opens");
@@ -1034,7 +1038,9 @@ mod tests {
         let mut stranger = Sealer::new(Channel::Data, 1, 1);
         let ring_x = Keyring::new(99, &key_a);
         sealed.clear();
-        stranger.seal(&ring_x, &mut rng, b"x", &mut sealed).expect("seal");
+        stranger
+            .seal(&ring_x, &mut rng, b"x", &mut sealed)
+            .expect("seal");
         assert_eq!(
             opener.open(&bound, Channel::Data, &sealed, &mut plain),
             Err(SealError::UnknownKey { key_id: 99 })
@@ -1046,7 +1052,9 @@ mod tests {
             .seal_with(&bound, 20, &mut rng, b"ack", &mut sealed)
             .expect("seal a reply");
         let mut b_side = Opener::new(OpenerConfig::default());
-        assert!(b_side.open(&ring_b, Channel::Data, &sealed, &mut plain).is_ok());
+        assert!(b_side
+            .open(&ring_b, Channel::Data, &sealed, &mut plain)
+            .is_ok());
     }
 
     #[test]
