@@ -1247,4 +1247,21 @@ mod deploy_examples {
         .unwrap();
         exporter.validate(false).unwrap();
     }
+
+    #[test]
+    fn the_shipped_example_registry_loads_with_its_keys_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../deploy/exporters.toml").replace(
+            "/etc/tenure/exporters/",
+            &format!("{}/", dir.path().display()),
+        );
+        for id in ["4242", "4243"] {
+            crate::registry::keygen(&dir.path().join(format!("{id}.key"))).unwrap();
+        }
+        let cluster = parse_key(&"11".repeat(32)).unwrap();
+        let registry =
+            crate::registry::Registry::parse(&text, Path::new("exporters.toml"), &cluster).unwrap();
+        assert_eq!(registry.keys.owner_of(424201), Some(4242));
+        assert_eq!(registry.counts(), (2, 0));
+    }
 }

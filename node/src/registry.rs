@@ -229,6 +229,39 @@ impl Registry {
     }
 }
 
+/// Writes a fresh 256-bit key, as 64 hex digits and a newline, to `out`, which must not
+/// exist yet (created 0640: readable by the service's group, like the other key files).
+/// The key is drawn from the operating system's generator. Returns nothing secret: the key
+/// is only in the file.
+pub fn keygen(out: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut bytes = [0u8; tenure_gossip::seal::KEY_BYTES];
+    let mut rng: rand::rngs::StdRng = rand::make_rng();
+    rand::Rng::fill_bytes(&mut rng, &mut bytes);
+    let mut hex = String::with_capacity(bytes.len() * 2 + 1);
+    for b in bytes {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex.push('\n');
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(out)?;
+    file.write_all(hex.as_bytes())?;
+    file.sync_all()
+}
+
+/// The registry entry for a key made by [`keygen`], for the operator to paste and
+/// complete (its prefixes, and names if they are to be restricted).
+pub fn entry_snippet(exporter_id: u64, key_id: u32, key_path: &Path) -> String {
+    format!(
+        "[[exporter]]\nid = {exporter_id}\nkeys = [{{ key_id = {key_id}, key_file = \"{}\" }}]\nprefixes = []  # the IPs this exporter may claim, e.g. [\"10.1.7.0/24\"]\n",
+        key_path.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +308,30 @@ revoked = true
         );
         assert!(r.entitlements.get(2).expect("b").revoked);
         assert_eq!(r.counts(), (2, 1));
+    }
+
+    #[test]
+    fn keygen_writes_a_fresh_key_a_registry_can_load_and_never_overwrites() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host-a.key");
+        keygen(&path).expect("keygen");
+        assert!(
+            keygen(&path).is_err(),
+            "an existing key file is never overwritten"
+        );
+        let other = dir.path().join("host-b.key");
+        keygen(&other).expect("keygen");
+        let (a, b) = (
+            std::fs::read_to_string(&path).expect("read"),
+            std::fs::read_to_string(&other).expect("read"),
+        );
+        assert_ne!(a, b, "two keys differ");
+        let text = entry_snippet(7, 701, &path);
+        let r = parse(&text).expect("the snippet parses with the key it names");
+        assert_eq!(r.keys.owner_of(701), Some(7));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
     }
 
     #[test]
