@@ -338,7 +338,7 @@ revoked = true
     fn a_bad_registry_names_the_entry_and_field() {
         let cases = [
             (
-                format!("[[exporter]]\nid = 1\nkeys = []\n"),
+                "[[exporter]]\nid = 1\nkeys = []\n".to_owned(),
                 "exporter 1, keys",
             ),
             (
