@@ -22,7 +22,7 @@ use rkyv::util::AlignedVec;
 
 /// The first byte of every frame. It doubles as the wire version: a peer speaking another
 /// version is refused at the first byte instead of failing validation deeper down.
-pub const FRAME_VERSION: u8 = 0xA2;
+pub const FRAME_VERSION: u8 = 0xA3;
 
 /// Bytes in a frame header: the version byte and the big-endian u32 body length.
 pub const FRAME_HEADER_BYTES: usize = 5;

@@ -263,6 +263,148 @@ impl Keyring {
     }
 }
 
+impl KeyLookup for Keyring {
+    fn lookup(&self, key_id: u32) -> Option<FoundKey<'_>> {
+        self.find(key_id).map(|cipher| FoundKey {
+            cipher,
+            owner: None,
+        })
+    }
+}
+
+/// A key found by its id: its cipher and, for a key bound to one sender, that sender.
+#[derive(Clone, Copy)]
+pub struct FoundKey<'a> {
+    cipher: &'a XChaCha20Poly1305,
+    owner: Option<u64>,
+}
+
+impl fmt::Debug for FoundKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FoundKey")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::Keyring {}
+    impl Sealed for super::BoundKeys {}
+}
+
+/// Where a [`Sealer`] or an [`Opener`] finds the key an envelope names: a [`Keyring`]
+/// (shared keys: any holder may state any sender id) or [`BoundKeys`] (each key speaks for
+/// one sender only). Implemented by those two.
+pub trait KeyLookup: private::Sealed {
+    /// The key `key_id`, if accepted.
+    fn lookup(&self, key_id: u32) -> Option<FoundKey<'_>>;
+}
+
+/// Default for the most keys [`BoundKeys`] holds: two per exporter (a rotation) for a
+/// region of 32,768 hosts.
+pub const BOUND_KEYS_MAX_DEFAULT: usize = 65_536;
+
+/// Why a key could not be bound. [`BoundKeys`] is unchanged when one is returned.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another key has this id already; key ids name one key each.
+    #[error("key id {key_id} is bound already")]
+    DuplicateKeyId {
+        /// The duplicated id.
+        key_id: u32,
+    },
+    /// The table holds its most keys.
+    #[error("at most {keys_max} keys can be bound")]
+    Full {
+        /// The limit.
+        keys_max: usize,
+    },
+}
+
+/// Keys each bound to one sender (an exporter's own credential): an envelope opened with
+/// one speaks for its owner, whatever sender id its header states, and its replay state is
+/// the owner's. So a key's holder can speak for nobody else, nor disturb another sender's
+/// replay window. A sender may own several keys (the old and new key of a rotation).
+pub struct BoundKeys {
+    keys: BTreeMap<u32, RingKey>,
+    owners: BTreeMap<u32, u64>,
+    keys_max: usize,
+}
+
+impl fmt::Debug for BoundKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoundKeys")
+            .field("owners_by_key_id", &self.owners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for BoundKeys {
+    fn default() -> Self {
+        BoundKeys::new(BOUND_KEYS_MAX_DEFAULT)
+    }
+}
+
+impl BoundKeys {
+    /// An empty table that holds at most `keys_max` keys.
+    pub fn new(keys_max: usize) -> Self {
+        BoundKeys {
+            keys: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            keys_max,
+        }
+    }
+
+    /// Binds `key`, named `key_id` in envelopes, to the sender `owner`.
+    ///
+    /// # Errors
+    /// [`BindError::DuplicateKeyId`] or [`BindError::Full`]; the table is unchanged.
+    pub fn bind(&mut self, key_id: u32, owner: u64, key: &SecretKey) -> Result<(), BindError> {
+        if self.keys.contains_key(&key_id) {
+            return Err(BindError::DuplicateKeyId { key_id });
+        }
+        if self.keys.len() >= self.keys_max {
+            return Err(BindError::Full {
+                keys_max: self.keys_max,
+            });
+        }
+        self.keys.insert(key_id, RingKey::new(key_id, key));
+        self.owners.insert(key_id, owner);
+        Ok(())
+    }
+
+    /// The sender key `key_id` is bound to.
+    pub fn owner_of(&self, key_id: u32) -> Option<u64> {
+        self.owners.get(&key_id).copied()
+    }
+
+    /// Key ids and their owners, in key id order.
+    pub fn bindings(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.owners.iter().map(|(k, o)| (*k, *o))
+    }
+
+    /// Keys bound.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is bound.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl KeyLookup for BoundKeys {
+    fn lookup(&self, key_id: u32) -> Option<FoundKey<'_>> {
+        let cipher = &self.keys.get(&key_id)?.cipher;
+        Some(FoundKey {
+            cipher,
+            owner: self.owners.get(&key_id).copied(),
+        })
+    }
+}
+
 impl RingKey {
     fn new(key_id: u32, key: &SecretKey) -> Self {
         RingKey {
@@ -431,17 +573,18 @@ impl Sealer {
     /// # Errors
     /// [`SealError::UnknownKey`] when `key_id` is not accepted, [`SealError::Oversized`] or
     /// [`SealError::CounterExhausted`]; `out` and the counter are unchanged.
-    pub fn seal_with<R: CryptoRng + ?Sized>(
+    pub fn seal_with<K: KeyLookup + ?Sized, R: CryptoRng + ?Sized>(
         &mut self,
-        keyring: &Keyring,
+        keys: &K,
         key_id: u32,
         rng: &mut R,
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
-        let cipher = keyring
-            .find(key_id)
-            .ok_or(SealError::UnknownKey { key_id })?;
+        let cipher = keys
+            .lookup(key_id)
+            .ok_or(SealError::UnknownKey { key_id })?
+            .cipher;
         let sealed_bytes = plaintext.len().saturating_add(SEAL_OVERHEAD_BYTES);
         if sealed_bytes > self.sealed_bytes_max as usize {
             return Err(SealError::Oversized {
@@ -554,8 +697,9 @@ pub struct Opened {
     pub channel: Channel,
     /// The key it was sealed with.
     pub key_id: u32,
-    /// The sender, as it stated itself (authenticated by the cluster key, so any key holder
-    /// can claim any sender id).
+    /// The sender: under a shared key ([`Keyring`]) as it stated itself (any key holder can
+    /// state any sender id); under a bound key ([`BoundKeys`]) the key's owner, whatever the
+    /// header states.
     pub sender_id: u64,
     /// The sender's epoch.
     pub epoch: u64,
@@ -710,9 +854,9 @@ impl Opener {
     /// # Errors
     /// Any [`SealError`] but `CounterExhausted`; the opener is unchanged and `plaintext` is
     /// left empty.
-    pub fn open(
+    pub fn open<K: KeyLookup + ?Sized>(
         &mut self,
-        keyring: &Keyring,
+        keys: &K,
         channel: Channel,
         sealed: &[u8],
         plaintext: &mut AlignedVec,
@@ -731,10 +875,16 @@ impl Opener {
             .split_first_chunk::<SEAL_HEADER_BYTES>()
             .ok_or(truncated)?;
         let (ciphertext, tag) = rest.split_last_chunk::<SEAL_TAG_BYTES>().ok_or(truncated)?;
-        let header = Header::parse(head, channel)?;
-        let cipher = keyring.find(header.key_id).ok_or(SealError::UnknownKey {
+        let mut header = Header::parse(head, channel)?;
+        let found = keys.lookup(header.key_id).ok_or(SealError::UnknownKey {
             key_id: header.key_id,
         })?;
+        let cipher = found.cipher;
+        // A bound key speaks for its owner only: the replay state and the result are the
+        // owner's. `head` (authenticated below) keeps the bytes as sent.
+        if let Some(owner) = found.owner {
+            header.sender_id = owner;
+        }
         self.check_replay(&header)?;
 
         plaintext.extend_from_slice(ciphertext);
@@ -840,6 +990,72 @@ impl Opener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_key_speaks_for_its_owner_only() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (key_a, key_b) = (SecretKey::generate(&mut rng), SecretKey::generate(&mut rng));
+        let mut bound = BoundKeys::new(3);
+        bound.bind(10, 1, &key_a).expect("bind a");
+        bound.bind(20, 2, &key_b).expect("bind b");
+        assert_eq!(
+            bound.bind(10, 3, &key_b),
+            Err(BindError::DuplicateKeyId { key_id: 10 })
+        );
+        bound.bind(21, 2, &key_b).expect("b's second key");
+        assert_eq!(
+            bound.bind(30, 3, &key_b),
+            Err(BindError::Full { keys_max: 3 })
+        );
+        assert_eq!(bound.owner_of(21), Some(2));
+
+        // A holds key 10 and states B's sender id, at an epoch far ahead of B's.
+        let ring_a = Keyring::new(10, &key_a);
+        let ring_b = Keyring::new(20, &key_b);
+        let mut forger = Sealer::new(Channel::Data, 2, u64::MAX);
+        let mut honest_b = Sealer::new(Channel::Data, 2, 5);
+        let mut opener = Opener::new(OpenerConfig::default());
+        let mut plain = AlignedVec::new();
+        let mut sealed = Vec::new();
+        forger
+            .seal(&ring_a, &mut rng, b"forged", &mut sealed)
+            .expect("seal");
+        let opened = opener
+            .open(&bound, Channel::Data, &sealed, &mut plain)
+            .expect("a's own key opens");
+        assert_eq!(opened.sender_id, 1, "it speaks for A, the key's owner");
+        // B's replay state is untouched: B's next envelope (epoch 5) still opens.
+        sealed.clear();
+        honest_b
+            .seal(&ring_b, &mut rng, b"b", &mut sealed)
+            .expect("seal");
+        let opened = opener
+            .open(&bound, Channel::Data, &sealed, &mut plain)
+            .expect("b opens");
+        assert_eq!(opened.sender_id, 2);
+        // A key nobody bound is unknown.
+        let mut stranger = Sealer::new(Channel::Data, 1, 1);
+        let ring_x = Keyring::new(99, &key_a);
+        sealed.clear();
+        stranger
+            .seal(&ring_x, &mut rng, b"x", &mut sealed)
+            .expect("seal");
+        assert_eq!(
+            opener.open(&bound, Channel::Data, &sealed, &mut plain),
+            Err(SealError::UnknownKey { key_id: 99 })
+        );
+        // Replies under a bound key open with the owner's own keyring.
+        let mut reply = Sealer::new(Channel::Data, 77, 1);
+        sealed.clear();
+        reply
+            .seal_with(&bound, 20, &mut rng, b"ack", &mut sealed)
+            .expect("seal a reply");
+        let mut b_side = Opener::new(OpenerConfig::default());
+        assert!(b_side
+            .open(&ring_b, Channel::Data, &sealed, &mut plain)
+            .is_ok());
+    }
 
     #[test]
     fn window_accepts_each_counter_once_in_any_order() {

@@ -243,6 +243,7 @@ fn ack() -> impl Strategy<Value = Message> {
         Just(AckStatus::Rejected(RejectReason::Invalid)),
         Just(AckStatus::Rejected(RejectReason::WrongRegion)),
         Just(AckStatus::Rejected(RejectReason::TooManyHops)),
+        Just(AckStatus::Rejected(RejectReason::Revoked)),
         any::<u64>().prop_map(|retry_after_ms| AckStatus::Busy { retry_after_ms }),
     ];
     (any::<u64>(), status).prop_map(|(batch_id, status)| Message::Ack(Ack { batch_id, status }))

@@ -296,6 +296,14 @@ pub struct CollectorConfig {
     /// move to a new key one by one. Reloaded on SIGHUP. Default none.
     #[serde(default)]
     pub exporter_key_also_accepted: Option<KeyConfig>,
+    /// The exporter registry: a file listing each exporter's own keys and what it may
+    /// claim (`deploy/README.md`, "Exporter credentials"; format in `tenure::registry`).
+    /// A batch counts as the exporter whose key opened it, and its claims must lie within
+    /// that exporter's prefixes (and workload names, where listed). Holds secrets: readable
+    /// by the collector only. Reloaded on SIGHUP. Set this or `exporter_key`, not both.
+    /// Default none.
+    #[serde(default)]
+    pub exporter_registry: Option<PathBuf>,
     /// Development only: exporters seal with the cluster key, so any exporter could also
     /// speak as a collector. Logs a warning at start. Default false.
     #[serde(default)]
@@ -592,10 +600,19 @@ impl CollectorConfig {
         self.engine_config()
             .validate()
             .map_err(|e| invalid("engine", e.to_string()))?;
-        if self.exporter_key.is_none() && !self.dev_exporters_use_cluster_key {
+        if self.exporter_key.is_some() && self.exporter_registry.is_some() {
             return Err(invalid(
-                "exporter_key",
-                "required: exporters need their own key (set dev_exporters_use_cluster_key = true for development only)",
+                "exporter_registry",
+                "set exporter_registry (per-exporter credentials) or exporter_key (one shared key), not both",
+            ));
+        }
+        if self.exporter_key.is_none()
+            && self.exporter_registry.is_none()
+            && !self.dev_exporters_use_cluster_key
+        {
+            return Err(invalid(
+                "exporter_registry",
+                "required: exporters need their own credentials (or exporter_key, one key they share; dev_exporters_use_cluster_key = true for development only)",
             ));
         }
         if self.exporter_claims_per_sec_max == 0 || self.exporter_flows_per_sec_max == 0 {
@@ -821,7 +838,9 @@ pub struct ExporterConfig {
     /// Default 10,000.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
-    /// The key batches are sealed with (the collectors' `exporter_key`).
+    /// The key batches are sealed with: this exporter's own key, bound to its
+    /// `exporter_id` in the collectors' `exporter_registry` (or, without a registry, the
+    /// collectors' shared `exporter_key`).
     #[serde(default)]
     pub key: KeyConfig,
     /// Where local workload identities come from. Required for the eBPF source.
@@ -1227,5 +1246,22 @@ mod deploy_examples {
         )
         .unwrap();
         exporter.validate(false).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_example_registry_loads_with_its_keys_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../deploy/exporters.toml").replace(
+            "/etc/tenure/exporters/",
+            &format!("{}/", dir.path().display()),
+        );
+        for id in ["4242", "4243"] {
+            crate::registry::keygen(&dir.path().join(format!("{id}.key"))).unwrap();
+        }
+        let cluster = parse_key(&"11".repeat(32)).unwrap();
+        let registry =
+            crate::registry::Registry::parse(&text, Path::new("exporters.toml"), &cluster).unwrap();
+        assert_eq!(registry.keys.owner_of(424201), Some(4242));
+        assert_eq!(registry.counts(), (2, 0));
     }
 }

@@ -16,6 +16,7 @@ pub mod httpc;
 pub mod journal;
 pub mod listening;
 pub mod loadgen;
+pub mod registry;
 pub mod report;
 pub mod shell;
 pub mod sink;

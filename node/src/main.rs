@@ -117,6 +117,19 @@ enum Command {
         #[arg(long)]
         no_capture: bool,
     },
+    /// Makes a fresh exporter (or cluster) key: 64 hex digits in a new file, 0640. With
+    /// `--exporter-id` and `--key-id`, prints the exporter registry entry that names it.
+    Keygen {
+        /// The key file to create; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// The exporter the key is for (its `exporter_id`).
+        #[arg(long, requires = "key_id")]
+        exporter_id: Option<u64>,
+        /// The key's id in envelopes, unique in the registry.
+        #[arg(long, requires = "exporter_id")]
+        key_id: Option<u32>,
+    },
     /// Starts a local cluster of collector processes, drives it with synthetic exporters
     /// as fast as it acknowledges, and measures flows attributed per collector CPU-second
     /// (CPU time from /proc), attribution delay, memory per tracked IP and replication
@@ -276,6 +289,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Command::Keygen {
+            out,
+            exporter_id,
+            key_id,
+        } => {
+            tenure_node::registry::keygen(&out)
+                .with_context(|| format!("writing the key file {}", out.display()))?;
+            if let (Some(exporter_id), Some(key_id)) = (exporter_id, key_id) {
+                print!(
+                    "{}",
+                    tenure_node::registry::entry_snippet(exporter_id, key_id, &out)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
             duration_secs,

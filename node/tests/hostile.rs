@@ -1,8 +1,9 @@
 //! Hostile input against a real `tenure collector` process over real loopback sockets:
 //! random bytes, truncated and oversized frames, wrong keys, a key family switched mid
 //! connection, replayed frames, slow and half-open connections, connection floods, floods
-//! of tiny batches, claims from the far future and past or for another region's CIDR, and
-//! peer-only messages sealed with the exporter key.
+//! of tiny batches, claims from the far future and past or for another region's CIDR,
+//! claims outside an exporter's entitlement, batches under a revoked credential, and
+//! peer-only messages sealed with an exporter's key.
 //!
 //! Afterwards the node must still serve (healthz, a legitimate batch accepted), no
 //! rejected input may have changed its ranges or an attribution, and its memory must have
@@ -26,8 +27,38 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const CLUSTER_KEY_HEX: &str = "7465737420636c7573746572206b6579202d206e6f7420666f722070726f6421";
-const EXPORTER_KEY_HEX: &str = "6578706f72746572206b6579202d206e6f7420666f722070726f64756374696f";
-const EXPORTER_KEY_ID: u32 = 2;
+/// Exporters of the registry, each with a key of its own ([`exporter_key_hex`]) under key
+/// id `KEY_ID_BASE + id`, entitled to the whole region but for [`NEIGHBOUR`] and
+/// [`REVOKED`].
+const EXPORTERS: [u64; 8] = [1, 2, 5, 7, 66, 666, NEIGHBOUR, REVOKED];
+/// The mixed-key case's exporters: `MIXED_BASE..MIXED_BASE + 20`.
+const MIXED_BASE: u64 = 80;
+const KEY_ID_BASE: u32 = 10_000;
+/// Entitled to 10.1.0.200 only, under the name `mallory` only.
+const NEIGHBOUR: u64 = 9;
+/// Its credential is revoked.
+const REVOKED: u64 = 10;
+
+fn exporter_key_hex(exporter_id: u64) -> String {
+    format!("{:064x}", 0x6b65_7900_0000_0000u64 | exporter_id)
+}
+
+fn registry_text() -> String {
+    let mut text = String::new();
+    for id in EXPORTERS.into_iter().chain(MIXED_BASE..MIXED_BASE + 20) {
+        let (prefixes, extra) = match id {
+            NEIGHBOUR => ("10.1.0.200/32", "workloads = [\"mallory\"]\n"),
+            REVOKED => ("10.1.0.0/16", "revoked = true\n"),
+            _ => ("10.1.0.0/16", ""),
+        };
+        text.push_str(&format!(
+            "[[exporter]]\nid = {id}\nkeys = [{{ key_id = {}, key_hex = \"{}\" }}]\nprefixes = [\"{prefixes}\"]\n{extra}\n",
+            KEY_ID_BASE + id as u32,
+            exporter_key_hex(id),
+        ));
+    }
+    text
+}
 /// The node's read deadlines in this test, short so that the test is quick.
 const FRAME_READ_TIMEOUT_MS: u64 = 1_000;
 const CONN_IDLE_TIMEOUT_MS: u64 = 1_500;
@@ -40,6 +71,8 @@ const RSS_GROWTH_MAX_KIB: u64 = 64 * 1024;
 fn start(dir: &Path) -> anyhow::Result<common::Collector> {
     let sink = dir.join("sink");
     let path = dir.join("collector.toml");
+    let registry = dir.join("exporters.toml");
+    std::fs::write(&registry, registry_text())?;
     let text = format!(
         r#"node_id = "h0"
 region = "a"
@@ -49,7 +82,7 @@ data_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
 heartbeat_interval_ms = 500
 cluster_key = {{ key_id = 1, key_hex = "{CLUSTER_KEY_HEX}" }}
-exporter_key = {{ key_id = {EXPORTER_KEY_ID}, key_hex = "{EXPORTER_KEY_HEX}" }}
+exporter_registry = "{registry}"
 claim_delay_max_ms = 60000
 claim_skew_max_ms = 5000
 exporter_flows_per_sec_max = 100
@@ -69,6 +102,7 @@ pending_deadline_ms = 3000
 "b" = ["10.2.0.0/16"]
 "#,
         sink = sink.display(),
+        registry = registry.display(),
     );
     std::fs::write(&path, text)?;
     common::spawn_collector(&path, "error")
@@ -149,10 +183,11 @@ fn batch(
     })
 }
 
+/// Exporter `exporter_id` with its own key from the registry.
 fn exporter_crypto(exporter_id: u64) -> anyhow::Result<Crypto> {
-    let key = tenure_node::config::parse_key(EXPORTER_KEY_HEX)?;
+    let key = tenure_node::config::parse_key(&exporter_key_hex(exporter_id))?;
     Ok(Crypto::new(
-        EXPORTER_KEY_ID,
+        KEY_ID_BASE + exporter_id as u32,
         &key,
         None,
         exporter_id,
@@ -378,12 +413,12 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     }
 
     // 4. Wrong keys: a batch claiming 10.1.0.7 for "mallory", sealed with a key nobody has,
-    //    under the exporter key id and the cluster key id.
+    //    under an exporter's key id and the cluster key id.
     for i in 0..100u64 {
         let mut raw = [0u8; 32];
         raw.iter_mut().for_each(|b| *b = rng.next() as u8);
         let key = tenure_gossip::seal::SecretKey::from_bytes(raw);
-        let key_id = if i % 2 == 0 { EXPORTER_KEY_ID } else { 1 };
+        let key_id = if i % 2 == 0 { KEY_ID_BASE + 1 } else { 1 };
         let forger = Crypto::new(key_id, &key, None, 77, common::now_ms());
         let frame = forger.frame(&batch(
             2_000 + i,
@@ -536,7 +571,49 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     count("past_claims", 100);
     count("foreign_cidr_claims", 200);
 
-    // 11. Peer-only messages under the exporter key: a range snapshot giving 10.1.0.7 to
+    // 10b. Authentic exporters, claims they are not entitled to: the neighbour (entitled to
+    //     10.1.0.200 as "mallory" only) claims the owner's 10.1.0.7, idle IPs, and its own
+    //     IP as "web", in batches naming exporter 1 (web's) as their sender: the batch is
+    //     the neighbour's, and each claim is refused. The revoked exporter's batches are
+    //     answered rejected.
+    let neighbour = exporter_crypto(NEIGHBOUR)?;
+    let mut claims = Vec::new();
+    for i in 0..50u64 {
+        claims.push(claim("10.1.0.7", 0, now - 1_000, now));
+        claims.push(claim(&format!("10.1.3.{}", i + 1), 0, now - 1_000, now));
+        claims.push(claim("10.1.0.200", 1, now - 1_000 + i, now));
+    }
+    let status = send(
+        data,
+        &neighbour,
+        &batch(6_500, 1, &["mallory", "web"], Vec::new(), claims),
+    )
+    .await?;
+    assert_eq!(status, AckStatus::Accepted);
+    count("not_entitled_claims", 150);
+    let revoked = exporter_crypto(REVOKED)?;
+    for i in 0..10u64 {
+        let status = send(
+            data,
+            &revoked,
+            &batch(
+                6_600 + i,
+                1,
+                &["mallory"],
+                Vec::new(),
+                vec![claim("10.1.0.7", 0, now - 1_000, now)],
+            ),
+        )
+        .await?;
+        assert_eq!(
+            status,
+            AckStatus::Rejected(wire::RejectReason::Revoked),
+            "revoked #{i}"
+        );
+        count("revoked_batches", 1);
+    }
+
+    // 11. Peer-only messages under an exporter's key: a range snapshot giving 10.1.0.7 to
     //     mallory, a claim batch, a relayed flow batch.
     for i in 0..20u64 {
         let snapshot = Message::RangeSnapshot(wire::RangeSnapshot {
@@ -671,13 +748,17 @@ async fn a_collector_survives_hostile_input_and_keeps_its_ranges() -> anyhow::Re
     );
     let (_, ranges_now) = get(http, ranges_path).await?;
     assert!(!ranges_now.contains("mallory"), "{ranges_now}");
+    for ip in ["10.1.3.1", "10.1.3.50", "10.1.0.200"] {
+        let (_, r) = get(http, &format!("/v1/ips/{ip}/ranges")).await?;
+        assert!(!r.contains("mallory") && !r.contains("web"), "{ip}: {r}");
+    }
 
     // Every kind of refusal was counted.
-    for reason in ["future", "stale", "foreign_cidr"] {
+    for reason in ["future", "stale", "foreign_cidr", "not_entitled"] {
         let n = counter(http, "tenure_claims_rejected_total", reason).await?;
         assert!(n > 0, "no claim refused as {reason}");
     }
-    for reason in ["peer_only", "relayed", "rate_limited"] {
+    for reason in ["peer_only", "relayed", "rate_limited", "revoked"] {
         let n = counter(http, "tenure_exporter_messages_rejected_total", reason).await?;
         assert!(n > 0, "no exporter message refused as {reason}");
     }

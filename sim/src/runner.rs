@@ -87,6 +87,10 @@ pub struct Summary {
     pub local_stamped: u64,
     pub local_misattributed: u64,
     pub local_unattributed: [u64; LocalReason::ALL.len()],
+    /// Claims the compromised exporter sent, and those the collectors up at the end of
+    /// their seed refused as not entitled.
+    pub forged_claims: u64,
+    pub not_entitled: u64,
     pub failures: Vec<(u64, Violation)>,
 }
 
@@ -108,6 +112,8 @@ impl Summary {
             s.unsynced_lost += o.stats.unsynced_lost;
             s.local_stamped += o.stats.local_stamped;
             s.local_misattributed += o.stats.local_misattributed;
+            s.forged_claims += o.stats.forged_claims;
+            s.not_entitled += o.stats.not_entitled;
             for (acc, n) in s
                 .local_unattributed
                 .iter_mut()

@@ -219,6 +219,12 @@ pub struct HostConfig {
     /// The exporter core's `local_margin_ms`. Default 900: a host's clock may jump by up
     /// to twice `clocks.host_skew_ms_max` between a tenure's start and a flow.
     pub local_margin_ms: u64,
+    /// One compromised exporter in the first region, besides its hosts: its credential
+    /// (its own exporter id) entitles it to no IP, and at every heartbeat it claims
+    /// neighbours' live IPs and idle pool IPs under workload names of its choosing, in
+    /// batches that name a neighbour as their sender. Honest exporters are entitled to
+    /// their region's CIDR. Default true.
+    pub compromised_exporter: bool,
 }
 
 impl Default for HostConfig {
@@ -226,6 +232,7 @@ impl Default for HostConfig {
         HostConfig {
             release_learn_delay_ms: 500,
             local_margin_ms: 900,
+            compromised_exporter: true,
         }
     }
 }

@@ -29,7 +29,8 @@ use tenure_gossip::wire::{
     self, AckStatus, AlignedVec, Direction, LocalReason, Message, WireLimits,
 };
 use tenure_node::core::{
-    ConnId, CoreConfig, Dest, EmittedFlow, NodeCore, Notice, Output, TICK_INTERVAL_MS,
+    ConnId, CoreConfig, Dest, EmittedFlow, Entitlement, Entitlements, NodeCore, Notice, Output,
+    Rejection, Sender, TICK_INTERVAL_MS,
 };
 use tenure_node::exporter::batcher::{Batcher, LocalClaim, Socket};
 use tenure_node::exporter::core::{ExporterCore, ExporterCoreConfig};
@@ -105,6 +106,8 @@ enum Ev {
     Heartbeat {
         host: u32,
     },
+    /// The compromised exporter's heartbeat: a batch of forged claims.
+    Intrusion,
     AckTimeout {
         host: u32,
         batch_id: u64,
@@ -203,6 +206,29 @@ struct Exporter {
     delayed_claims: Vec<LocalClaim>,
 }
 
+/// Forged claims per batch of the compromised exporter.
+const INTRUDER_CLAIMS_PER_BATCH: usize = 16;
+
+/// The compromised exporter (see `HostConfig::compromised_exporter`): an endpoint after
+/// the hosts' exporters, with its own credential, sealer and choices.
+struct Intruder {
+    /// Its endpoint index, `Endpoint::Exporter(h)`: one past the last host.
+    h: u32,
+    region: usize,
+    collectors: Vec<u16>,
+    current: usize,
+    sealer: Sealer,
+    /// Its choices, apart from the world's draws (a seed of its own).
+    rng: StdRng,
+    next_batch: u64,
+}
+
+/// The exporter id an exporter's credential proves: host `h` is exporter `h + 1`, and so
+/// is the compromised exporter, one past the last host.
+fn exporter_id_of(h: u32) -> u64 {
+    u64::from(h) + 1
+}
+
 /// Counters of a run.
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
@@ -223,6 +249,10 @@ pub struct RunStats {
     pub local_unattributed: [u64; LocalReason::ALL.len()],
     /// Generated but never acknowledged by a collector (exporter buffers).
     pub undelivered: u64,
+    /// Claims the compromised exporter sent, and claims the collectors that are up at the
+    /// end refused as not entitled (restarted ones forgot their counts).
+    pub forged_claims: u64,
+    pub not_entitled: u64,
     /// Per legacy hold-back: (hold-back ms, flows scored, wrong, unattributed).
     pub legacy: Vec<(u64, u64, u64, u64)>,
     /// Tenure first, then each legacy attributor: (dependencies reported, wrong).
@@ -291,6 +321,9 @@ pub struct World<'s> {
     by_node_id: BTreeMap<String, u16>,
     by_gossip: BTreeMap<SocketAddr, u16>,
     exporters: Vec<Exporter>,
+    intruder: Option<Intruder>,
+    /// What each exporter's credential entitles it to, handed to every collector core.
+    entitlements: Entitlements,
     fleet: Fleet,
     truths: Truths,
     name_index: BTreeMap<Arc<str>, u32>,
@@ -432,12 +465,50 @@ impl<'s> World<'s> {
                 delayed_claims: Vec::new(),
             });
         }
+        let mut by_exporter: BTreeMap<u64, Entitlement> = exporters
+            .iter()
+            .enumerate()
+            .map(|(h, e)| {
+                (
+                    exporter_id_of(h as u32),
+                    Entitlement {
+                        prefixes: vec![scenario.regions[e.region].cidr],
+                        workloads: None,
+                        revoked: false,
+                    },
+                )
+            })
+            .collect();
+        let intruder =
+            (scenario.host.compromised_exporter && !scenario.regions.is_empty()).then(|| {
+                let h = exporters.len() as u32;
+                by_exporter.insert(exporter_id_of(h), Entitlement::default());
+                let collectors: Vec<u16> = collectors
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.region == 0)
+                    .map(|(i, _)| i as u16)
+                    .collect();
+                Intruder {
+                    h,
+                    region: 0,
+                    collectors,
+                    current: 0,
+                    sealer: Sealer::new(Channel::Data, EXPORTER_SENDER_ID_BASE + u64::from(h), 1),
+                    rng: StdRng::seed_from_u64(seed ^ 0x696e_7472_7564_6572),
+                    next_batch: 0,
+                }
+            });
+        let mut exporter_region: Vec<usize> = exporters.iter().map(|e| e.region).collect();
+        if let Some(i) = &intruder {
+            exporter_region.push(i.region);
+        }
         let net = Network {
             config: scenario.network.clone(),
             cuts: Vec::new(),
             degraded: Vec::new(),
             collector_region: collectors.iter().map(|c| c.region).collect(),
-            exporter_region: exporters.iter().map(|e| e.region).collect(),
+            exporter_region,
         };
         let name_index = fleet
             .names
@@ -471,6 +542,8 @@ impl<'s> World<'s> {
             by_node_id,
             by_gossip,
             exporters,
+            intruder,
+            entitlements: Entitlements::new(by_exporter),
             truths: Truths {
                 id_prefix: seed,
                 ..Truths::default()
@@ -579,6 +652,9 @@ impl<'s> World<'s> {
         for h in 0..self.exporters.len() as u32 {
             let phase = self.rng.random_range(0..hb);
             self.push(start + phase, Ev::Heartbeat { host: h });
+        }
+        if self.intruder.is_some() {
+            self.push(self.flows_start, Ev::Intrusion);
         }
         self.push(self.flows_start, Ev::FlowStep);
         for (id, f) in self.faults.clone().iter().enumerate() {
@@ -705,6 +781,7 @@ impl<'s> World<'s> {
                 )
             }
         };
+        core.set_entitlements(Some(self.entitlements.clone()));
         let mut out = std::mem::take(&mut self.out);
         core.start(now, &mut out);
         // A restarted collector replays what its journal kept, as the shell does after
@@ -802,6 +879,14 @@ impl<'s> World<'s> {
                 self.on_heartbeat(host);
                 let next = self.now + self.scenario.heartbeat.interval_ms;
                 self.push(next, Ev::Heartbeat { host });
+            }
+            Ev::Intrusion => {
+                self.trace(22, 0, 0);
+                self.intrude();
+                let next = self.now + self.scenario.heartbeat.interval_ms;
+                if next < self.flows_end {
+                    self.push(next, Ev::Intrusion);
+                }
             }
             Ev::AckTimeout { host, batch_id } => {
                 self.trace(6, u64::from(host), batch_id);
@@ -999,9 +1084,10 @@ impl<'s> World<'s> {
         let mut bytes = Vec::with_capacity(plain.len() + 128);
         let keyring = &self.keyring;
         let rng = &mut self.rng;
-        let sealer = match from {
-            Endpoint::Collector(i) => &mut self.collectors[i as usize].data_sealer,
-            Endpoint::Exporter(h) => &mut self.exporters[h as usize].sealer,
+        let sealer = match (from, self.intruder.as_mut()) {
+            (Endpoint::Collector(i), _) => &mut self.collectors[i as usize].data_sealer,
+            (Endpoint::Exporter(h), Some(intruder)) if h == intruder.h => &mut intruder.sealer,
+            (Endpoint::Exporter(h), _) => &mut self.exporters[h as usize].sealer,
         };
         let sealed =
             frame::encode_frame_with::<SendError, _>(&mut bytes, limits.frame_bytes_max, |body| {
@@ -1170,14 +1256,97 @@ impl<'s> World<'s> {
             return;
         };
         let conn = conn_of(from);
+        // The simulator seals everything with one key: its transport stands in for the
+        // credential check (tested with real keys in `tenure-gossip` and the node's
+        // process tests). An exporter's frame comes from the exporter its endpoint is.
+        let sender = match from {
+            Endpoint::Exporter(h) => Sender::ProvenExporter(exporter_id_of(h)),
+            Endpoint::Collector(_) => Sender::Collector,
+        };
         self.with_core(i, |core, now, out| {
-            core.handle_message(conn, message, now, out)
+            core.handle_message_from(conn, sender, message, now, out)
         });
+    }
+
+    /// The compromised exporter's batch: claims of neighbours' live IPs and of idle pool
+    /// IPs of its region, under workload names of its choosing, stated as from exporter 1.
+    /// Its own clock is true, so that its claims are judged on their entitlement alone.
+    fn intrude(&mut self) {
+        let Some(intruder) = self.intruder.as_mut() else {
+            return;
+        };
+        if intruder.collectors.is_empty() {
+            return;
+        }
+        let region = intruder.region;
+        let held: Vec<IpAddr> = self
+            .fleet
+            .ips
+            .iter()
+            .filter(|s| s.region == region && s.holder.is_some())
+            .map(|s| s.addr)
+            .collect();
+        let idle: Vec<IpAddr> = self
+            .fleet
+            .ips
+            .iter()
+            .filter(|s| s.region == region && s.holder.is_none())
+            .map(|s| s.addr)
+            .collect();
+        let names = &self.fleet.names;
+        let mut claims = Vec::new();
+        let mut dictionary: Vec<String> = Vec::new();
+        for k in 0..INTRUDER_CLAIMS_PER_BATCH {
+            let pool = if k % 2 == 0 { &held } else { &idle };
+            if pool.is_empty() || names.is_empty() {
+                continue;
+            }
+            let ip = pool[intruder.rng.random_range(0..pool.len())];
+            let name = names[intruder.rng.random_range(0..names.len())].to_string();
+            let workload = match dictionary.iter().position(|n| *n == name) {
+                Some(p) => p as u32,
+                None => {
+                    dictionary.push(name);
+                    (dictionary.len() - 1) as u32
+                }
+            };
+            claims.push(wire::Claim {
+                ip,
+                workload,
+                instance: 0,
+                since_ms: self.now.saturating_sub(self.scenario.heartbeat.interval_ms),
+                until_ms: self.now,
+            });
+        }
+        if claims.is_empty() {
+            return;
+        }
+        self.stats.forged_claims += claims.len() as u64;
+        let batch_id = (exporter_id_of(intruder.h) << 32) | intruder.next_batch;
+        intruder.next_batch += 1;
+        let to = Endpoint::Collector(intruder.collectors[intruder.current]);
+        intruder.current = (intruder.current + 1) % intruder.collectors.len();
+        let from = Endpoint::Exporter(intruder.h);
+        let message = Message::FlowBatch(wire::FlowBatch {
+            batch_id,
+            exporter_id: exporter_id_of(0),
+            hops: 0,
+            sent_ms: self.now,
+            region: self.scenario.regions[region].name.clone(),
+            dictionary,
+            flows: Vec::new(),
+            claims,
+        });
+        self.send_frame(from, to, &message);
     }
 
     // ----- exporters -----
 
     fn on_exporter_frame(&mut self, h: u32, bytes: Vec<u8>) {
+        if self.intruder.as_ref().is_some_and(|i| i.h == h) {
+            // Its answers change nothing: it sends its next batch at its next heartbeat.
+            return;
+        }
         let e = &mut self.exporters[h as usize];
         let mut plaintext = std::mem::take(&mut self.plaintext);
         let message = World::open_frame(
@@ -1906,6 +2075,17 @@ impl<'s> World<'s> {
             .iter()
             .map(|&h| (h, 0, 0, 0))
             .collect();
+        s.not_entitled = self
+            .collectors
+            .iter()
+            .filter_map(|c| c.core.as_ref())
+            .filter_map(|core| {
+                core.admission_stats()
+                    .claims_rejected
+                    .get(&Rejection::NotEntitled)
+                    .copied()
+            })
+            .sum();
         for t in &self.truths.flows {
             if t.emitted > 0 {
                 s.emitted += 1;

@@ -46,6 +46,10 @@ fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_lose_nothing_and_r
         summary.restarts, summary.recovered, summary.duplicates
     );
     println!(
+        "compromised exporter: forged_claims={} refused_not_entitled={} (by collectors up at the end)",
+        summary.forged_claims, summary.not_entitled
+    );
+    println!(
         "converged within the bound: {} of {} seeds; slowest convergence {} ms after the last fault",
         summary.seeds - summary.not_converged,
         summary.seeds,
@@ -72,6 +76,18 @@ fn two_hundred_faulty_seeds_with_crashes_misattribute_nothing_lose_nothing_and_r
     assert_eq!(
         summary.lost, 0,
         "no accepted flow may be lost, crashes included"
+    );
+    // One compromised exporter per seed claimed its neighbours' IPs and idle IPs under
+    // names of its choosing: refused for its credential, so the counts above hold.
+    assert!(
+        scenario.host.compromised_exporter,
+        "the default scenario has a compromised exporter"
+    );
+    assert!(
+        summary.forged_claims > CI_SEEDS * 100 && summary.not_entitled > 0,
+        "the compromised exporter claimed ({}) and was refused ({})",
+        summary.forged_claims,
+        summary.not_entitled
     );
     assert!(
         summary.restarts > 0 && summary.recovered > 0,

@@ -4,7 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
-use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, SecretKey, Sealer};
+use tenure_gossip::seal::{
+    BoundKeys, Channel, Keyring, Opener, OpenerConfig, SecretKey, Sealer,
+};
 use tenure_gossip::wire::AlignedVec;
 
 fuzz_target!(|data: &[u8]| {
@@ -39,4 +41,22 @@ fuzz_target!(|data: &[u8]| {
     // The original opens now only if the changed copy did not (else it is a replay).
     let again = opener.open(&ring, Channel::Data, &envelope, &mut plain);
     assert_eq!(again.is_ok(), changed, "{again:?}");
+
+    // Under keys bound to one sender each (exporter credentials): arbitrary bytes never
+    // open, and the real envelope, whatever sender it states (9), opens as its key's
+    // owner (3), once.
+    let mut bound = BoundKeys::new(4);
+    bound.bind(1, 3, &key).expect("binding one key");
+    let mut bound_opener = Opener::new(OpenerConfig::default());
+    let _ = bound_opener.open(&bound, Channel::Data, data, &mut plain);
+    assert_eq!(bound_opener.senders_tracked(), 0, "random bytes never authenticate");
+    let result = bound_opener.open(&bound, Channel::Data, &flipped, &mut plain);
+    if changed {
+        assert!(result.is_err(), "a changed envelope must not open");
+    }
+    let opened = bound_opener.open(&bound, Channel::Data, &envelope, &mut plain);
+    match opened {
+        Ok(o) => assert_eq!(o.sender_id, 3, "a bound key speaks for its owner"),
+        Err(e) => assert!(!changed, "{e:?}"),
+    }
 });

@@ -303,6 +303,8 @@ pub enum RejectReason {
     WrongRegion,
     /// Forwarded more times than allowed.
     TooManyHops,
+    /// Sealed with an exporter credential the collectors' registry lists as revoked.
+    Revoked,
 }
 
 /// The answer to a batch.

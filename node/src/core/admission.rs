@@ -11,15 +11,27 @@
 //! - its IP is in a prefix of this collector's own region (an exporter only talks to the
 //!   collectors of its region, so it has no business claiming another region's IPs);
 //! - its exporter stays under a claims-per-second and a flows-per-second budget (token
-//!   buckets keyed by exporter id, in a bounded table).
+//!   buckets keyed by exporter id, in a bounded table);
+//! - when exporters hold their own credentials, its IP (and, where restricted, its
+//!   workload name) lies within what the registry entitles the exporter to, the exporter
+//!   being the one its credential proves ([`super::entitlement`]); a revoked credential
+//!   sends nothing.
 //!
 //! Everything here is sans-io: `now` is an argument and the table is ordered.
 //! Every refusal is counted by reason ([`AdmissionStats`]); none changes the engine.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use tenure_attribution::UnixMillis;
+
+use super::entitlement::Entitlements;
+
+/// How often the refusals of one exporter are logged, at most, in ms: a compromised or
+/// misconfigured host refused at every heartbeat makes one line per interval, not one per
+/// claim.
+pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Limits on what exporters may send. Defaults are in [`AdmissionConfig::default`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -86,11 +98,16 @@ pub enum Rejection {
     /// The batch's `sent_ms` was more than δ off the other exporters' (see
     /// [`super::clocks`]): its claims are refused and its flows go out unattributed.
     ExporterClock,
+    /// The exporter's credential does not entitle it to the claim's IP or workload name.
+    NotEntitled,
+    /// The batch came under a credential the registry lists as revoked (or under one the
+    /// entitlements do not list); the batch is answered `rejected: revoked`.
+    Revoked,
 }
 
 impl Rejection {
     /// Every reason, for metrics.
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Stale,
         Rejection::Future,
         Rejection::Inverted,
@@ -99,6 +116,8 @@ impl Rejection {
         Rejection::PeerOnly,
         Rejection::Relayed,
         Rejection::ExporterClock,
+        Rejection::NotEntitled,
+        Rejection::Revoked,
     ];
 
     /// The metric label.
@@ -112,6 +131,8 @@ impl Rejection {
             Rejection::PeerOnly => "peer_only",
             Rejection::Relayed => "relayed",
             Rejection::ExporterClock => "exporter_clock",
+            Rejection::NotEntitled => "not_entitled",
+            Rejection::Revoked => "revoked",
         }
     }
 }
@@ -131,6 +152,17 @@ pub struct AdmissionStats {
     pub messages_rejected: BTreeMap<Rejection, u64>,
     /// Exporters whose buckets are held now.
     pub exporters_tracked: usize,
+}
+
+/// Refusals of one exporter's claims and batches since they were last logged.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct RefusalTally {
+    /// Claims refused as not entitled.
+    pub claims_not_entitled: u64,
+    /// Batches refused under a revoked credential.
+    pub batches_revoked: u64,
+    /// One IP it claimed without entitlement, for the log line.
+    pub example_ip: Option<IpAddr>,
 }
 
 /// A token bucket in thousandths of a token, so that refill is exact integer arithmetic:
@@ -190,6 +222,12 @@ pub(crate) struct Admission {
     /// Shared by exporters that arrive while the table is full of busy ones.
     overflow: Option<Budget>,
     stats: AdmissionStats,
+    /// What each exporter may claim; `None` when exporters share a key (or the cluster
+    /// key), and then nothing proves who sent a batch.
+    entitlements: Option<Entitlements>,
+    /// Refusals by exporter not logged yet; bounded like the buckets.
+    unlogged: BTreeMap<u64, RefusalTally>,
+    logged_at: Option<UnixMillis>,
 }
 
 impl Admission {
@@ -199,7 +237,62 @@ impl Admission {
             budgets: BTreeMap::new(),
             overflow: None,
             stats: AdmissionStats::default(),
+            entitlements: None,
+            unlogged: BTreeMap::new(),
+            logged_at: None,
         }
+    }
+
+    /// Replaces what exporters may claim (a registry reload); `None` turns the checks off.
+    pub(crate) fn set_entitlements(&mut self, entitlements: Option<Entitlements>) {
+        self.entitlements = entitlements;
+    }
+
+    pub(crate) fn entitlements(&self) -> Option<&Entitlements> {
+        self.entitlements.as_ref()
+    }
+
+    /// Notes a refusal for the next log line of `exporter_id`.
+    pub(crate) fn note_refusal(&mut self, exporter_id: u64, reason: Rejection, ip: Option<IpAddr>) {
+        if !self.unlogged.contains_key(&exporter_id)
+            && self.unlogged.len() >= self.config.exporters_tracked_max
+        {
+            // Counted in the metrics all the same; only the log line is skipped.
+            return;
+        }
+        let tally = self.unlogged.entry(exporter_id).or_default();
+        match reason {
+            Rejection::NotEntitled => {
+                tally.claims_not_entitled += 1;
+                if tally.example_ip.is_none() {
+                    tally.example_ip = ip;
+                }
+            }
+            Rejection::Revoked => tally.batches_revoked += 1,
+            Rejection::Stale
+            | Rejection::Future
+            | Rejection::Inverted
+            | Rejection::ForeignCidr
+            | Rejection::RateLimited
+            | Rejection::PeerOnly
+            | Rejection::Relayed
+            | Rejection::ExporterClock => {}
+        }
+    }
+
+    /// The refusals to log now, by exporter: all of them once per
+    /// [`REFUSAL_LOG_INTERVAL_MS`], nothing in between.
+    pub(crate) fn refusals_to_log(&mut self, now: UnixMillis) -> Vec<(u64, RefusalTally)> {
+        if self.unlogged.is_empty() {
+            return Vec::new();
+        }
+        if let Some(at) = self.logged_at {
+            if now.0.saturating_sub(at.0) < REFUSAL_LOG_INTERVAL_MS {
+                return Vec::new();
+            }
+        }
+        self.logged_at = Some(now);
+        std::mem::take(&mut self.unlogged).into_iter().collect()
     }
 
     pub(crate) fn config(&self) -> &AdmissionConfig {
@@ -364,6 +457,28 @@ mod tests {
         // Once idle (refilled), old entries make room again.
         assert_eq!(a.take(102, 0, 1, UnixMillis(t.0 + 10_000)), Ok(()));
         assert!(a.stats().exporters_tracked <= 4);
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_exporter_and_interval() {
+        let mut a = Admission::new(AdmissionConfig::default());
+        let t = UnixMillis(1_000_000);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        for _ in 0..3 {
+            a.note_refusal(7, Rejection::NotEntitled, Some(ip));
+        }
+        a.note_refusal(8, Rejection::Revoked, None);
+        let first = a.refusals_to_log(t);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].0, 7);
+        assert_eq!(first[0].1.claims_not_entitled, 3);
+        assert_eq!(first[0].1.example_ip, Some(ip));
+        assert_eq!(first[1].1.batches_revoked, 1);
+        a.note_refusal(7, Rejection::NotEntitled, Some(ip));
+        assert!(a.refusals_to_log(UnixMillis(t.0 + 1_000)).is_empty());
+        let later = a.refusals_to_log(UnixMillis(t.0 + REFUSAL_LOG_INTERVAL_MS));
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].1.claims_not_entitled, 1);
     }
 
     #[test]

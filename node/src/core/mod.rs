@@ -66,6 +66,7 @@
 
 mod admission;
 pub mod clocks;
+pub mod entitlement;
 mod flow;
 mod journal;
 mod recent;
@@ -78,8 +79,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use admission::Admission;
-pub use admission::{AdmissionConfig, AdmissionStats, Rejection};
+pub use admission::{
+    AdmissionConfig, AdmissionStats, RefusalTally, Rejection, REFUSAL_LOG_INTERVAL_MS,
+};
 use clocks::{ClockVerdict, ExporterClocks};
+pub use entitlement::{Entitlement, Entitlements};
 use flow::{DictionaryBuilder, Names};
 pub use flow::{EmittedFlow, FlowRecord, Local};
 use ipnet::IpNet;
@@ -132,8 +136,13 @@ pub type ConnId = u64;
 /// the frame says whether an exporter or a collector sent it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Sender {
-    /// Opened with the exporter key: only fresh flow batches (`hops == 0`) are allowed.
+    /// Opened with the shared exporter key: only fresh flow batches (`hops == 0`) are
+    /// allowed, and nothing proves which exporter sent them.
     Exporter,
+    /// Opened with the credential of exporter `0` (a key bound to it in the registry):
+    /// only fresh flow batches, which count as that exporter's whatever their
+    /// `exporter_id` says, and whose claims must lie within its entitlement.
+    ProvenExporter(u64),
     /// Opened with the cluster key: any message.
     Collector,
 }
@@ -440,12 +449,21 @@ impl NodeCore {
     /// opt in.
     pub fn set_admission(&mut self, config: AdmissionConfig) {
         self.clocks = exporter_clocks(&self.config, &config);
+        let entitlements = self.admission.entitlements().cloned();
         self.admission = Admission::new(config);
+        self.admission.set_entitlements(entitlements);
     }
 
     /// The limits on exporter input in force.
     pub fn admission_config(&self) -> &AdmissionConfig {
         self.admission.config()
+    }
+
+    /// Replaces what each exporter may claim, by the exporter id its credential proves
+    /// (a registry reload takes effect with the next batch). `None`: exporters share a key
+    /// and nothing is checked beyond the region's prefixes.
+    pub fn set_entitlements(&mut self, entitlements: Option<Entitlements>) {
+        self.admission.set_entitlements(entitlements);
     }
 
     /// Exporter input refused, by reason.
@@ -560,7 +578,11 @@ impl NodeCore {
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
-        if sender == Sender::Exporter {
+        let proven = match sender {
+            Sender::ProvenExporter(id) => Some(id),
+            Sender::Exporter | Sender::Collector => None,
+        };
+        if sender != Sender::Collector {
             let refused = match &message {
                 Message::FlowBatch(b) if b.hops == 0 => None,
                 Message::FlowBatch(b) => Some((Rejection::Relayed, Some(b.batch_id))),
@@ -581,7 +603,29 @@ impl NodeCore {
             }
         }
         match message {
-            Message::FlowBatch(batch) => self.on_flow_batch(conn, batch, now, out),
+            Message::FlowBatch(mut batch) => {
+                if let Some(id) = proven {
+                    // The credential says who sent it; the batch's field is only a claim.
+                    batch.exporter_id = id;
+                    if let Some(Err(reason)) =
+                        self.admission.entitlements().map(|e| e.check_exporter(id))
+                    {
+                        self.admission.count_message(reason);
+                        self.admission
+                            .count_claims(reason, batch.claims.len() as u64);
+                        self.admission.note_refusal(id, reason, None);
+                        self.stats.batches_rejected += 1;
+                        ack(
+                            out,
+                            conn,
+                            batch.batch_id,
+                            AckStatus::Rejected(RejectReason::Revoked),
+                        );
+                        return;
+                    }
+                }
+                self.on_flow_batch(conn, batch, proven, now, out)
+            }
             Message::ClaimBatch(batch) => self.on_claim_batch(conn, batch, now, out),
             Message::IpEventBatch(batch) => {
                 let id = batch.batch_id;
@@ -652,6 +696,7 @@ impl NodeCore {
     /// Time passed: emit flows whose deadline came, retry held flows, pull handoff spans,
     /// send the flows gathered for peers, re-route forwards whose ack is overdue.
     pub fn tick(&mut self, now: UnixMillis, out: &mut Vec<Output>) {
+        self.log_refusals(now);
         self.engine.tick(now, &mut self.scratch);
         self.drain_engine(now, out);
         self.pull(now, out);
@@ -778,6 +823,7 @@ impl NodeCore {
         &mut self,
         conn: ConnId,
         batch: wire::FlowBatch,
+        proven: Option<u64>,
         now: UnixMillis,
         out: &mut Vec<Output>,
     ) {
@@ -806,6 +852,7 @@ impl NodeCore {
             return ack(out, conn, id, AckStatus::Busy { retry_after_ms });
         }
         let mut clock_off = false;
+        let dictionary = self.names.dictionary(&batch.dictionary);
         let claims = if batch.hops == 0 {
             // Straight from an exporter: its budget first, its clock, then every claim on
             // its own.
@@ -825,7 +872,7 @@ impl NodeCore {
             }
             let at = self.steady.observe(now);
             match self.clocks.judge(batch.exporter_id, batch.sent_ms, now, at) {
-                ClockVerdict::Agrees => self.admit_claims(batch.claims, now),
+                ClockVerdict::Agrees => self.admit_claims(batch.claims, &dictionary, proven, now),
                 ClockVerdict::Disagrees { off_ms } => {
                     self.stats.batches_clock_off += 1;
                     self.admission
@@ -839,7 +886,6 @@ impl NodeCore {
             batch.claims
         };
         self.stats.batches_accepted += 1;
-        let dictionary = self.names.dictionary(&batch.dictionary);
         let origin = if batch.hops == 0 {
             Origin::Exporter
         } else {
@@ -1257,30 +1303,67 @@ impl NodeCore {
     // ----- claims and events -----
 
     /// The claims of an exporter batch that pass the admission checks: timestamps near
-    /// `now`, IP in our region's prefixes. The rest are counted and dropped here, before
-    /// routing, so that no owner ever sees them.
-    fn admit_claims(&mut self, claims: Vec<wire::Claim>, now: UnixMillis) -> Vec<wire::Claim> {
+    /// `now`, IP in our region's prefixes, and, for an exporter whose credential proved it
+    /// (`proven`) while entitlements are loaded, IP and workload name within its
+    /// entitlement. The rest are counted and dropped here, before routing, so that no owner
+    /// ever sees them.
+    fn admit_claims(
+        &mut self,
+        claims: Vec<wire::Claim>,
+        dictionary: &[Arc<str>],
+        proven: Option<u64>,
+        now: UnixMillis,
+    ) -> Vec<wire::Claim> {
         let mut admitted = Vec::with_capacity(claims.len());
         for claim in claims {
             let in_region = match self.regions.locate(claim.ip) {
                 Locate::Region(r) => r == self.region,
                 Locate::External => false,
             };
-            let checked = if in_region {
+            let entitled = match (proven, self.admission.entitlements()) {
+                (Some(id), Some(entitlements)) => {
+                    // A name outside the dictionary is dropped later in any case; here it
+                    // is judged as the empty name, which no restricted list holds.
+                    let name = dictionary.get(claim.workload as usize).map_or("", |n| &**n);
+                    entitlements.check_claim(id, claim.ip, name)
+                }
+                (None, _) | (Some(_), None) => Ok(()),
+            };
+            let checked = if !in_region {
+                Err(Rejection::ForeignCidr)
+            } else if let Err(reason) = entitled {
+                Err(reason)
+            } else {
                 self.admission
                     .check_times(claim.since_ms, claim.until_ms, now)
-            } else {
-                Err(Rejection::ForeignCidr)
             };
             match checked {
                 Ok(()) => admitted.push(claim),
                 Err(reason) => {
                     self.admission.count_claims(reason, 1);
+                    if let Some(id) = proven {
+                        self.admission.note_refusal(id, reason, Some(claim.ip));
+                    }
                     tracing::debug!(ip = %claim.ip, %reason, "exporter claim refused");
                 }
             }
         }
         admitted
+    }
+
+    /// Logs the exporters whose batches or claims were refused for their credential, once
+    /// per exporter and [`REFUSAL_LOG_INTERVAL_MS`].
+    fn log_refusals(&mut self, now: UnixMillis) {
+        for (exporter, tally) in self.admission.refusals_to_log(now) {
+            tracing::warn!(
+                node = %self.config.identity.node_id(),
+                exporter,
+                claims_not_entitled = tally.claims_not_entitled,
+                batches_revoked = tally.batches_revoked,
+                example_ip = ?tally.example_ip,
+                "exporter refused for its credential: claims outside its entitlement, or batches under a revoked credential"
+            );
+        }
     }
 
     fn route_claims(

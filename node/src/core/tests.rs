@@ -10,7 +10,8 @@ use tenure_gossip::ring::RingConfig;
 use tenure_gossip::wire::{self, AckStatus, Direction, Message, RejectReason};
 
 use super::{
-    AdmissionConfig, CoreConfig, FlowRecord, JournalOp, NodeCore, Output, Rejection, Sender,
+    AdmissionConfig, CoreConfig, Entitlement, Entitlements, FlowRecord, JournalOp, NodeCore,
+    Output, Rejection, Sender,
 };
 
 const START: u64 = 1_700_000_000_000;
@@ -526,6 +527,181 @@ fn forged_claims_are_refused_by_reason_and_never_change_ranges() {
             Verdict::Attributed(Attribution::Heartbeat("gateway".into()))
         )]
     );
+}
+
+/// Exporter 1 may claim 10.1.0.0/29 under any name; exporter 2 may claim 10.1.0.8/29 as
+/// `svc` only; exporter 3 is revoked.
+fn entitlements(revoke_1: bool) -> Entitlements {
+    let net = |s: &str| s.parse().unwrap();
+    Entitlements::new(
+        [
+            (
+                1,
+                Entitlement {
+                    prefixes: vec![net("10.1.0.0/29")],
+                    workloads: None,
+                    revoked: revoke_1,
+                },
+            ),
+            (
+                2,
+                Entitlement {
+                    prefixes: vec![net("10.1.0.8/29")],
+                    workloads: Some(["svc".to_owned()].into_iter().collect()),
+                    revoked: false,
+                },
+            ),
+            (
+                3,
+                Entitlement {
+                    prefixes: vec![net("10.1.0.0/16")],
+                    workloads: None,
+                    revoked: true,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    )
+}
+
+#[test]
+fn claims_outside_the_proven_exporters_entitlement_are_refused_and_change_nothing() {
+    let (mut core, now) = ready_core_with_an_owner();
+    core.set_entitlements(Some(entitlements(false)));
+    let owner_ip = "10.1.0.7".parse().unwrap();
+    let before = core.history(owner_ip);
+    let n = now.0;
+    // Exporter 2, entitled to 10.1.0.8/29 as `svc`, claims exporter 1's 10.1.0.7, an idle
+    // IP outside both, and one of its own under a name it may not use; the batch names
+    // exporter 1 as its sender, which changes nothing: the credential says 2.
+    let mut out = Vec::new();
+    core.handle_message_from(
+        5,
+        Sender::ProvenExporter(2),
+        batch(
+            5,
+            "a",
+            Vec::new(),
+            vec![
+                claim("10.1.0.7", 1, n - 1_000, n),
+                claim("10.1.0.200", 1, n - 1_000, n),
+                claim("10.1.0.9", 0, n - 1_000, n),
+                // Its own IP under its own name: taken.
+                claim("10.1.0.10", 1, n - 1_000, n),
+            ],
+        ),
+        now,
+        &mut out,
+    );
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(
+        core.history(owner_ip),
+        before,
+        "the owner's ranges are unchanged"
+    );
+    assert!(core
+        .history("10.1.0.200".parse().unwrap())
+        .segments
+        .is_empty());
+    assert!(core
+        .history("10.1.0.9".parse().unwrap())
+        .segments
+        .is_empty());
+    assert_eq!(core.history("10.1.0.10".parse().unwrap()).segments.len(), 1);
+    let rejected = &core.admission_stats().claims_rejected;
+    assert_eq!(rejected.get(&Rejection::NotEntitled), Some(&3));
+    // Flows to the owner's IP are still the owner's.
+    let mut out = Vec::new();
+    core.handle_message_from(
+        6,
+        Sender::ProvenExporter(2),
+        batch(
+            6,
+            "a",
+            vec![flow(11, "10.1.0.7", START + 2_000)],
+            Vec::new(),
+        ),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        emitted(&out),
+        vec![(
+            11,
+            Verdict::Attributed(Attribution::Heartbeat("gateway".into()))
+        )]
+    );
+}
+
+#[test]
+fn a_revoked_credential_sends_nothing_and_the_others_are_unaffected() {
+    let (mut core, now) = ready_core_with_an_owner();
+    core.set_entitlements(Some(entitlements(false)));
+    let n = now.0;
+    for (conn, id) in [(7, 3), (8, 9)] {
+        // Revoked (3), and unlisted (9: a key bound without an entitlement).
+        let mut out = Vec::new();
+        core.handle_message_from(
+            conn,
+            Sender::ProvenExporter(id),
+            batch(
+                conn,
+                "a",
+                vec![flow(u128::from(conn), "198.51.100.1", n - 100)],
+                vec![claim("10.1.0.1", 1, n - 1_000, n)],
+            ),
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            acks(&out),
+            vec![AckStatus::Rejected(RejectReason::Revoked)],
+            "exporter {id}"
+        );
+        assert!(emitted(&out).is_empty());
+    }
+    assert!(core
+        .history("10.1.0.1".parse().unwrap())
+        .segments
+        .is_empty());
+    assert_eq!(
+        core.admission_stats()
+            .messages_rejected
+            .get(&Rejection::Revoked),
+        Some(&2)
+    );
+    // Exporter 1 is revoked at a reload: its next batch is refused, exporter 2's is not.
+    core.set_entitlements(Some(entitlements(true)));
+    let mut out = Vec::new();
+    core.handle_message_from(
+        10,
+        Sender::ProvenExporter(1),
+        batch(
+            10,
+            "a",
+            Vec::new(),
+            vec![claim("10.1.0.1", 1, n - 1_000, n)],
+        ),
+        now,
+        &mut out,
+    );
+    assert_eq!(acks(&out), vec![AckStatus::Rejected(RejectReason::Revoked)]);
+    let mut out = Vec::new();
+    core.handle_message_from(
+        11,
+        Sender::ProvenExporter(2),
+        batch(
+            11,
+            "a",
+            Vec::new(),
+            vec![claim("10.1.0.11", 1, n - 1_000, n)],
+        ),
+        now,
+        &mut out,
+    );
+    assert_eq!(acks(&out), vec![AckStatus::Accepted]);
+    assert_eq!(core.history("10.1.0.11".parse().unwrap()).segments.len(), 1);
 }
 
 #[test]

@@ -26,8 +26,8 @@ use super::metrics as m;
 use super::transport::{read_messages, Crypto, FrameOrigin, Keys, ReadTimeouts, TransportError};
 use crate::config::{CollectorConfig, SinkConfig};
 use crate::core::{
-    ConnId, CoreConfig, Dest, EmittedFlow, JournalOp, NodeCore, Notice, Output, Rejection,
-    TICK_INTERVAL_MS,
+    ConnId, CoreConfig, Dest, EmittedFlow, Entitlements, JournalOp, NodeCore, Notice, Output,
+    Rejection, TICK_INTERVAL_MS,
 };
 use crate::deps::Dependencies;
 use crate::journal::Journal;
@@ -508,15 +508,18 @@ pub async fn run_reloadable(
     tap: Option<mpsc::Sender<EmittedFlow>>,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let (cluster_ring, exporter_ring) = config
-        .keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
-        .context("keys")?;
+    let (keys, entitlements) = load_keys(&config).context("keys")?;
     let admin_token = config.admin.resolve_token().context("[admin]")?;
     if admin_token.is_some() {
         tracing::warn!(node = %config.node_id, "admin fault injection is enabled (/admin/clock); do not run this in production");
     }
-    if config.dev_exporters_use_cluster_key && config.exporter_key.is_none() {
-        tracing::warn!(node = %config.node_id, "development mode: exporters use the cluster key, so any exporter can speak as a collector; do not run this in production");
+    if config.dev_exporters_use_cluster_key
+        && config.exporter_key.is_none()
+        && config.exporter_registry.is_none()
+    {
+        tracing::warn!(node = %config.node_id, "development mode: exporters use the cluster key, so any exporter can speak as a collector and claim any IP of the region under any name; do not run this in production");
+    } else if config.exporter_key.is_some() {
+        tracing::warn!(node = %config.node_id, "exporters share one key (exporter_key): any exporter can claim any IP of the region under any exporter id; give each its own credential (exporter_registry)");
     }
 
     let udp = Arc::new(
@@ -549,14 +552,7 @@ pub async fn run_reloadable(
     let sender_id = fnv64(config.node_id.as_bytes());
     let state_dir = config.data_dir.join(&config.node_id);
     let epoch = super::epoch::next(&state_dir, start.0).context("choosing the sender epoch")?;
-    let crypto = Crypto::with_keys(
-        Keys {
-            cluster: cluster_ring,
-            exporter: exporter_ring,
-        },
-        sender_id,
-        epoch,
-    );
+    let crypto = Crypto::with_keys(keys, sender_id, epoch);
     // The engine's and the core's hash tables are keyed by what exporters send (IPs, flow
     // ids, workload names): seeded from the OS, so that nobody can aim keys at one bucket.
     let mut os_seeded: rand::rngs::StdRng = rand::make_rng();
@@ -596,6 +592,7 @@ pub async fn run_reloadable(
     };
     let mut core = NodeCore::new(core_config, start)?;
     core.set_admission(config.admission());
+    core.set_entitlements(entitlements);
     m::init_collector(
         &config.node_id,
         &config.region,
@@ -927,7 +924,37 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
     }
 }
 
-/// Re-reads the configuration on SIGHUP and replaces the keys. A bad file changes nothing.
+/// The keyrings and, with an exporter registry, each exporter's bound keys and
+/// entitlements, as `config` asks for them. `TENURE_CLUSTER_KEY` overrides the cluster key.
+fn load_keys(config: &CollectorConfig) -> anyhow::Result<(Keys, Option<Entitlements>)> {
+    let cluster_env = std::env::var("TENURE_CLUSTER_KEY").ok();
+    let (cluster, exporter) = config.keyrings(cluster_env.as_deref())?;
+    let Some(path) = &config.exporter_registry else {
+        return Ok((
+            Keys {
+                cluster,
+                exporter,
+                registry: None,
+            },
+            None,
+        ));
+    };
+    let cluster_key = config.cluster_key.resolve(cluster_env.as_deref())?;
+    let registry = crate::registry::Registry::load(path, &cluster_key)?;
+    let (listed, revoked) = registry.counts();
+    tracing::info!(node = %config.node_id, registry = %path.display(), exporters = listed, revoked, "exporter registry loaded");
+    Ok((
+        Keys {
+            cluster,
+            exporter,
+            registry: Some(registry.keys),
+        },
+        Some(registry.entitlements),
+    ))
+}
+
+/// Re-reads the configuration on SIGHUP and replaces the keys and the exporter registry. A
+/// bad file changes nothing.
 async fn reload_on_hangup(
     shared: Arc<Shared>,
     path: std::path::PathBuf,
@@ -946,21 +973,31 @@ async fn reload_on_hangup(
             got = hangups.recv() => if got.is_none() { return },
             _ = stopped(&mut stop) => return,
         }
-        let loaded = crate::config::load::<CollectorConfig>(&path).and_then(|config| {
-            config.validate()?;
-            config.keyrings(std::env::var("TENURE_CLUSTER_KEY").ok().as_deref())
-        });
+        let loaded = crate::config::load::<CollectorConfig>(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| {
+                config.validate()?;
+                load_keys(&config)
+            });
         match loaded {
-            Ok((cluster, exporter)) => {
-                shared.crypto.replace_keys(Keys { cluster, exporter });
+            Ok((keys, entitlements)) => {
+                // Under the core's lock: no batch is judged while one is replaced and not
+                // the other. A batch opened under the old keys is judged by the new
+                // entitlements, so a revocation applies to it too.
+                {
+                    let mut core = lock(&shared.core);
+                    shared.crypto.replace_keys(keys);
+                    core.set_entitlements(entitlements);
+                }
                 let (send, accepted, exporter_send, exporter_accepted) = shared.crypto.key_ids();
+                let (exporters, exporter_keys) = shared.crypto.registry_size();
                 metrics::counter!(m::KEY_RELOADS, "node" => shared.node.clone(), "result" => "ok")
                     .increment(1);
-                tracing::info!(node = %shared.node, cluster_send = send, ?accepted, ?exporter_send, ?exporter_accepted, "keys reloaded");
+                tracing::info!(node = %shared.node, cluster_send = send, ?accepted, ?exporter_send, ?exporter_accepted, exporters, exporter_keys, "keys reloaded");
             }
             Err(e) => {
                 metrics::counter!(m::KEY_RELOADS, "node" => shared.node.clone(), "result" => "error").increment(1);
-                tracing::error!(node = %shared.node, error = %Chain(&e), "reloading the configuration failed; the running keys stay");
+                tracing::error!(node = %shared.node, error = format!("{e:#}"), "reloading the configuration failed; the running keys stay");
             }
         }
     }

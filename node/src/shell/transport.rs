@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use tenure_gossip::frame::{self, FrameDecoder, FrameError, FrameLimits};
-use tenure_gossip::seal::{Channel, Keyring, Opener, OpenerConfig, SealError, Sealer, SecretKey};
+use tenure_gossip::seal::{
+    BoundKeys, Channel, Keyring, Opener, OpenerConfig, SealError, Sealer, SecretKey,
+};
 use tenure_gossip::wire::{self, AlignedVec, Message, WireError, WireLimits};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -91,9 +93,13 @@ pub struct Keys {
     /// Seals everything this node sends (but replies to exporters); opens gossip and
     /// peer frames. An exporter's only keyring.
     pub cluster: Keyring,
-    /// Opens frames from exporters and seals the replies to them; none on exporters and
-    /// in development mode, where exporters use the cluster key.
+    /// Opens frames from exporters and seals the replies to them when exporters share one
+    /// key; none on exporters, with a registry, and in development mode, where exporters
+    /// use the cluster key.
     pub exporter: Option<Keyring>,
+    /// Each exporter's own keys, bound to its id (the exporter registry): a frame one opens
+    /// comes from [`Sender::ProvenExporter`], and the reply is sealed with the same key.
+    pub registry: Option<BoundKeys>,
 }
 
 /// Who sealed an opened frame, and with which key (replies use the same one).
@@ -123,6 +129,7 @@ impl Crypto {
             Keys {
                 cluster: Keyring::new(key_id, key),
                 exporter: exporter.map(|(id, k)| Keyring::new(id, k)),
+                registry: None,
             },
             sender_id,
             epoch,
@@ -153,6 +160,15 @@ impl Crypto {
     /// does not reopen any window.
     pub fn replace_keys(&self, keys: Keys) {
         *lock(&self.keys) = keys;
+    }
+
+    /// Exporters whose keys are bound (registry), and keys bound; zeros without one.
+    pub fn registry_size(&self) -> (usize, usize) {
+        let keys = lock(&self.keys);
+        keys.registry.as_ref().map_or((0, 0), |r| {
+            let owners: std::collections::BTreeSet<u64> = r.bindings().map(|(_, o)| o).collect();
+            (owners.len(), r.len())
+        })
     }
 
     /// The key ids in use: (cluster send, cluster accepted, exporter send, exporter
@@ -186,6 +202,29 @@ impl Crypto {
         let plain = wire::encode(message)?;
         let mut out = Vec::with_capacity(plain.len() + 128);
         let keys = lock(&self.keys);
+        if let Some(FrameOrigin {
+            sender: Sender::ProvenExporter(_),
+            key_id,
+        }) = origin
+        {
+            // The exporter's own key; gone after a reload that removed it, and then there
+            // is no key the exporter could open a reply with.
+            let registry = keys
+                .registry
+                .as_ref()
+                .ok_or(TransportError::Seal(SealError::UnknownKey { key_id }))?;
+            let mut guard = lock(&self.data);
+            let (sealer, rng) = &mut *guard;
+            frame::encode_frame_with::<TransportError, _>(
+                &mut out,
+                self.limits.frame_bytes_max,
+                |body| {
+                    sealer.seal_with(registry, key_id, rng, &plain, body)?;
+                    Ok(())
+                },
+            )?;
+            return Ok(out);
+        }
         let (keyring, key_id) = match origin {
             Some(FrameOrigin {
                 sender: Sender::Exporter,
@@ -195,7 +234,7 @@ impl Crypto {
                 None => (&keys.cluster, keys.cluster.send_key_id()),
             },
             Some(FrameOrigin {
-                sender: Sender::Collector,
+                sender: Sender::Collector | Sender::ProvenExporter(_),
                 ..
             })
             | None => (&keys.cluster, keys.cluster.send_key_id()),
@@ -251,11 +290,14 @@ impl Crypto {
                 Ok(o) => Ok((Sender::Collector, o)),
                 Err(
                     e @ (SealError::UnknownKey { .. } | SealError::AuthenticationFailed { .. }),
-                ) => match &keys.exporter {
-                    Some(k) => lock(&self.exporter_opener)
+                ) => match (&keys.registry, &keys.exporter) {
+                    (Some(r), _) => lock(&self.exporter_opener)
+                        .open(r, Channel::Data, body, plaintext)
+                        .map(|o| (Sender::ProvenExporter(o.sender_id), o)),
+                    (None, Some(k)) => lock(&self.exporter_opener)
                         .open(k, Channel::Data, body, plaintext)
                         .map(|o| (Sender::Exporter, o)),
-                    None => Err(e),
+                    (None, None) => Err(e),
                 },
                 Err(e) => Err(e),
             }
