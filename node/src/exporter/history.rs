@@ -217,16 +217,23 @@ impl LocalHistory {
             let Some(open) = history.tenures.last_mut().filter(|t| t.until_ms.is_none()) else {
                 continue;
             };
+            // A release the source states ends the tenure there, also when a new owner
+            // already holds the IP.
+            let released = observation.released.get(ip).map(|r| (*r).min(now_ms));
             let end = match held.get(ip) {
                 Some(h) if h.workload == open.workload => match h.since_ms {
                     // The same workload took the IP again later: the old tenure ended.
-                    Some(since) if since > open.since_ms => Some(since - 1),
+                    Some(since) if since > open.since_ms => {
+                        Some(released.map_or(since - 1, |r| r.min(since - 1)))
+                    }
                     Some(_) | None => None,
                 },
-                Some(h) => Some(
-                    h.since_ms
-                        .map_or(changed_ms, |since| since.saturating_sub(1).min(changed_ms)),
-                ),
+                Some(h) => {
+                    let before_new = h
+                        .since_ms
+                        .map_or(changed_ms, |since| since.saturating_sub(1).min(changed_ms));
+                    Some(released.map_or(before_new, |r| r.min(before_new)))
+                }
                 None => Some(
                     observation
                         .released
