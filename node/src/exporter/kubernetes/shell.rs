@@ -97,15 +97,25 @@ fn feed(tracker: &Mutex<PodTracker>, input: WatchInput) {
     lock(tracker).handle(clock::now().0, input);
 }
 
-fn view_or_malformed(pod: &Pod) -> WatchInput {
-    match PodView::from_pod(pod) {
-        Ok(view) => WatchInput::Applied(view),
-        Err(e) => {
-            tracing::warn!(error = %e, "unreadable pod object");
-            WatchInput::Malformed {
-                uid: pod.metadata.uid.clone(),
-            }
+/// The pod as the tracker takes it, or, when it cannot be read (logged), the input that
+/// says so.
+fn read(pod: &Pod) -> Result<PodView, Malformed> {
+    PodView::from_pod(pod).map_err(|e| {
+        tracing::warn!(error = %e, "unreadable pod object");
+        Malformed {
+            uid: pod.metadata.uid.clone(),
         }
+    })
+}
+
+/// A pod object that could not be read, and its UID if it had one.
+struct Malformed {
+    uid: Option<String>,
+}
+
+impl From<Malformed> for WatchInput {
+    fn from(m: Malformed) -> WatchInput {
+        WatchInput::Malformed { uid: m.uid }
     }
 }
 
@@ -142,9 +152,9 @@ async fn watch(api: Api<Pod>, fields: String, tracker: Arc<Mutex<PodTracker>>) {
                 Ok((pods, v)) => {
                     let mut views = Vec::with_capacity(pods.len());
                     for pod in &pods {
-                        match view_or_malformed(pod) {
-                            WatchInput::Applied(view) => views.push(view),
-                            malformed => feed(&tracker, malformed),
+                        match read(pod) {
+                            Ok(view) => views.push(view),
+                            Err(malformed) => feed(&tracker, malformed.into()),
                         }
                     }
                     tracing::info!(pods = views.len(), version = %v, "listed this node's pods");
@@ -202,14 +212,11 @@ async fn follow(
             None => return WatchEnd::Resume(version),
             Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
                 version = pod.metadata.resource_version.clone().unwrap_or(version);
-                view_or_malformed(&pod)
+                read(&pod).map_or_else(WatchInput::from, WatchInput::Applied)
             }
             Some(Ok(WatchEvent::Deleted(pod))) => {
                 version = pod.metadata.resource_version.clone().unwrap_or(version);
-                match view_or_malformed(&pod) {
-                    WatchInput::Applied(view) => WatchInput::Deleted(view),
-                    other => other,
-                }
+                read(&pod).map_or_else(WatchInput::from, WatchInput::Deleted)
             }
             Some(Ok(WatchEvent::Bookmark(mark))) => {
                 version = mark.metadata.resource_version;
