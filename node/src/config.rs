@@ -777,6 +777,62 @@ pub enum IdentityConfig {
     /// `{"10.1.0.5": {"workload": "web", "since_ms": 1700000000000}, ...}`. Re-read when
     /// it changes.
     MapFile { path: PathBuf },
+    /// The pods of this node, from the Kubernetes API (list, then watch with
+    /// `spec.nodeName=<node_name>`). See the deployment guide's "Kubernetes" section.
+    Kubernetes {
+        /// This node's name, as the API knows it. Default: the `NODE_NAME` environment
+        /// variable (set from the downward API, `spec.nodeName`); one of the two is
+        /// required.
+        #[serde(default)]
+        node_name: Option<String>,
+        /// The API server's URL. Default: in-cluster (`KUBERNETES_SERVICE_HOST` and the
+        /// service account's token and CA). An `http://` URL is used without credentials
+        /// (`kubectl proxy`).
+        #[serde(default)]
+        api_server: Option<String>,
+        /// How long after the watch broke the pods last known are still claimed, in ms
+        /// (0 to 60,000); past it nothing is claimed until a relist. Default 5,000.
+        #[serde(default = "default_staleness_limit_ms")]
+        staleness_limit_ms: u64,
+    },
+}
+
+fn default_staleness_limit_ms() -> u64 {
+    crate::exporter::kubernetes::STALENESS_LIMIT_MS_DEFAULT
+}
+
+impl IdentityConfig {
+    /// The Kubernetes node name: the config's, else `NODE_NAME` (`env`), checked as the
+    /// API checks a node name (a DNS subdomain: 1 to 253 of `a-z 0-9 . -`).
+    pub fn kubernetes_node_name(
+        configured: Option<&str>,
+        env: Option<&str>,
+    ) -> Result<String, ConfigError> {
+        let (field, name) = match (configured, env) {
+            (Some(n), _) => ("identity.node_name", n),
+            (None, Some(n)) => ("NODE_NAME", n),
+            (None, None) => {
+                return Err(invalid(
+                    "identity.node_name",
+                    "required: set it, or the NODE_NAME environment variable (downward API, spec.nodeName)",
+                ))
+            }
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid {
+            return Err(invalid(
+                field,
+                format!("{name:?} is not a node name (1 to 253 of a-z 0-9 . -, alphanumeric at both ends)"),
+            ));
+        }
+        Ok(name.to_string())
+    }
 }
 
 /// Where an exporter's flows come from.
@@ -966,6 +1022,33 @@ impl ExporterConfig {
                 "local_retention_ms",
                 "must be at least two heartbeat intervals",
             ));
+        }
+        if let Some(IdentityConfig::Kubernetes {
+            node_name,
+            api_server,
+            staleness_limit_ms,
+        }) = &self.identity
+        {
+            // Without `node_name`, `NODE_NAME` is read and checked when the source starts.
+            if let Some(name) = node_name {
+                IdentityConfig::kubernetes_node_name(Some(name), None)?;
+            }
+            if let Some(url) = api_server {
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.parse::<axum::http::Uri>().is_err()
+                {
+                    return Err(invalid(
+                        "identity.api_server",
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+            if *staleness_limit_ms > LOCAL_MARGIN_MS_MAX {
+                return Err(invalid(
+                    "identity.staleness_limit_ms",
+                    format!("must be at most {LOCAL_MARGIN_MS_MAX}"),
+                ));
+            }
         }
         if let SourceConfig::Ebpf { births_max } = self.source {
             let (min, max) = (tenure_node_ebpf::BIRTHS_MIN, tenure_node_ebpf::BIRTHS_MAX);

@@ -235,6 +235,12 @@ impl LocalHistory {
             let Some(open) = history.tenures.last_mut().filter(|t| t.until_ms.is_none()) else {
                 continue;
             };
+            // A release the source states ends the tenure there, also when a new owner
+            // already holds the IP.
+            let released = observation
+                .released
+                .get(ip)
+                .map(|r| frames.end_of(*r).min(now_ms));
             let end = match held.get(ip) {
                 Some(h) if h.workload == open.workload => match h.since_ms {
                     // The same workload took the IP again later: the old tenure ended.
@@ -243,19 +249,18 @@ impl LocalHistory {
                             .stated_ms
                             .map_or(frames.start_of(since) > open.since_ms, |s| since > s) =>
                     {
-                        Some(frames.end_of(since).saturating_sub(1).min(now_ms))
+                        let before_new = frames.end_of(since).saturating_sub(1).min(now_ms);
+                        Some(released.map_or(before_new, |r| r.min(before_new)))
                     }
                     Some(_) | None => None,
                 },
-                Some(h) => Some(h.since_ms.map_or(changed_ms, |since| {
-                    frames.end_of(since).saturating_sub(1).min(changed_ms)
-                })),
-                None => Some(
-                    observation
-                        .released
-                        .get(ip)
-                        .map_or(changed_ms, |r| frames.end_of(*r).min(now_ms)),
-                ),
+                Some(h) => {
+                    let before_new = h.since_ms.map_or(changed_ms, |since| {
+                        frames.end_of(since).saturating_sub(1).min(changed_ms)
+                    });
+                    Some(released.map_or(before_new, |r| r.min(before_new)))
+                }
+                None => Some(released.unwrap_or(changed_ms)),
             };
             if let Some(end) = end {
                 open.until_ms = Some(end.max(open.since_ms));

@@ -16,6 +16,8 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use super::history::{Held, Observation};
+use super::kubernetes::shell::KubernetesSource;
+use super::kubernetes::TrackerConfig;
 use crate::config::IdentityConfig;
 
 #[derive(Deserialize)]
@@ -36,10 +38,12 @@ struct MapEntry {
 }
 
 /// An identity file, read into [`Observation`]s for the exporter core: the mapping, and
-/// the file's modification time as the time the source states for its last change.
+/// the file's modification time as the time the source states for its last change; or
+/// the Kubernetes source ([`super::kubernetes`]).
 #[derive(Debug)]
 pub struct IdentitySource {
     config: IdentityConfig,
+    kubernetes: Option<KubernetesSource>,
     current: Observation,
     modified: Option<SystemTime>,
     /// Whether `current` is what the file says now (false until a first good read, and
@@ -48,25 +52,56 @@ pub struct IdentitySource {
 }
 
 impl IdentitySource {
-    pub fn new(config: IdentityConfig) -> IdentitySource {
-        IdentitySource {
+    /// A source for `config`; the Kubernetes source starts its watch here (on the current
+    /// tokio runtime).
+    pub fn new(config: IdentityConfig) -> Result<IdentitySource, anyhow::Error> {
+        let kubernetes = match &config {
+            IdentityConfig::HostFile { .. } | IdentityConfig::MapFile { .. } => None,
+            IdentityConfig::Kubernetes {
+                node_name,
+                api_server,
+                staleness_limit_ms,
+            } => {
+                let node = IdentityConfig::kubernetes_node_name(
+                    node_name.as_deref(),
+                    std::env::var("NODE_NAME").ok().as_deref(),
+                )?;
+                let tracker = TrackerConfig {
+                    staleness_limit_ms: *staleness_limit_ms,
+                    ..TrackerConfig::default()
+                };
+                Some(KubernetesSource::start(
+                    &node,
+                    api_server.as_deref(),
+                    tracker,
+                )?)
+            }
+        };
+        Ok(IdentitySource {
             config,
+            kubernetes,
             current: Observation::default(),
             modified: None,
             fresh: false,
-        }
+        })
     }
 
-    fn path(&self) -> &PathBuf {
+    fn path(&self) -> Option<&PathBuf> {
         match &self.config {
-            IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => path,
+            IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => Some(path),
+            IdentityConfig::Kubernetes { .. } => None,
         }
     }
 
-    /// What the file says now (re-read when it changed), or `None` when it cannot be read
-    /// or parsed (logged): then nothing is confirmed, and flows wait.
+    /// What the source says now (a file re-read when it changed), or `None` when it cannot
+    /// be read or parsed (logged), or the Kubernetes watch is not current: then nothing is
+    /// confirmed, and flows wait.
     pub fn poll(&mut self) -> Option<&Observation> {
-        let path = self.path().clone();
+        if let Some(kubernetes) = &self.kubernetes {
+            self.current = kubernetes.poll()?;
+            return Some(&self.current);
+        }
+        let path = self.path()?.clone();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         if self.fresh && modified.is_some() && modified == self.modified {
             return Some(&self.current);
@@ -95,7 +130,8 @@ impl IdentitySource {
                     })
                     .collect()
             }),
-            IdentityConfig::MapFile { .. } => {
+            // The Kubernetes source was polled above; it has no file.
+            IdentityConfig::MapFile { .. } | IdentityConfig::Kubernetes { .. } => {
                 serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
                     m.into_iter()
                         .map(|(ip, e)| {
@@ -147,7 +183,8 @@ mod tests {
             r#"{"10.0.0.1": {"workload": "web", "since_ms": 5}, "10.0.0.2": {"workload": "db"}}"#,
         )
         .unwrap();
-        let mut source = IdentitySource::new(IdentityConfig::MapFile { path: path.clone() });
+        let mut source =
+            IdentitySource::new(IdentityConfig::MapFile { path: path.clone() }).unwrap();
         let mut history = LocalHistory::new(HistoryConfig::default());
         history.observe(100, 0, source.poll().unwrap());
         let claims = history.claims();

@@ -11,6 +11,7 @@ pub mod core;
 pub mod frames;
 pub mod history;
 pub mod identity;
+pub mod kubernetes;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -172,12 +173,12 @@ pub async fn run(
         SourceConfig::Ebpf { births_max } => {
             let (identity, core) = match &config.identity {
                 Some(i) => (
-                    Some(IdentitySource::new(i.clone())),
+                    Some(IdentitySource::new(i.clone()).context("the identity source")?),
                     ExporterCore::new(config.core_config()),
                 ),
                 None if to_stdout => (None, ExporterCore::anonymous(config.core_config())),
                 None => anyhow::bail!(
-                    "the eBPF source needs an [identity] section (host_file or map_file)"
+                    "the eBPF source needs an [identity] section (host_file, map_file or kubernetes)"
                 ),
             };
             let rx = start_capture(config.heartbeat_interval_ms, *births_max)
