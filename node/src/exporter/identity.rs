@@ -6,6 +6,9 @@
 //! When a file gives none, the exporter uses the moment it first saw the mapping, which is
 //! later than the truth, never earlier: it may leave a gap, but never claims time it
 //! cannot vouch for.
+//!
+//! A containers source (`kind = "containers"`) is followed by its own task
+//! ([`super::containers`]); polling it takes what that task has learned.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,6 +18,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
+use super::containers::shell::ContainerSource;
+use super::containers::{ContainersConfig, CONTAINERS_MAX_DEFAULT};
 use super::history::{Held, Observation};
 use crate::config::IdentityConfig;
 
@@ -40,6 +45,8 @@ struct MapEntry {
 #[derive(Debug)]
 pub struct IdentitySource {
     config: IdentityConfig,
+    /// The containers source's task, for `kind = "containers"`.
+    containers: Option<ContainerSource>,
     current: Observation,
     modified: Option<SystemTime>,
     /// Whether `current` is what the file says now (false until a first good read, and
@@ -49,8 +56,24 @@ pub struct IdentitySource {
 
 impl IdentitySource {
     pub fn new(config: IdentityConfig) -> IdentitySource {
+        let containers = match &config {
+            IdentityConfig::Containers {
+                socket,
+                workload_label,
+                stale_after_ms,
+            } => Some(ContainerSource::start(
+                socket.clone(),
+                ContainersConfig {
+                    workload_label: workload_label.clone(),
+                    stale_after_ms: *stale_after_ms,
+                    containers_max: CONTAINERS_MAX_DEFAULT,
+                },
+            )),
+            IdentityConfig::HostFile { .. } | IdentityConfig::MapFile { .. } => None,
+        };
         IdentitySource {
             config,
+            containers,
             current: Observation::default(),
             modified: None,
             fresh: false,
@@ -60,12 +83,17 @@ impl IdentitySource {
     fn path(&self) -> &PathBuf {
         match &self.config {
             IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => path,
+            IdentityConfig::Containers { socket, .. } => socket,
         }
     }
 
     /// What the file says now (re-read when it changed), or `None` when it cannot be read
     /// or parsed (logged): then nothing is confirmed, and flows wait.
     pub fn poll(&mut self) -> Option<&Observation> {
+        if let Some(containers) = &mut self.containers {
+            self.current = containers.poll()?;
+            return Some(&self.current);
+        }
         let path = self.path().clone();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         if self.fresh && modified.is_some() && modified == self.modified {
@@ -95,6 +123,7 @@ impl IdentitySource {
                     })
                     .collect()
             }),
+            IdentityConfig::Containers { .. } => return None,
             IdentityConfig::MapFile { .. } => {
                 serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
                     m.into_iter()

@@ -7,6 +7,7 @@
 //! talks to collectors.
 
 pub mod batcher;
+pub mod containers;
 pub mod core;
 pub mod history;
 pub mod identity;
@@ -176,7 +177,7 @@ pub async fn run(
                 ),
                 None if to_stdout => (None, ExporterCore::anonymous(config.core_config())),
                 None => anyhow::bail!(
-                    "the eBPF source needs an [identity] section (host_file or map_file)"
+                    "the eBPF source needs an [identity] section (host_file, map_file or containers)"
                 ),
             };
             let rx = start_capture(config.heartbeat_interval_ms, *births_max)
