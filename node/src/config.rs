@@ -774,7 +774,8 @@ pub enum IdentityConfig {
         workload_label: String,
         /// How long the last known containers are still claimed after the runtime became
         /// unreachable, in ms (at most 600,000); past it nothing is claimed until it is back.
-        /// Default 30,000.
+        /// A container that took an address meanwhile is not seen until then: 0 claims
+        /// nothing while disconnected. Default 30,000.
         #[serde(default = "default_stale_after_ms")]
         stale_after_ms: u64,
     },

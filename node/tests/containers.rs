@@ -28,6 +28,8 @@ const HEARTBEAT_MS: u64 = 500;
 const ROUNDS: usize = 30;
 /// The server is replaced every this many rounds.
 const SERVER_EVERY: usize = 6;
+/// Client rounds after the API service was down while the server was replaced.
+const AFTER_OUTAGE_ROUNDS: usize = 4;
 const DEADLINE: Duration = Duration::from_secs(120);
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -90,6 +92,24 @@ impl Podman {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Serves the Docker API on [`Podman::socket`] (stopping a previous service first).
+    fn serve(&mut self) -> anyhow::Result<()> {
+        self.service = None;
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        let service = self
+            .command()
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting podman system service")?;
+        self.service = Some(Proc(service));
+        Ok(())
     }
 
     fn socket(&self) -> PathBuf {
@@ -216,6 +236,22 @@ fn sink_lines(dir: &Path) -> Vec<serde_json::Value> {
     lines
 }
 
+/// The exporter's `/metrics`.
+async fn scrape(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    ensure!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "GET /metrics: {body}"
+    );
+    Ok(body)
+}
+
 /// One container's hold on an address, by Podman's times.
 #[derive(Clone, Debug)]
 struct Hold {
@@ -238,6 +274,7 @@ fn write_configs(
     sink: &Path,
     data: Option<&str>,
     socket: &Path,
+    http: &str,
 ) -> anyhow::Result<PathBuf> {
     match data {
         None => {
@@ -280,6 +317,7 @@ collectors = ["{data}"]
 heartbeat_interval_ms = {HEARTBEAT_MS}
 key = {{ key_hex = "{KEY_HEX}" }}
 local_source_lag_ms = 500
+http_addr = "{http}"
 identity = {{ kind = "containers", socket = "{}" }}
 source = {{ kind = "ebpf", births_max = 65536 }}
 "#,
@@ -329,16 +367,7 @@ async fn every_attributed_end_names_the_container_that_held_the_address() -> any
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     let socket = podman.socket();
-    let service = podman
-        .command()
-        .args(["system", "service", "--time=0"])
-        .arg(format!("unix://{}", socket.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting podman system service")?;
-    podman.service = Some(Proc(service));
+    podman.serve()?;
     podman.run(&[
         "network",
         "create",
@@ -356,13 +385,17 @@ async fn every_attributed_end_names_the_container_that_held_the_address() -> any
     }
 
     let sink = dir.path().join("sink");
-    let collector_config = write_configs(dir.path(), &sink, None, &socket)?;
+    let collector_config = write_configs(dir.path(), &sink, None, &socket, "")?;
     let (_collector, lines) = spawn(&["collector"], &collector_config)?;
     let listening = lines
         .recv_timeout(Duration::from_secs(30))
         .context("waiting for the collector's LISTENING line")?;
     let data = Listening::parse(&listening)?.data.to_string();
-    let exporter_config = write_configs(dir.path(), &sink, Some(&data), &socket)?;
+    // A free port for the exporter's /metrics.
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let exporter_config = write_configs(dir.path(), &sink, Some(&data), &socket, &http)?;
     let (_exporter, _exporter_lines) = spawn(&["exporter"], &exporter_config)?;
 
     let mut holds: Vec<Hold> = Vec::new();
@@ -374,8 +407,10 @@ async fn every_attributed_end_names_the_container_that_held_the_address() -> any
     let mut k = 0;
     let mut warmed = false;
     let mut seq = 0;
-    while k < ROUNDS {
-        if server.is_none() || (warmed && k % SERVER_EVERY == 0) {
+    let mut rounds = ROUNDS;
+    let mut outage_server: Option<String> = None;
+    while k < rounds {
+        if server.is_none() || (warmed && k < ROUNDS && k % SERVER_EVERY == 0) {
             if let Some(old) = server.take() {
                 podman.run(&["stop", "-t", "0", &old.0])?;
                 stopped.push(old);
@@ -417,6 +452,34 @@ async fn every_attributed_end_names_the_container_that_held_the_address() -> any
             continue;
         }
         k += 1;
+        if k == ROUNDS && outage_server.is_none() {
+            // The runtime's API goes away; meanwhile the server is replaced, so that only
+            // the relisting after the reconnect can tell.
+            podman.service = None;
+            let old = server.take().context("a server")?;
+            podman.run(&["stop", "-t", "0", &old.0])?;
+            stopped.push(old);
+            seq += 1;
+            let name = format!("srv-{seq}");
+            let workload = format!("web-{seq}");
+            let label = format!("tenure.workload={workload}");
+            podman.start(
+                &name,
+                &[&label],
+                &["/bin/httpd", "-f", "-p", "80", "-h", "/www"],
+            )?;
+            let ip = podman.ip_of(&name)?;
+            server = Some((name, workload.clone(), ip));
+            outage_server = Some(workload);
+            tokio::time::sleep(Duration::from_millis(2_000)).await;
+            podman.serve()?;
+            let back = Instant::now() + DEADLINE;
+            while !socket.exists() {
+                ensure!(Instant::now() < back, "the podman socket never came back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            rounds += AFTER_OUTAGE_ROUNDS;
+        }
     }
     if let Some(old) = server.take() {
         podman.run(&["stop", "-t", "0", &old.0])?;
@@ -512,6 +575,37 @@ async fn every_attributed_end_names_the_container_that_held_the_address() -> any
             }
         }
     }
+    let metrics = scrape(&http).await?;
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let (events, reconnects, malformed) = (
+        counter("tenure_exporter_container_events_total"),
+        counter("tenure_exporter_container_reconnects_total"),
+        counter("tenure_exporter_container_events_malformed_total"),
+    );
+    println!("containers: the exporter read {events} events, reconnected {reconnects} times, skipped {malformed} malformed");
+    assert!(events >= ROUNDS as f64, "the events stream was followed");
+    assert!(reconnects >= 1.0, "the outage was a reconnect");
+    assert_eq!(malformed, 0.0, "Podman's events are all readable");
+    let outage_server = outage_server.context("the outage happened")?;
+    let after_outage = all
+        .iter()
+        .filter(|l| l["local"]["workload"] == outage_server.as_str())
+        .count();
+    println!(
+        "containers: the server started while the API was down ({outage_server}) has {after_outage} stamped ends after the reconnect"
+    );
+    assert!(
+        after_outage >= 1,
+        "the relisting after the reconnect found the server started meanwhile"
+    );
     println!(
         "containers: {} containers, {reuses} address reuses, {flows} flow ends in {subnet}: stamped={stamped} remote_named={remote_named} unattributed={reasons:?} misattributed={}",
         holds.len(),

@@ -303,10 +303,7 @@ impl ContainersState {
                 }
             }
         }
-        let released = std::mem::take(&mut self.released)
-            .into_iter()
-            .filter(|(ip, _)| !held.contains_key(ip))
-            .collect();
+        let released = std::mem::take(&mut self.released);
         Some(Observation {
             held,
             changed_ms: None,
@@ -546,7 +543,7 @@ mod tests {
         });
         let o = s.observe(600).unwrap();
         assert_eq!(held(&o, 2), Some(("b", 500)), "the event's time");
-        assert!(o.released.is_empty());
+        assert!(o.released.is_empty(), "given once");
     }
 
     #[test]
@@ -611,6 +608,40 @@ mod tests {
             o.released.get(&ip(2)),
             Some(&1_000),
             "gone while down: closed at the runtime's last answer"
+        );
+    }
+
+    #[test]
+    fn an_owner_replaced_while_down_ends_in_the_history_when_last_vouched_for() {
+        use crate::exporter::history::{HistoryConfig, LocalHistory, Stamp};
+        let mut s = state(10_000);
+        let mut h = LocalHistory::new(HistoryConfig {
+            margin_ms: 0,
+            ..HistoryConfig::default()
+        });
+        s.apply(Input::Up { at_ms: 0 });
+        s.apply(Input::Listed {
+            at_ms: 100,
+            containers: vec![view("a", "a", 2, Some(50))],
+        });
+        h.observe(100, &s.observe(100).unwrap());
+        s.apply(Input::Alive { at_ms: 1_000 });
+        h.observe(1_000, &s.observe(1_000).unwrap());
+        s.apply(Input::Lost { at_ms: 1_000 });
+        // Unseen: a dies at 1_500, c holds .2 over 2_000..3_000, b takes it at 4_000.
+        s.apply(Input::Up { at_ms: 5_000 });
+        s.apply(Input::Listed {
+            at_ms: 5_000,
+            containers: vec![view("b", "b", 2, Some(4_000))],
+        });
+        h.observe(5_100, &s.observe(5_100).unwrap());
+        let tenures = h.tenures(ip(2));
+        assert_eq!(tenures[0].until_ms, Some(1_000), "a: the last answer");
+        assert_eq!(tenures[1].since_ms, 4_000);
+        assert_eq!(
+            h.stamp(ip(2), 2_100, 2_900),
+            Stamp::Unattributed(tenure_gossip::wire::LocalReason::Unknown),
+            "c's flow is nobody's"
         );
     }
 

@@ -50,6 +50,14 @@ impl Drop for ContainerSource {
 impl ContainerSource {
     /// Starts following the runtime at `socket` (needs a tokio runtime).
     pub fn start(socket: PathBuf, config: ContainersConfig) -> ContainerSource {
+        // The counters exist from the start, at 0.
+        for name in [
+            m::EXPORTER_CONTAINERS_EVENTS,
+            m::EXPORTER_CONTAINERS_RECONNECTS,
+            m::EXPORTER_CONTAINERS_EVENTS_MALFORMED,
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         let state = Arc::new(Mutex::new(ContainersState::new(config)));
         let task = tokio::spawn(follow(socket, state.clone()));
         ContainerSource { state, task }
