@@ -773,9 +773,9 @@ pub enum IdentityConfig {
         #[serde(default = "default_workload_label")]
         workload_label: String,
         /// How long the last known containers are still claimed after the runtime became
-        /// unreachable, in ms (at most 600,000); past it nothing is claimed until it is back.
-        /// A container that took an address meanwhile is not seen until then: 0 claims
-        /// nothing while disconnected. Default 30,000.
+        /// unreachable, in ms (at most 600,000); past it nothing new is claimed until it is
+        /// back. A container that took an address meanwhile is not seen until then, so
+        /// above 0 its flows can be stamped with the old owner. Default 0.
         #[serde(default = "default_stale_after_ms")]
         stale_after_ms: u64,
     },
@@ -1281,7 +1281,7 @@ mod tests {
             Some(IdentityConfig::Containers {
                 socket: socket.clone(),
                 workload_label: "tenure.workload".into(),
-                stale_after_ms: 30_000,
+                stale_after_ms: 0,
             })
         );
         let stale = text_of(

@@ -12,8 +12,9 @@
 //!   closes at the last instant the source was known to be connected: earlier than the
 //!   truth or at it, never later.
 //! - While the runtime cannot be reached, the last known mapping is given for at most
-//!   `stale_after_ms` after the connection was lost; then nothing, so that the history
-//!   vouches for nothing new until the source is back.
+//!   `stale_after_ms` after the connection was lost (default 0); then nothing, so that the
+//!   history vouches for nothing new until the source is back: flows wait, and heartbeats
+//!   repeat what was last vouched for without extending it.
 //! - Two containers stating the same IP: the one that took it later holds it (the other
 //!   must have released it before).
 
@@ -85,8 +86,11 @@ pub struct ContainersConfig {
     pub containers_max: usize,
 }
 
-/// Default [`ContainersConfig::stale_after_ms`]: 30 s.
-pub const STALE_AFTER_MS_DEFAULT: u64 = 30_000;
+/// Default [`ContainersConfig::stale_after_ms`]: 0, nothing new is vouched for while the
+/// runtime is unreachable. A container that takes the address of one that stopped meanwhile
+/// is not seen until the reconnect, so a longer limit can stamp its flows with the old
+/// owner (the Podman test shows it happen with 30 s).
+pub const STALE_AFTER_MS_DEFAULT: u64 = 0;
 /// Default [`ContainersConfig::containers_max`].
 pub const CONTAINERS_MAX_DEFAULT: usize = 65_536;
 /// Default [`ContainersConfig::workload_label`].
