@@ -795,11 +795,40 @@ pub enum IdentityConfig {
         #[serde(default = "default_staleness_limit_ms")]
         staleness_limit_ms: u64,
     },
+    /// Containers of a Docker or Podman runtime, through the Docker Engine API on its unix
+    /// socket: each running container's network IPs, held since the container's start or
+    /// network connect, released at its die, stop or network-disconnect event.
+    Containers {
+        /// The API socket (`/run/docker.sock`, `/run/podman/podman.sock`). Required; it
+        /// must exist when the exporter starts.
+        socket: PathBuf,
+        /// The container label naming its workload; without it, the compose service label
+        /// (`com.docker.compose.service`), then the container's name. Default
+        /// `tenure.workload`.
+        #[serde(default = "default_workload_label")]
+        workload_label: String,
+        /// How long the last known containers are still claimed after the runtime became
+        /// unreachable, in ms (at most 600,000); past it nothing new is claimed until it is
+        /// back. A container that took an address meanwhile is not seen until then, so
+        /// above 0 its flows can be stamped with the old owner. Default 0.
+        #[serde(default = "default_stale_after_ms")]
+        stale_after_ms: u64,
+    },
 }
 
 fn default_staleness_limit_ms() -> u64 {
     crate::exporter::kubernetes::STALENESS_LIMIT_MS_DEFAULT
 }
+
+fn default_workload_label() -> String {
+    crate::exporter::containers::WORKLOAD_LABEL_DEFAULT.to_owned()
+}
+fn default_stale_after_ms() -> u64 {
+    crate::exporter::containers::STALE_AFTER_MS_DEFAULT
+}
+
+/// The largest `identity.stale_after_ms`.
+pub const STALE_AFTER_MS_MAX: u64 = 600_000;
 
 impl IdentityConfig {
     /// The Kubernetes node name: the config's, else `NODE_NAME` (`env`), checked as the
@@ -832,6 +861,47 @@ impl IdentityConfig {
             ));
         }
         Ok(name.to_string())
+    }
+
+    /// Checks what serde cannot: for containers, that the socket is there.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            IdentityConfig::HostFile { .. }
+            | IdentityConfig::MapFile { .. }
+            | IdentityConfig::Kubernetes { .. } => Ok(()),
+            IdentityConfig::Containers {
+                socket,
+                workload_label,
+                stale_after_ms,
+            } => {
+                use std::os::unix::fs::FileTypeExt as _;
+                match std::fs::metadata(socket) {
+                    Ok(m) if m.file_type().is_socket() => {}
+                    Ok(_) => {
+                        return Err(invalid(
+                            "identity.socket",
+                            format!("{} is not a unix socket", socket.display()),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(invalid(
+                            "identity.socket",
+                            format!("{}: {e}", socket.display()),
+                        ))
+                    }
+                }
+                if workload_label.is_empty() {
+                    return Err(invalid("identity.workload_label", "must not be empty"));
+                }
+                if *stale_after_ms > STALE_AFTER_MS_MAX {
+                    return Err(invalid(
+                        "identity.stale_after_ms",
+                        format!("must be at most {STALE_AFTER_MS_MAX}"),
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -1022,6 +1092,9 @@ impl ExporterConfig {
                 "local_retention_ms",
                 "must be at least two heartbeat intervals",
             ));
+        }
+        if let Some(identity) = &self.identity {
+            identity.validate()?;
         }
         if let Some(IdentityConfig::Kubernetes {
             node_name,
@@ -1260,6 +1333,67 @@ mod tests {
         let shown = text_of(&err);
         assert!(shown.starts_with("parsing t.toml: "), "{shown}");
         assert!(shown.contains("unknown field `hash_seed`"), "{shown}");
+    }
+
+    #[test]
+    fn a_containers_identity_needs_an_existing_socket() {
+        let base = r#"
+            exporter_id = 1
+            region = "r"
+            collectors = ["127.0.0.1:7947"]
+        "#;
+        let check = |identity: &str| -> Result<ExporterConfig, ConfigError> {
+            let config: ExporterConfig = parse(
+                &format!("{base}\nidentity = {identity}\n"),
+                Path::new("e.toml"),
+            )?;
+            config.validate(false)?;
+            Ok(config)
+        };
+        let missing = text_of(&check(r#"{ kind = "containers" }"#).unwrap_err());
+        assert!(missing.contains("missing field `socket`"), "{missing}");
+        let absent = text_of(
+            &check(r#"{ kind = "containers", socket = "/nonexistent/docker.sock" }"#).unwrap_err(),
+        );
+        assert!(absent.contains("identity.socket"), "{absent}");
+        assert!(absent.contains("/nonexistent/docker.sock"), "{absent}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        let plain = text_of(
+            &check(&format!(
+                r#"{{ kind = "containers", socket = "{}" }}"#,
+                file.display()
+            ))
+            .unwrap_err(),
+        );
+        assert!(
+            plain.contains("identity.socket") && plain.contains("not a unix socket"),
+            "{plain}"
+        );
+        let socket = dir.path().join("api.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let config = check(&format!(
+            r#"{{ kind = "containers", socket = "{}" }}"#,
+            socket.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            config.identity,
+            Some(IdentityConfig::Containers {
+                socket: socket.clone(),
+                workload_label: "tenure.workload".into(),
+                stale_after_ms: 0,
+            })
+        );
+        let stale = text_of(
+            &check(&format!(
+                r#"{{ kind = "containers", socket = "{}", stale_after_ms = 600001 }}"#,
+                socket.display()
+            ))
+            .unwrap_err(),
+        );
+        assert!(stale.contains("identity.stale_after_ms"), "{stale}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - A source gives the whole mapping it knows as of an instant ([`Observation`]). A
 //!   mapping that disappears or changes closes the open tenure: at the new owner's stated
 //!   `since` (minus one ms), else at the time the source states for the change, else at
-//!   the moment the exporter learned of it. A new mapping opens at its stated `since`, else
+//!   the moment the exporter learned of it; a release the source states for the IP
+//!   bounds it too. A new mapping opens at its stated `since`, else
 //!   when the exporter first saw it (later than the truth, never earlier).
 //! - A flow's local end is stamped with W only when one tenure of W covers all of
 //!   `[start − margin, end + margin]` (the margin, for the gap between the source's clock
@@ -262,6 +263,10 @@ impl LocalHistory {
                 }
                 None => Some(released.unwrap_or(changed_ms)),
             };
+            // A release the source states for the old owner bounds its end, also when the
+            // IP is held again already.
+            let released = observation.released.get(ip).map(|r| (*r).min(now_ms));
+            let end = end.map(|e| released.map_or(e, |r| e.min(r)));
             if let Some(end) = end {
                 open.until_ms = Some(end.max(open.since_ms));
                 open.final_claim_owed = true;

@@ -6,6 +6,9 @@
 //! When a file gives none, the exporter uses the moment it first saw the mapping, which is
 //! later than the truth, never earlier: it may leave a gap, but never claims time it
 //! cannot vouch for.
+//!
+//! A containers source (`kind = "containers"`) is followed by its own task
+//! ([`super::containers`]); polling it takes what that task has learned.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,6 +18,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
+use super::containers::shell::ContainerSource;
+use super::containers::{ContainersConfig, CONTAINERS_MAX_DEFAULT};
 use super::history::{Held, Observation};
 use super::kubernetes::shell::KubernetesSource;
 use super::kubernetes::TrackerConfig;
@@ -44,6 +49,8 @@ struct MapEntry {
 pub struct IdentitySource {
     config: IdentityConfig,
     kubernetes: Option<KubernetesSource>,
+    /// The containers source's task, for `kind = "containers"`.
+    containers: Option<ContainerSource>,
     current: Observation,
     modified: Option<SystemTime>,
     /// Whether `current` is what the file says now (false until a first good read, and
@@ -52,11 +59,13 @@ pub struct IdentitySource {
 }
 
 impl IdentitySource {
-    /// A source for `config`; the Kubernetes source starts its watch here (on the current
-    /// tokio runtime).
+    /// A source for `config`; the Kubernetes and containers sources start their tasks
+    /// here (on the current tokio runtime).
     pub fn new(config: IdentityConfig) -> Result<IdentitySource, anyhow::Error> {
-        let kubernetes = match &config {
-            IdentityConfig::HostFile { .. } | IdentityConfig::MapFile { .. } => None,
+        let mut kubernetes = None;
+        let mut containers = None;
+        match &config {
+            IdentityConfig::HostFile { .. } | IdentityConfig::MapFile { .. } => {}
             IdentityConfig::Kubernetes {
                 node_name,
                 api_server,
@@ -70,16 +79,31 @@ impl IdentitySource {
                     staleness_limit_ms: *staleness_limit_ms,
                     ..TrackerConfig::default()
                 };
-                Some(KubernetesSource::start(
+                kubernetes = Some(KubernetesSource::start(
                     &node,
                     api_server.as_deref(),
                     tracker,
-                )?)
+                )?);
             }
-        };
+            IdentityConfig::Containers {
+                socket,
+                workload_label,
+                stale_after_ms,
+            } => {
+                containers = Some(ContainerSource::start(
+                    socket.clone(),
+                    ContainersConfig {
+                        workload_label: workload_label.clone(),
+                        stale_after_ms: *stale_after_ms,
+                        containers_max: CONTAINERS_MAX_DEFAULT,
+                    },
+                ));
+            }
+        }
         Ok(IdentitySource {
             config,
             kubernetes,
+            containers,
             current: Observation::default(),
             modified: None,
             fresh: false,
@@ -89,7 +113,7 @@ impl IdentitySource {
     fn path(&self) -> Option<&PathBuf> {
         match &self.config {
             IdentityConfig::HostFile { path } | IdentityConfig::MapFile { path } => Some(path),
-            IdentityConfig::Kubernetes { .. } => None,
+            IdentityConfig::Kubernetes { .. } | IdentityConfig::Containers { .. } => None,
         }
     }
 
@@ -99,6 +123,10 @@ impl IdentitySource {
     pub fn poll(&mut self) -> Option<&Observation> {
         if let Some(kubernetes) = &self.kubernetes {
             self.current = kubernetes.poll()?;
+            return Some(&self.current);
+        }
+        if let Some(containers) = &mut self.containers {
+            self.current = containers.poll()?;
             return Some(&self.current);
         }
         let path = self.path()?.clone();
@@ -130,7 +158,8 @@ impl IdentitySource {
                     })
                     .collect()
             }),
-            // The Kubernetes source was polled above; it has no file.
+            // The Kubernetes and containers sources were polled above; they have no file.
+            IdentityConfig::Containers { .. } => return None,
             IdentityConfig::MapFile { .. } | IdentityConfig::Kubernetes { .. } => {
                 serde_json::from_str::<BTreeMap<IpAddr, MapEntry>>(&text).map(|m| {
                     m.into_iter()

@@ -7,6 +7,7 @@
 //! talks to collectors.
 
 pub mod batcher;
+pub mod containers;
 pub mod core;
 pub mod frames;
 pub mod history;
@@ -178,7 +179,7 @@ pub async fn run(
                 ),
                 None if to_stdout => (None, ExporterCore::anonymous(config.core_config())),
                 None => anyhow::bail!(
-                    "the eBPF source needs an [identity] section (host_file, map_file or kubernetes)"
+                    "the eBPF source needs an [identity] section (host_file, map_file, containers or kubernetes)"
                 ),
             };
             let rx = start_capture(config.heartbeat_interval_ms, *births_max)

@@ -47,6 +47,13 @@ pub const EXPORTER_LOCAL_STAMPED: &str = "tenure_exporter_local_stamped_total";
 pub const EXPORTER_LOCAL_UNATTRIBUTED: &str = "tenure_exporter_local_unattributed_total";
 /// Captured flows of IPs the identity source never mapped: not reported.
 pub const EXPORTER_FLOWS_NOT_LOCAL: &str = "tenure_exporter_flows_not_local_total";
+/// Events read from the container runtime (containers identity source).
+pub const EXPORTER_CONTAINERS_EVENTS: &str = "tenure_exporter_container_events_total";
+/// Reconnects to the container runtime.
+pub const EXPORTER_CONTAINERS_RECONNECTS: &str = "tenure_exporter_container_reconnects_total";
+/// Container events, listed containers and addresses that could not be read (skipped).
+pub const EXPORTER_CONTAINERS_EVENTS_MALFORMED: &str =
+    "tenure_exporter_container_events_malformed_total";
 /// Flows in forwarded batches that this node had journaled already (a peer's re-sent
 /// copies), not taken twice.
 pub const FLOWS_ALREADY_HELD: &str = "tenure_flows_already_held_total";
@@ -119,6 +126,9 @@ const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, EXPORTER_BATCHES_DROPPED, Unit::Count, "Exporter batches dropped past buffer_batches_max."),
     (Kind::Counter, EXPORTER_BATCHES_SENT, Unit::Count, "Exporter batches acknowledged by a collector."),
     (Kind::Gauge, EXPORTER_BUFFERED, Unit::Count, "Exporter batches waiting for an acknowledgement."),
+    (Kind::Counter, EXPORTER_CONTAINERS_EVENTS, Unit::Count, "Events read from the container runtime's events stream."),
+    (Kind::Counter, EXPORTER_CONTAINERS_RECONNECTS, Unit::Count, "Connections to the container runtime lost or refused, each followed by a reconnect and a relisting."),
+    (Kind::Counter, EXPORTER_CONTAINERS_EVENTS_MALFORMED, Unit::Count, "Container events, listed containers and addresses that could not be read (skipped)."),
     (Kind::Counter, FLOWS_ALREADY_HELD, Unit::Count, "Flows a peer re-sent that this node had journaled already (not taken twice)."),
     (Kind::Counter, EXPORTER_CLOCK_OFF_BATCHES, Unit::Count, "Exporter batches whose clock was more than the skew margin off the other exporters' (claims refused, flows unattributed)."),
     (Kind::Gauge, CLOCK_OFFSET, Unit::Seconds, "Clock offset set through /admin/clock (0 unless fault injection set one)."),
